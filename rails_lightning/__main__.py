@@ -1,0 +1,4 @@
+from rails_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

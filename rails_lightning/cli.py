@@ -1,0 +1,144 @@
+"""Command line: ``python -m rails_lightning {fit,validate,test,predict}``.
+
+A LightningCLI whose embedded default config (``rails_lightning/configs/default.yaml``)
+trains a two-tower model on synthetic data; ``--config configs/...yaml`` picks
+another experiment. The CLI owns the side effects around a run: the run
+directory, W&B mode, the saved config, ``metrics.json`` and the final report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from rails_lightning.data.datamodule import InteractionDataModule
+from rails_lightning.models.base import RetrievalModule
+from rails_lightning.retrieval.popularity import popularity_baseline
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+REPORT_KEYS = ("hr@10", "ndcg@10", "mrr")
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+class RailsCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--run_dir",
+            default=None,
+            help="Directory of this run (config, checkpoints, W&B files, metrics.json). "
+            "Default: <trainer.default_root_dir or .>/runs/<date-time>-<model>.",
+        )
+        # Data facts the model is built from.
+        for name in ("num_items", "num_users", "num_item_features"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.link_arguments("data.max_seq_len", "model.init_args.max_seq_len")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run_dir = config.get("run_dir")
+        if not run_dir:
+            root = Path(config.trainer.default_root_dir or ".")
+            model_name = str(config.model.class_path).rsplit(".", 1)[-1]
+            run_dir = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}-{os.getpid()}"
+        self.run_dir = Path(run_dir).resolve()
+        config.run_dir = str(self.run_dir)
+        config.trainer.default_root_dir = str(self.run_dir)
+        for logger in _as_list(config.trainer.logger):
+            init = getattr(logger, "init_args", None)
+            if init is not None and "save_dir" in init:
+                init.save_dir = str(self.run_dir)
+        for callback in _as_list(config.trainer.callbacks or []):
+            if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and not callback.init_args.dirpath:
+                callback.init_args.dirpath = str(self.run_dir / "checkpoints")
+        # W&B must never block on a login prompt: no credentials -> offline (sync later with `wandb sync`).
+        if "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
+            os.environ["WANDB_MODE"] = "offline"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._print(f"run directory: {self.run_dir}")
+
+    @rank_zero_only
+    def _print(self, message: str) -> None:
+        print(f"[rails_lightning] {message}", file=sys.stderr, flush=True)
+
+    def before_fit(self) -> None:
+        self._fit_started = time.perf_counter()
+        summary = self.datamodule.summary()
+        self._print("data: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams({"data": summary, "num_parameters": sum(p.numel() for p in self.model.parameters())})
+
+    def after_fit(self) -> None:
+        fit_seconds = time.perf_counter() - self._fit_started
+        checkpoint = self.trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+        ckpt = best or None
+        # Final numbers come from the best checkpoint, on val and on test.
+        val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+        test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+        if self.trainer.is_global_zero:
+            self._report(val[0] if val else {}, test[0] if test else {}, best, fit_seconds)
+
+    def _evaluation_ks(self) -> tuple[int, ...]:
+        for callback in self.trainer.callbacks:
+            if hasattr(callback, "ks") and hasattr(callback, "metrics"):
+                return tuple(callback.ks)
+        return (1, 10, 50, 200)
+
+    def _report(self, val: dict, test: dict, best: str | None, fit_seconds: float) -> None:
+        ks = self._evaluation_ks()
+        baseline = {**popularity_baseline(self.datamodule, "val", ks), **popularity_baseline(self.datamodule, "test", ks)}
+        result = {
+            "model": type(self.model).__name__,
+            "val": {k: float(v) for k, v in val.items()},
+            "test": {k: float(v) for k, v in test.items()},
+            "baseline_popularity": baseline,
+            "best_checkpoint": best,
+            "epochs": self.trainer.current_epoch,
+            "fit_seconds": round(fit_seconds, 1),
+            "data": self.datamodule.summary(),
+        }
+        path = self.run_dir / "metrics.json"
+        path.write_text(json.dumps(result, indent=2))
+        for logger in self.trainer.loggers:
+            logger.log_metrics({f"final/{k}": v for k, v in {**result["val"], **result["test"]}.items()})
+            logger.log_metrics({f"baseline_popularity/{k}": v for k, v in baseline.items()})
+        rows = [(result["model"], {**result["val"], **result["test"]}), ("most popular", baseline)]
+        header = f"{'':14s}" + "".join(f"{s + '/' + k:>14s}" for s in ("val", "test") for k in REPORT_KEYS)
+        lines = [header] + [
+            f"{name:14s}" + "".join(f"{values.get(s + '/' + k, float('nan')):14.4f}" for s in ("val", "test") for k in REPORT_KEYS)
+            for name, values in rows
+        ]
+        print("\n" + "\n".join(lines), flush=True)
+        self._print(f"best checkpoint: {best}")
+        self._print(f"metrics: {path}")
+
+
+def main(args: list[str] | None = None) -> RailsCLI:
+    return RailsCLI(
+        RetrievalModule,
+        InteractionDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        # Every subcommand starts from the embedded default; --config files override it.
+        parser_kwargs={
+            subcommand: {"default_config_files": [str(DEFAULT_CONFIG)]}
+            for subcommand in ("fit", "validate", "test", "predict")
+        },
+        args=args,
+    )

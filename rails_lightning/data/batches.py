@@ -1,0 +1,27 @@
+"""Typed batches. Shapes: B batch, L max sequence length, T targets per query, E excluded items."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class TrainBatch:
+    """Autoregressive training: at every position the next item is the target."""
+
+    user_ids: Tensor  # (B,) int64
+    input_ids: Tensor  # (B, L) int64, left-padded with 0
+    target_ids: Tensor  # (B, L) int64, 0 where there is no target
+
+
+@dataclass
+class QueryBatch:
+    """Evaluation queries: the last L history items, the targets, and the full history to exclude."""
+
+    user_ids: Tensor  # (B,) int64
+    input_ids: Tensor  # (B, L) int64, left-padded with 0
+    targets: Tensor  # (B, T) int64, padded with 0
+    exclude_offsets: Tensor  # (B + 1,) int64: query i excludes exclude_items[offsets[i]:offsets[i+1]]
+    exclude_items: Tensor  # (E,) int64

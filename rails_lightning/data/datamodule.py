@@ -1,0 +1,235 @@
+"""The one LightningDataModule of user-item interactions that every model shares."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from rails_lightning.data.batches import QueryBatch, TrainBatch
+from rails_lightning.data.sequences import (
+    QuerySet,
+    SequenceStore,
+    Split,
+    build_sequences,
+    gather_ranges,
+    last_window,
+    leave_one_out_split,
+    temporal_split,
+)
+from rails_lightning.data.sources import InteractionSource, SyntheticSource
+
+log = logging.getLogger(__name__)
+
+
+class _TrainSequences(Dataset):
+    """Indexed by a list of users (a whole batch at a time, built with array ops)."""
+
+    def __init__(self, store: SequenceStore, train_end: np.ndarray, max_seq_len: int) -> None:
+        self.items, self.starts, self.ends, self.length = store.items, store.offsets[:-1], train_end, max_seq_len
+        self.users = np.flatnonzero(train_end - self.starts >= 2)  # need one input and one target
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, index: list[int]) -> TrainBatch:
+        users = self.users[np.asarray(index)]
+        window = last_window(self.items, self.starts[users], self.ends[users], self.length + 1)  # (B, L + 1)
+        inputs, targets = window[:, :-1], window[:, 1:]
+        targets = np.where(inputs > 0, targets, 0)  # no target without at least one input item
+        return TrainBatch(
+            user_ids=torch.from_numpy(users),
+            input_ids=torch.from_numpy(inputs),
+            target_ids=torch.from_numpy(targets),
+        )
+
+
+class _Queries(Dataset):
+    def __init__(self, store: SequenceStore, queries: QuerySet, max_seq_len: int) -> None:
+        self.store, self.queries, self.length = store, queries, max_seq_len
+        self.max_targets = queries.max_targets
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, index: list[int]) -> QueryBatch:
+        q, index = self.queries, np.asarray(index)
+        users, history_end, target_end = q.users[index], q.history_end[index], q.target_end[index]
+        starts = self.store.offsets[users]
+        inputs = last_window(self.store.items, starts, history_end, self.length)  # (B, L)
+        # Targets right after the history, padded to T columns.
+        targets = last_window(self.store.items, history_end, target_end, self.max_targets)  # (B, T)
+        exclude_offsets, exclude_items = gather_ranges(self.store.items, starts, history_end)
+        return QueryBatch(
+            user_ids=torch.from_numpy(users),
+            input_ids=torch.from_numpy(inputs),
+            targets=torch.from_numpy(targets),
+            exclude_offsets=torch.from_numpy(exclude_offsets),
+            exclude_items=torch.from_numpy(exclude_items),
+        )
+
+
+def _batched_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
+    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    return DataLoader(
+        dataset,
+        sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=False),
+        batch_size=None,  # the dataset builds whole batches
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+class InteractionDataModule(pl.LightningDataModule):
+    """User-item interactions: loading, id remapping, splits, typed batches.
+
+    Args:
+        source: where interactions come from (``class_path`` in YAML).
+        max_seq_len: history length the query encoder sees (the last items).
+        batch_size: training sequences per batch.
+        eval_batch_size: queries per validation / test batch.
+        min_interactions: users with fewer interactions are dropped.
+        split: ``leave_one_out`` (last item test, second-to-last validation) or ``temporal``
+            (one global clock; the latest fractions of events are validation / test targets).
+        val_fraction: temporal split only: share of events in the validation period.
+        test_fraction: temporal split only: share of events in the test period.
+        use_item_features: expose item genres (when the source has them) to the item tower.
+        num_workers: DataLoader worker processes (0 is fastest here: batches are built with array ops).
+    """
+
+    def __init__(
+        self,
+        source: InteractionSource | None = None,
+        max_seq_len: int = 50,
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        min_interactions: int = 5,
+        split: Literal["leave_one_out", "temporal"] = "leave_one_out",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        use_item_features: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.source = source if source is not None else SyntheticSource()
+        self.max_seq_len = max_seq_len
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.min_interactions = min_interactions
+        self.split_kind = split
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.use_item_features = use_item_features
+        self.num_workers = num_workers
+
+    # Loading is lazy and cached: the CLI reads `num_items` to build the model, and that
+    # is the moment the data is first needed.
+    @cached_property
+    def store(self) -> SequenceStore:
+        raw = self.source.load()
+        self._raw = raw
+        store = build_sequences(raw, self.min_interactions)
+        log.info(
+            "%s: %d users, %d items, %d interactions (%d users with < %d interactions dropped)",
+            raw.name, store.num_users, store.num_items, store.num_interactions,
+            store.num_dropped_users, self.min_interactions,
+        )
+        return store
+
+    @cached_property
+    def split(self) -> Split:
+        if self.split_kind == "leave_one_out":
+            return leave_one_out_split(self.store)
+        return temporal_split(self.store, self.val_fraction, self.test_fraction)
+
+    @property
+    def num_items(self) -> int:
+        return self.store.num_items
+
+    @property
+    def num_users(self) -> int:
+        return self.store.num_users
+
+    @cached_property
+    def item_titles(self) -> list[str]:
+        """Title of every contiguous item id (index 0 is padding)."""
+        titles = (self._raw_log().item_titles or {})
+        return ["<pad>"] + [titles.get(int(r), f"item {r}") for r in self.store.item_raw_ids[1:]]
+
+    @cached_property
+    def item_clusters(self) -> np.ndarray | None:
+        """Cluster / label of every item id for plots (synthetic: the cluster), else None."""
+        clusters = self._raw_log().item_clusters
+        if clusters is None:
+            return None
+        return np.array([-1] + [clusters[int(r)] for r in self.store.item_raw_ids[1:]])
+
+    @cached_property
+    def genre_names(self) -> list[str]:
+        genres = self._raw_log().item_genres or {}
+        return sorted({g for gs in genres.values() for g in gs})
+
+    @cached_property
+    def item_features(self) -> torch.Tensor | None:
+        """(N + 1, G) multi-hot genres, or None when disabled or the source has none."""
+        if not self.use_item_features or not self.genre_names:
+            return None
+        genres = self._raw_log().item_genres or {}
+        column = {g: j for j, g in enumerate(self.genre_names)}
+        features = torch.zeros(self.num_items + 1, len(column))
+        for item, raw in enumerate(self.store.item_raw_ids[1:].tolist(), start=1):
+            for g in genres.get(raw, []):
+                features[item, column[g]] = 1.0
+        return features
+
+    @property
+    def num_item_features(self) -> int:
+        features = self.item_features
+        return 0 if features is None else features.shape[1]
+
+    def _raw_log(self):
+        self.store  # noqa: B018 - loads the source
+        return self._raw
+
+    @cached_property
+    def train_item_counts(self) -> np.ndarray:
+        """(N + 1,) how often each item occurs in the training part (popularity)."""
+        starts = self.store.offsets[:-1]
+        _, train_items = gather_ranges(self.store.items, starts, self.split.train_end)
+        return np.bincount(train_items, minlength=self.num_items + 1)
+
+    def summary(self) -> dict[str, float | int | str]:
+        lengths = self.store.lengths
+        return {
+            "dataset": self._raw_log().name,
+            "users": self.num_users,
+            "items": self.num_items,
+            "interactions": self.store.num_interactions,
+            "dropped_users": self.store.num_dropped_users,
+            "mean_sequence_length": float(lengths.mean()),
+            "val_queries": len(self.split.val),
+            "test_queries": len(self.split.test),
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        self.split  # noqa: B018 - builds the split once
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = _TrainSequences(self.store, self.split.train_end, self.max_seq_len)
+        return _batched_loader(dataset, self.batch_size, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._queries_loader(self.split.val)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._queries_loader(self.split.test)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._queries_loader(self.split.test)
+
+    def _queries_loader(self, queries: QuerySet) -> DataLoader:
+        dataset = _Queries(self.store, queries, self.max_seq_len)
+        return _batched_loader(dataset, self.eval_batch_size, shuffle=False, num_workers=self.num_workers)

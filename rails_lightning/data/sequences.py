@@ -1,0 +1,185 @@
+"""Per-user interaction sequences stored compactly, and the splits built on them.
+
+Everything here works on whole numpy columns: no Python loop over users or rows.
+
+A ``SequenceStore`` holds every user's items in time order as one flat array plus
+offsets (CSR layout): user ``u`` owns ``items[offsets[u]:offsets[u + 1]]``. Item ids
+are contiguous ``1..num_items``; ``0`` is reserved for padding.
+
+A ``QuerySet`` describes evaluation queries without copying items: query ``i`` is
+user ``users[i]`` whose history is ``items[offsets[u]:history_end[i]]`` and whose
+targets are ``items[history_end[i]:target_end[i]]``. Both the leave-one-out and the
+global temporal split are of this form, because histories are always prefixes of a
+user's time-ordered sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PADDING_ID = 0
+
+
+class DataError(ValueError):
+    """Bad interaction data; the message names the file and what was wrong."""
+
+
+@dataclass
+class InteractionLog:
+    """Raw interactions as a source reads them, one row per event.
+
+    ``order`` sorts each user's events in time (a timestamp or a position);
+    ``timestamps`` (optional) places events on one global clock for the temporal split.
+    ``item_titles`` / ``item_genres`` map raw item ids to metadata when the source has it.
+    """
+
+    user_ids: np.ndarray  # (M,) int64 raw ids
+    item_ids: np.ndarray  # (M,) int64 raw ids
+    order: np.ndarray  # (M,) sortable numbers
+    name: str
+    timestamps: np.ndarray | None = None  # (M,) or None
+    item_titles: dict[int, str] | None = None
+    item_genres: dict[int, list[str]] | None = None
+    item_clusters: dict[int, int] | None = None
+
+
+@dataclass
+class SequenceStore:
+    """Every kept user's items in time order (CSR), with the id mappings."""
+
+    offsets: np.ndarray  # (U + 1,) int64
+    items: np.ndarray  # (M,) int64 contiguous item ids in 1..N
+    timestamps: np.ndarray | None  # (M,) aligned with items, or None
+    user_raw_ids: np.ndarray  # (U,) raw id of each contiguous user index
+    item_raw_ids: np.ndarray  # (N + 1,) raw id of each contiguous item id; [0] = -1 (padding)
+    num_dropped_users: int
+
+    @property
+    def num_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_raw_ids) - 1
+
+    @property
+    def num_interactions(self) -> int:
+        return len(self.items)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def build_sequences(log: InteractionLog, min_interactions: int) -> SequenceStore:
+    """Drop users with fewer than ``min_interactions`` events, remap ids, sort by time."""
+    if len(log.user_ids) == 0:
+        raise DataError(f"{log.name}: no interactions")
+    raw_users, user_index, user_counts = np.unique(log.user_ids, return_inverse=True, return_counts=True)
+    keep_user = user_counts >= min_interactions
+    if not keep_user.any():
+        raise DataError(
+            f"{log.name}: no user has at least {min_interactions} interactions (largest: {user_counts.max()})"
+        )
+    # Renumber kept users 0..U-1, keeping raw-id order.
+    new_user_index = np.cumsum(keep_user) - 1
+    row_kept = keep_user[user_index]
+    users = new_user_index[user_index[row_kept]]
+    raw_items, items = np.unique(log.item_ids[row_kept], return_inverse=True)
+    items = items.astype(np.int64) + 1  # 0 is padding
+    order = log.order[row_kept]
+    # lexsort is stable: ties in `order` keep the file's row order.
+    perm = np.lexsort((order, users))
+    counts = np.bincount(users, minlength=int(keep_user.sum()))
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    timestamps = None if log.timestamps is None else log.timestamps[row_kept][perm]
+    return SequenceStore(
+        offsets=offsets,
+        items=items[perm],
+        timestamps=timestamps,
+        user_raw_ids=raw_users[keep_user],
+        item_raw_ids=np.concatenate([[-1], raw_items]).astype(np.int64),
+        num_dropped_users=int((~keep_user).sum()),
+    )
+
+
+@dataclass
+class QuerySet:
+    """Evaluation queries: history ``items[offsets[u]:history_end]``, targets up to ``target_end``."""
+
+    users: np.ndarray  # (Q,) int64 user index
+    history_end: np.ndarray  # (Q,) int64 absolute index into store.items
+    target_end: np.ndarray  # (Q,) int64
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def max_targets(self) -> int:
+        return int((self.target_end - self.history_end).max(initial=1))
+
+
+@dataclass
+class Split:
+    """Training sequences (``items[offsets[u]:train_end[u]]``) and val / test queries."""
+
+    train_end: np.ndarray  # (U,) int64
+    val: QuerySet
+    test: QuerySet
+
+
+def leave_one_out_split(store: SequenceStore) -> Split:
+    """Last item is the test target, second-to-last the validation target, the rest trains."""
+    if store.lengths.min() < 3:
+        raise DataError("leave-one-out needs at least 3 interactions per user (set min_interactions >= 3)")
+    users = np.arange(store.num_users, dtype=np.int64)
+    end = store.offsets[1:]
+    return Split(
+        train_end=end - 2,
+        val=QuerySet(users, history_end=end - 2, target_end=end - 1),
+        test=QuerySet(users, history_end=end - 1, target_end=end),
+    )
+
+
+def temporal_split(store: SequenceStore, val_fraction: float = 0.1, test_fraction: float = 0.1) -> Split:
+    """One global clock: the latest ``test_fraction`` of events are test targets, the
+    ``val_fraction`` before them validation targets. A user's history is everything
+    they did before the cut; users with no history or no target get no query.
+    Multi-target queries: report Recall@K."""
+    if store.timestamps is None:
+        raise DataError("the temporal split needs timestamps, and this source has none")
+    ts = store.timestamps
+    val_start, test_start = np.quantile(ts, [1.0 - val_fraction - test_fraction, 1.0 - test_fraction])
+    starts = store.offsets[:-1]
+    # Per-user cut points; timestamps are sorted within each user, so counting works.
+    user_of_row = np.repeat(np.arange(store.num_users), store.lengths)
+    before_val = np.bincount(user_of_row, weights=ts < val_start, minlength=store.num_users).astype(np.int64)
+    before_test = np.bincount(user_of_row, weights=ts < test_start, minlength=store.num_users).astype(np.int64)
+    val_cut, test_cut, end = starts + before_val, starts + before_test, store.offsets[1:]
+
+    def queries(history_end: np.ndarray, target_end: np.ndarray) -> QuerySet:
+        ok = (history_end > starts) & (target_end > history_end)
+        users = np.flatnonzero(ok).astype(np.int64)
+        return QuerySet(users, history_end[ok], target_end[ok])
+
+    return Split(train_end=val_cut, val=queries(val_cut, test_cut), test=queries(test_cut, end))
+
+
+def gather_ranges(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate ``values[starts[i]:ends[i]]`` for all i; returns (offsets (Q+1,), flat)."""
+    lengths = np.maximum(ends - starts, 0)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    # Index of each output element into `values`: its range start plus its position in the range.
+    flat_index = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1] - starts, lengths)
+    return offsets, values[flat_index]
+
+
+def last_window(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+    """The last ``length`` values of each range, left-padded with 0: (Q, length)."""
+    index = ends[:, None] - length + np.arange(length)[None, :]  # (Q, length)
+    valid = index >= starts[:, None]
+    return np.where(valid, values[np.clip(index, 0, max(len(values) - 1, 0))], PADDING_ID)

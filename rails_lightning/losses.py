@@ -1,0 +1,48 @@
+"""Losses. Pure functions of tensors.
+
+Shape legend: M training positions (queries), R sampled negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sampled_softmax_loss(
+    positive_logits: Tensor,  # (M,)
+    negative_logits: Tensor,  # (M, R)
+    positive_ids: Tensor,  # (M,)
+    negative_ids: Tensor,  # (R,)
+    log_expected_counts: Tensor | None = None,  # (R,)
+) -> Tensor:
+    """Softmax cross-entropy of each positive against negatives shared by the whole batch.
+
+    ``log_expected_counts`` is the logQ correction: the log of how many times each
+    negative was expected to be drawn. Subtracting it makes the sampled softmax an
+    unbiased estimate of the full softmax (popular items drawn from the batch's
+    positives would otherwise be over-penalised). Negatives that happen to be the
+    positive itself ("accidental hits") are masked out.
+    """
+    if log_expected_counts is not None:
+        negative_logits = negative_logits - log_expected_counts[None, :]
+    accidental_hit = positive_ids[:, None] == negative_ids[None, :]  # (M, R)
+    negative_logits = negative_logits.masked_fill(accidental_hit, torch.finfo(negative_logits.dtype).min)
+    logits = torch.cat([positive_logits[:, None], negative_logits], dim=1)  # (M, 1 + R)
+    return F.cross_entropy(logits, torch.zeros_like(positive_ids))
+
+
+def entropy(probabilities: Tensor, dim: int = -1) -> Tensor:
+    return -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim)
+
+
+def load_balancing_loss(gates: Tensor) -> Tensor:
+    """Mutual-information regulariser for mixture gates, ``(..., P)`` probabilities.
+
+    ``-H(mean_batch pi) + mean_batch H(pi)``: low when the batch as a whole uses every
+    component (high marginal entropy) while each single score commits to few components
+    (low conditional entropy).
+    """
+    flat = gates.reshape(-1, gates.shape[-1])  # (M * R, P)
+    return -entropy(flat.mean(0)) + entropy(flat).mean()
