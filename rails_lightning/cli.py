@@ -69,8 +69,9 @@ class RailsCLI(LightningCLI):
         # W&B must never block on a login prompt: no credentials -> offline (sync later with `wandb sync`).
         if "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
             os.environ["WANDB_MODE"] = "offline"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._print(f"run directory: {self.run_dir}")
+        if self.subcommand is not None:  # only real runs get a directory and a message
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._print(f"run directory: {self.run_dir}")
 
     @rank_zero_only
     def _print(self, message: str) -> None:
@@ -129,7 +130,8 @@ class RailsCLI(LightningCLI):
         self._print(f"metrics: {path}")
 
 
-def main(args: list[str] | None = None) -> RailsCLI:
+def main(args: list[str] | None = None, run: bool = True) -> RailsCLI:
+    """Entry point; ``run=False`` only parses and instantiates (tests, notebooks)."""
     return RailsCLI(
         RetrievalModule,
         InteractionDataModule,
@@ -139,6 +141,9 @@ def main(args: list[str] | None = None) -> RailsCLI:
         parser_kwargs={
             subcommand: {"default_config_files": [str(DEFAULT_CONFIG)]}
             for subcommand in ("fit", "validate", "test", "predict")
-        },
+        }
+        if run
+        else {"default_config_files": [str(DEFAULT_CONFIG)]},
         args=args,
+        run=run,
     )

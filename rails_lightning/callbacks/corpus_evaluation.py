@@ -7,6 +7,12 @@ callback never assumes the score is an inner product. Each validation batch's qu
 representations are searched, the user's history excluded, and the top-K ids feed a
 ``RetrievalMetrics`` whose sum states synchronise under DDP. Metrics are logged as
 ``val/hr@10``, ``test/ndcg@10``, ``val/mrr``, ...
+
+When the model also offers an approximate top-k (``build_approximate_retriever``, e.g. a
+RAILS algorithm for MoL), every batch is searched with both: the approximate results get
+the same metrics under ``val/approx/...``, ``val/approx_recall_vs_exact@100`` is the mean
+overlap ``|approx top-100 & exact top-100| / |exact top-100|``, and the wall time of each
+search is logged as ``val/exact_search_seconds`` / ``val/approx_search_seconds``.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torchmetrics.aggregation import MeanMetric
 
 from rails_lightning.metrics import RetrievalMetrics
+
+RECALL_VS_EXACT_K = 100
 
 
 class CorpusEvaluation(Callback):
@@ -37,6 +46,11 @@ class CorpusEvaluation(Callback):
         self.metrics = RetrievalMetrics(self.ks)
         self.retriever = None
         self.search_seconds = 0.0
+        # Only used when the model offers an approximate top-k.
+        self.approx_metrics = RetrievalMetrics(self.ks)
+        self.approx_recall = MeanMetric()
+        self.approx_retriever = None
+        self.approx_search_seconds = 0.0
 
     # -- epoch start: corpus -> retriever
     def _start(self, pl_module: pl.LightningModule) -> None:
@@ -44,10 +58,15 @@ class CorpusEvaluation(Callback):
         with torch.no_grad():
             items = pl_module.encode_corpus(self.item_chunk_size)
             self.retriever = pl_module.build_retriever(items)
-        self.index_seconds = time.perf_counter() - started
-        self.search_seconds = 0.0
-        self.metrics = self.metrics.to(pl_module.device)
-        self.metrics.reset()
+            self.index_seconds = time.perf_counter() - started
+            build_approximate = getattr(pl_module, "build_approximate_retriever", None)
+            started = time.perf_counter()
+            self.approx_retriever = build_approximate(items) if build_approximate is not None else None
+            self.approx_index_seconds = time.perf_counter() - started
+        self.search_seconds = self.approx_search_seconds = 0.0
+        for metric in ("metrics", "approx_metrics", "approx_recall"):
+            setattr(self, metric, getattr(self, metric).to(pl_module.device))
+            getattr(self, metric).reset()
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._start(pl_module)
@@ -59,9 +78,18 @@ class CorpusEvaluation(Callback):
     def _batch(self, batch: Any, queries: Any) -> None:
         started = time.perf_counter()
         exclude = (batch.exclude_offsets, batch.exclude_items) if self.exclude_history else (None, None)
-        _, ids = self.retriever.search(queries, max(self.ks), *exclude)
+        k = max(self.ks) if self.approx_retriever is None else max(*self.ks, RECALL_VS_EXACT_K)
+        _, ids = self.retriever.search(queries, k, *exclude)
         self.search_seconds += time.perf_counter() - started
         self.metrics.update(ids.to(batch.targets.device), batch.targets)
+        if self.approx_retriever is not None:
+            started = time.perf_counter()
+            _, approx_ids = self.approx_retriever.search(queries, k, *exclude)
+            self.approx_search_seconds += time.perf_counter() - started
+            self.approx_metrics.update(approx_ids.to(batch.targets.device), batch.targets)
+            exact, approx = ids[:, :RECALL_VS_EXACT_K], approx_ids[:, :RECALL_VS_EXACT_K].to(ids.device)
+            found = (exact[:, :, None] == approx[:, None, :]).any(-1) & (exact > 0)  # (B, 100)
+            self.approx_recall.update(found.sum(1) / (exact > 0).sum(1).clamp_min(1))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._batch(batch, outputs)
@@ -74,9 +102,17 @@ class CorpusEvaluation(Callback):
         values = {f"{stage}/{name}": value for name, value in self.metrics.compute().items()}
         values[f"{stage}/index_seconds"] = torch.tensor(self.index_seconds)
         values[f"{stage}/search_seconds"] = torch.tensor(self.search_seconds)
-        # Already reduced across processes by the metric's sum states.
+        if self.approx_retriever is not None:
+            values.update({f"{stage}/approx/{name}": value for name, value in self.approx_metrics.compute().items()})
+            values[f"{stage}/approx_recall_vs_exact@{RECALL_VS_EXACT_K}"] = self.approx_recall.compute()
+            values[f"{stage}/exact_search_seconds"] = torch.tensor(self.search_seconds)
+            values[f"{stage}/approx_search_seconds"] = torch.tensor(self.approx_search_seconds)
+            values[f"{stage}/approx_index_seconds"] = torch.tensor(self.approx_index_seconds)
+        # Already reduced across processes by the metric's sum states. Headline numbers go to the progress bar.
+        headline = {k: values.pop(k) for k in (f"{stage}/hr@10", f"{stage}/ndcg@10") if k in values}
+        pl_module.log_dict(headline, prog_bar=True, sync_dist=False)
         pl_module.log_dict(values, sync_dist=False)
-        self.retriever = None  # free the index between epochs
+        self.retriever = self.approx_retriever = None  # free the indexes between epochs
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if not trainer.sanity_checking:

@@ -40,8 +40,9 @@ class _TrainSequences(Dataset):
     def __getitem__(self, index: list[int]) -> TrainBatch:
         users = self.users[np.asarray(index)]
         window = last_window(self.items, self.starts[users], self.ends[users], self.length + 1)  # (B, L + 1)
-        inputs, targets = window[:, :-1], window[:, 1:]
-        targets = np.where(inputs > 0, targets, 0)  # no target without at least one input item
+        # Copies, not views of `window`: a strided batch tensor breaks `.view()` in the models.
+        inputs = np.ascontiguousarray(window[:, :-1])
+        targets = np.where(inputs > 0, window[:, 1:], 0)  # no target without at least one input item
         return TrainBatch(
             user_ids=torch.from_numpy(users),
             input_ids=torch.from_numpy(inputs),

@@ -8,8 +8,11 @@ crash or a bad download never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import csv
+import glob
 import gzip
 import hashlib
+import http.client
 import io
 import logging
 import os
@@ -17,6 +20,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Literal
@@ -99,34 +103,59 @@ def _check_columns(path: str, available: list[str], wanted: list[str]) -> None:
         raise DataError(f"{path}: missing column(s) {missing}; the file has {available}")
 
 
-def _integer_column(path: str, name: str, values: np.ndarray, header_lines: int = 1) -> np.ndarray:
+def _where(path: str, row: int, header_lines: int | None) -> str:
+    """``file, line N`` for text files (``header_lines`` lines above the first row), ``file, row N`` otherwise."""
+    if header_lines is None:
+        return f"{path}, row {row + 1}"
+    return f"{path}, line {row + 1 + header_lines}"
+
+
+def _integer_column(path: str, name: str, values: np.ndarray, header_lines: int | None = 1) -> np.ndarray:
     """Return ``values`` as int64 or raise naming the first offending line."""
     if values.dtype.kind in "iu":
         return values.astype(np.int64, copy=False)
     as_text = values.astype(str)
-    ok = np.char.isdigit(np.char.lstrip(as_text, "-"))
     if values.dtype.kind == "f":
         ok = np.isfinite(values) & (values == np.round(values))
+    else:
+        # Digits with at most one leading minus sign.
+        negative = np.char.startswith(as_text, "-")
+        ok = np.char.isdigit(np.where(negative, np.char.replace(as_text, "-", "", count=1), as_text))
     if not ok.all():
         row = int(np.flatnonzero(~ok)[0])
         raise DataError(
-            f"{path}, line {row + 1 + header_lines}: column '{name}' must hold integer ids, found {as_text[row]!r}"
+            f"{_where(path, row, header_lines)}: column '{name}' must hold integers, found {str(as_text[row])!r}"
         )
-    return values.astype(np.int64)
+    try:
+        return values.astype(np.int64)
+    except (ValueError, OverflowError) as err:
+        raise DataError(f"{path}: column '{name}' holds integers that do not fit in int64 ({err})") from err
 
 
-def _order_column(path: str, name: str, values: np.ndarray, header_lines: int = 1) -> np.ndarray:
+def _order_column(path: str, name: str, values: np.ndarray, header_lines: int | None = 1) -> np.ndarray:
+    """Numbers as they are; timestamps (datetime values or ISO 8601 strings) as int64 seconds."""
     if values.dtype.kind in "iuf":
         if values.dtype.kind == "f" and np.isnan(values).any():
             row = int(np.flatnonzero(np.isnan(values))[0])
-            raise DataError(f"{path}, line {row + 1 + header_lines}: column '{name}' is empty")
+            raise DataError(f"{_where(path, row, header_lines)}: column '{name}' is empty")
         return values
     if values.dtype.kind == "M":
         return values.astype("datetime64[s]").astype(np.int64)
-    row = 0
+    import pandas as pd
+
+    text = pd.Series(values.astype(str))
+    numbers = pd.to_numeric(text, errors="coerce")
+    if numbers.notna().all():
+        return numbers.to_numpy()
+    times = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
+    if times.notna().all():
+        return times.dt.tz_convert(None).to_numpy().astype("datetime64[s]").astype(np.int64)
+    # Report the first value that fits neither reading the column mostly has.
+    bad = (numbers if numbers.notna().sum() > times.notna().sum() else times).isna().to_numpy()
+    row = int(np.flatnonzero(bad)[0])
     raise DataError(
-        f"{path}, line {row + 1 + header_lines}: column '{name}' must be a number or a timestamp, "
-        f"found {values[row]!r}"
+        f"{_where(path, row, header_lines)}: column '{name}' must be a number or an ISO 8601 timestamp, "
+        f"found {str(text[row])!r}"
     )
 
 
@@ -137,8 +166,9 @@ class InteractionLogSource(InteractionSource):
         path: the file (or a glob of files) to read.
         user_column: column with integer user ids.
         item_column: column with integer item ids.
-        order_column: column that orders each user's events: a timestamp or a position.
-            Also used as the global clock of the temporal split.
+        order_column: column that orders each user's events: a number (timestamp or position) or a
+            date-time (ISO 8601 text such as ``2001-01-02 10:00:00``, read as UTC seconds). Ties keep
+            the file order. Also used as the global clock of the temporal split.
         file_format: ``auto`` guesses from the extension (.csv, .tsv, .parquet, .json, .jsonl, .gz).
         delimiter: csv delimiter (``auto``: tab for .tsv, comma otherwise).
     """
@@ -170,10 +200,34 @@ class InteractionLogSource(InteractionSource):
                 return fmt
         raise DataError(f"{self.path}: cannot tell the file format from the name; set file_format")
 
+    def _raise_first_bad_csv_value(self, sep: str) -> None:
+        """Scan the wanted columns as text; raise the DataError of the first bad value, if any."""
+        import pandas as pd
+
+        wanted = {self.user_column, self.item_column, self.order_column}
+        try:
+            chunks = pd.read_csv(
+                self.path, sep=sep, usecols=lambda c: c in wanted, dtype=str, keep_default_na=False,
+                chunksize=1 << 20,
+            )
+            first_line = 1  # the header
+            for chunk in chunks:
+                for c in (self.user_column, self.item_column):
+                    if c in chunk:
+                        _integer_column(self.path, c, chunk[c].to_numpy(), first_line)
+                if self.order_column in chunk:
+                    _order_column(self.path, self.order_column, chunk[self.order_column].to_numpy(), first_line)
+                first_line += len(chunk)
+        except DataError:
+            raise
+        except Exception:  # noqa: BLE001 - the reader's own error is reported instead
+            return
+
     def load(self) -> InteractionLog:
         import datasets
 
-        if not any(Path().glob(self.path)) and not Path(self.path).exists():
+        # glob.glob, not Path().glob: the latter refuses absolute patterns.
+        if not Path(self.path).exists() and not glob.glob(self.path):
             raise DataError(f"{self.path}: file not found")
         fmt = self._format()
         kwargs = {}
@@ -185,23 +239,33 @@ class InteractionLogSource(InteractionSource):
         datasets.disable_progress_bars()
         try:
             table = datasets.load_dataset(fmt, data_files=self.path, split="train", **kwargs)
-        except (EOFError, OSError, zipfile.BadZipFile, gzip.BadGzipFile) as err:
-            raise DataError(f"{self.path}: unreadable or truncated file ({type(err).__name__}: {err})") from err
-        except Exception as err:  # datasets wraps parser errors in its own exception types
+        except Exception as err:  # datasets wraps reader errors in its own exception types
             cause = err.__cause__ or err
+            # Any failure to read a parquet file means a damaged file (its schema is in the footer).
+            if fmt == "parquet" or isinstance(cause, (EOFError, OSError, zlib.error, zipfile.BadZipFile)):
+                raise DataError(
+                    f"{self.path}: unreadable, truncated or corrupt file ({type(cause).__name__}: {cause})"
+                ) from err
+            if "corresponds to no data" in str(err):  # what datasets says when the reader yields no row
+                raise DataError(f"{self.path}: the file has no rows") from err
+            if fmt == "csv" and Path(self.path).is_file():
+                # datasets types each block of rows from its first one: a bad value further down
+                # is a cast error without a line number. Find that line.
+                self._raise_first_bad_csv_value(kwargs["sep"])
             raise DataError(f"{self.path}: could not be parsed as {fmt} ({type(cause).__name__}: {cause})") from err
         if len(table) == 0:
             raise DataError(f"{self.path}: the file has no rows")
         wanted = [self.user_column, self.item_column, self.order_column]
         _check_columns(self.path, table.column_names, wanted)
-        header = 1 if fmt == "csv" else 0
+        # Line numbers for text formats (csv has a header line); row numbers for parquet.
+        header = {"csv": 1, "json": 0}.get(fmt)
         # Whole Arrow columns, never per-row Python access.
         arrow = table.with_format("arrow")[:]
         columns = {c: arrow.column(c).to_numpy(zero_copy_only=False) for c in wanted}
-        for c in (self.user_column, self.item_column):
+        for c in wanted:
             if arrow.column(c).null_count:
                 row = int(np.flatnonzero(arrow.column(c).is_null().to_numpy(zero_copy_only=False))[0])
-                raise DataError(f"{self.path}, line {row + 1 + header}: column '{c}' is empty")
+                raise DataError(f"{_where(self.path, row, header)}: column '{c}' is empty")
         order = _order_column(self.path, self.order_column, columns[self.order_column], header)
         return InteractionLog(
             user_ids=_integer_column(self.path, self.user_column, columns[self.user_column], header),
@@ -230,8 +294,11 @@ _ML100K_GENRES = [
 ]
 
 
-def _read_table(path: Path, sep: str, names: list[str], header: bool, usecols: list[int] | None = None):
-    """Read a delimited file with pandas' C parser; multi-character separators are rewritten first."""
+def _read_table(path: Path, sep: str, names: list[str], header: bool, encoding: str = "latin-1"):
+    """Read a delimited file with pandas' C parser; multi-character separators are rewritten first.
+
+    Header-less files are the raw GroupLens formats: quote characters there are part of the text.
+    """
     import pandas as pd
 
     if path.stat().st_size == 0:
@@ -245,15 +312,31 @@ def _read_table(path: Path, sep: str, names: list[str], header: bool, usecols: l
             sep = "\t"
         frame = pd.read_csv(
             io.BytesIO(raw), sep=sep, header=0 if header else None, names=None if header else names,
-            usecols=usecols, encoding="latin-1", engine="c",
+            encoding=encoding, engine="c", quoting=csv.QUOTE_MINIMAL if header else csv.QUOTE_NONE,
         )
-    except (EOFError, OSError, gzip.BadGzipFile) as err:
-        raise DataError(f"{path}: unreadable or truncated file ({type(err).__name__}: {err})") from err
+    except (EOFError, OSError, zlib.error) as err:
+        raise DataError(f"{path}: unreadable, truncated or corrupt file ({type(err).__name__}: {err})") from err
     except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: could not be parsed ({err})") from err
     if len(frame) == 0:
         raise DataError(f"{path}: the file has no rows")
     return frame
+
+
+def _number_column(path: Path, name: str, column, header_lines: int, allow_missing: bool = False) -> np.ndarray:
+    """A pandas column as float64; anything that is not a number (or empty, unless allowed) is an error."""
+    import pandas as pd
+
+    numbers = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isnan(numbers)
+    if allow_missing:
+        bad &= column.notna().to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{_where(str(path), row, header_lines)}: column '{name}' must be a number, found {str(column.iloc[row])!r}"
+        )
+    return numbers
 
 
 class MovieLensSource(InteractionSource):
@@ -271,6 +354,7 @@ class MovieLensSource(InteractionSource):
         cache_dir: where downloads go.
         download: fetch the archive when the files are missing.
         min_rating: keep only ratings >= this (0 keeps all, as the reference numbers do).
+        mirror: base URL of the archives (``<mirror><variant>.zip``); the checksum is checked whatever the mirror.
     """
 
     def __init__(
@@ -280,8 +364,10 @@ class MovieLensSource(InteractionSource):
         cache_dir: str = "~/.cache/rails_lightning",
         download: bool = True,
         min_rating: float = 0.0,
+        mirror: str = _GROUPLENS,
     ) -> None:
         self.variant = variant
+        self.mirror = mirror
         self.cache_dir = Path(cache_dir).expanduser()
         self.data_dir = Path(data_dir).expanduser() if data_dir else self.cache_dir / variant
         self.download = download
@@ -302,83 +388,115 @@ class MovieLensSource(InteractionSource):
         if not self.download:
             raise DataError(
                 f"{self.variant}: none of {[str(c) for c in candidates]} exists and download is off. "
-                f"Put the GroupLens files there (from {_GROUPLENS}{self.variant}.zip) or set download: true."
+                f"Put the GroupLens files there (from {self.mirror}{self.variant}.zip) or set download: true."
             )
         self._download()
         return candidates[0]
 
     def _download(self) -> None:
-        url = f"{_GROUPLENS}{self.variant}.zip"
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        url = f"{self.mirror}{self.variant}.zip"
+        parent = self.data_dir.parent
+        created = [p for p in (parent, *parent.parents) if not p.exists()]  # innermost first
+        parent.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s", url)
-        with tempfile.TemporaryDirectory(dir=self.data_dir.parent) as tmp:
-            archive = Path(tmp) / "archive.zip"
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
-                    shutil.copyfileobj(response, out)
-            except OSError as err:
-                raise DataError(
-                    f"{self.variant}: could not download {url} ({err}). Offline? Download the archive elsewhere, "
-                    f"unzip it and put its files in {self.data_dir} (or set data_dir)."
-                ) from err
-            digest = hashlib.md5(archive.read_bytes()).hexdigest()
-            if digest != _ARCHIVE_MD5[self.variant]:
-                raise DataError(f"{url}: checksum mismatch (md5 {digest}, expected {_ARCHIVE_MD5[self.variant]})")
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(tmp)
-            # Only a complete, verified directory is moved into place.
-            os.replace(Path(tmp) / self.variant, self.data_dir)
+        try:
+            with tempfile.TemporaryDirectory(dir=parent, prefix=f".{self.variant}-download-") as tmp:
+                archive = Path(tmp) / "archive.zip"
+                try:
+                    with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
+                        shutil.copyfileobj(response, out)
+                except (OSError, ValueError, http.client.HTTPException) as err:
+                    raise DataError(
+                        f"{self.variant}: could not download {url} ({err}). Offline? Download the archive elsewhere, "
+                        f"unzip it and put its files in {self.data_dir} (or set data_dir)."
+                    ) from err
+                digest = hashlib.md5(archive.read_bytes()).hexdigest()
+                if digest != _ARCHIVE_MD5[self.variant]:
+                    raise DataError(
+                        f"{url}: checksum mismatch (md5 {digest}, expected {_ARCHIVE_MD5[self.variant]})"
+                    )
+                with zipfile.ZipFile(archive) as zf:
+                    zf.extractall(tmp)
+                # Only a complete, verified directory is moved into place.
+                try:
+                    os.replace(Path(tmp) / self.variant, self.data_dir)
+                except OSError as err:
+                    raise DataError(
+                        f"{self.data_dir}: could not put the downloaded files there ({err}); "
+                        "empty or remove that directory, or set data_dir"
+                    ) from err
+        except BaseException:
+            # Leave the cache as it was: remove the (still empty) directories made above.
+            for directory in created:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+            raise
 
     # -- reading
     def load(self) -> InteractionLog:
         path = self._ratings_path()
         if path.name == _ML1M_ORDERED:
+            header = 1
             frame = _read_table(path, ",", [], header=True)
             _check_columns(str(path), list(frame.columns), ["user_id", "movie_id", "rating", "seq_pos", "timestamp"])
             # A third of timestamps are missing, all of them early training ratings (SOURCE.md):
             # the per-user order comes from seq_pos; for the global clock they sit at the earliest time.
-            ts = frame["timestamp"].to_numpy(dtype=np.float64)
-            timestamps = np.where(np.isnan(ts), np.nanmin(ts), ts).astype(np.int64)
-            users, items, order = frame["user_id"], frame["movie_id"], frame["seq_pos"].to_numpy(np.int64)
+            ts = _number_column(path, "timestamp", frame["timestamp"], header, allow_missing=True)
+            known = ts[~np.isnan(ts)]
+            timestamps = np.where(np.isnan(ts), known.min() if len(known) else 0, ts).astype(np.int64)
+            order = _integer_column(str(path), "seq_pos", frame["seq_pos"].to_numpy(), header)
         else:
+            columns = ["user_id", "movie_id", "rating", "timestamp"]
             if self.variant == "ml-100k":
-                frame = _read_table(path, "\t", ["user_id", "movie_id", "rating", "timestamp"], header=False)
+                header, frame = 0, _read_table(path, "\t", columns, header=False)
             elif self.variant == "ml-1m":
-                frame = _read_table(path, "::", ["user_id", "movie_id", "rating", "timestamp"], header=False)
+                header, frame = 0, _read_table(path, "::", columns, header=False)
             else:
-                frame = _read_table(path, ",", [], header=True).rename(columns={"userId": "user_id", "movieId": "movie_id"})
-            _check_columns(str(path), list(frame.columns), ["user_id", "movie_id", "rating", "timestamp"])
-            users, items = frame["user_id"], frame["movie_id"]
-            order = timestamps = _integer_column(str(path), "timestamp", frame["timestamp"].to_numpy(), 0)
-        keep = frame["rating"].to_numpy() >= self.min_rating
+                header = 1
+                frame = _read_table(path, ",", [], header=True, encoding="utf-8")
+                frame = frame.rename(columns={"userId": "user_id", "movieId": "movie_id"})
+            _check_columns(str(path), list(frame.columns), columns)
+            order = timestamps = _integer_column(str(path), "timestamp", frame["timestamp"].to_numpy(), header)
+        keep = _number_column(path, "rating", frame["rating"], header) >= self.min_rating
         titles, genres = self._movies()
         return InteractionLog(
-            user_ids=_integer_column(str(path), "user_id", users.to_numpy(), 0)[keep],
-            item_ids=_integer_column(str(path), "movie_id", items.to_numpy(), 0)[keep],
-            order=np.asarray(order)[keep],
-            timestamps=np.asarray(timestamps)[keep],
+            user_ids=_integer_column(str(path), "user_id", frame["user_id"].to_numpy(), header)[keep],
+            item_ids=_integer_column(str(path), "movie_id", frame["movie_id"].to_numpy(), header)[keep],
+            order=order[keep],
+            timestamps=timestamps[keep],
             name=str(path),
             item_titles=titles,
             item_genres=genres,
         )
 
     def _movies(self) -> tuple[dict[int, str] | None, dict[int, list[str]] | None]:
+        """Titles and genres by raw movie id, or (None, None) when the movie file is absent."""
         if self.variant == "ml-100k":
             path = self.data_dir / "u.item"
             if not path.exists():
                 return None, None
             frame = _read_table(path, "|", ["movie_id", "title", "date", "video", "url", *_ML100K_GENRES], header=False)
-            flags = frame[_ML100K_GENRES].to_numpy()
-            genres = {int(m): [g for g, f in zip(_ML100K_GENRES, row) if f] for m, row in zip(frame["movie_id"], flags)}
-            return dict(zip(frame["movie_id"].astype(int), frame["title"].astype(str))), genres
-        path = self.data_dir / ("movies.dat" if self.variant == "ml-1m" else "movies.csv")
-        if not path.exists():
-            return None, None
+            ids = _integer_column(str(path), "movie_id", frame["movie_id"].to_numpy(), 0).tolist()
+            flags = frame[_ML100K_GENRES].fillna(0).to_numpy() == 1
+            genres = {m: [g for g, f in zip(_ML100K_GENRES, row) if f] for m, row in zip(ids, flags)}
+            return dict(zip(ids, frame["title"].astype(str))), genres
         if self.variant == "ml-1m":
+            path, header = self.data_dir / "movies.dat", 0
+            if not path.exists():
+                return None, None
             frame = _read_table(path, "::", ["movie_id", "title", "genres"], header=False)
         else:
-            frame = _read_table(path, ",", [], header=True).rename(columns={"movieId": "movie_id"})
-        ids = frame["movie_id"].astype(int)
-        return dict(zip(ids, frame["title"].astype(str))), {
-            int(m): str(g).split("|") for m, g in zip(ids, frame["genres"])
+            path, header = self.data_dir / "movies.csv", 1
+            if not path.exists():
+                return None, None
+            frame = _read_table(path, ",", [], header=True, encoding="utf-8").rename(columns={"movieId": "movie_id"})
+            _check_columns(str(path), list(frame.columns), ["movie_id", "title", "genres"])
+        ids = _integer_column(str(path), "movie_id", frame["movie_id"].to_numpy(), header).tolist()
+        # ML-20M marks a movie without genres with the pseudo-genre "(no genres listed)".
+        genres = {
+            m: [g for g in str(gs).split("|") if g != "(no genres listed)"]
+            for m, gs in zip(ids, frame["genres"].fillna(""))
         }
+        return dict(zip(ids, frame["title"].astype(str))), genres

@@ -12,6 +12,13 @@ component embeddings plus gate inputs for Mixture-of-Logits) and how they score:
 * ``score_cross(q, x)``              M queries x R shared items -> ((M, R), aux losses)
 * ``build_retriever(items)``         the top-k routine the corpus callback uses
 
+and optionally:
+
+* ``represent_queries(states, user_ids)``  the same with the matching user ids (...,), for
+  models with a user-id component (default: ``query_representation(states)``)
+* ``build_approximate_retriever(items)``   a fast approximate top-k the callback evaluates
+  next to the exact one (default: None)
+
 Everything else (item tower, query encoder, negatives, loss, optimiser, the
 evaluation hooks) lives here, so models differ only in their similarity.
 """
@@ -77,7 +84,7 @@ class RetrievalModule(pl.LightningModule):
         self.num_items = num_items
         # Item tower: id embedding (+ a linear map of the item features, e.g. genres).
         self.item_embedding = nn.Embedding(num_items + 1, item_dim, padding_idx=0)
-        nn.init.normal_(self.item_embedding.weight, std=item_dim**-0.5)
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
         self.item_feature_projection = nn.Linear(num_item_features, item_dim, bias=False) if num_item_features else None
@@ -102,6 +109,14 @@ class RetrievalModule(pl.LightningModule):
     def build_retriever(self, items: Any) -> TopKRetriever:
         raise NotImplementedError
 
+    def represent_queries(self, states: Tensor, user_ids: Tensor) -> Any:
+        """Query representation of states (..., D) whose user ids are (...,); ignores the ids by default."""
+        return self.query_representation(states)
+
+    def build_approximate_retriever(self, items: Any) -> TopKRetriever | None:
+        """An approximate top-k to evaluate against ``build_retriever``'s exact one; None by default."""
+        return None
+
     # ------------------------------------------------------------------ towers
     def item_vectors(self, item_ids: Tensor) -> Tensor:
         """The item tower's raw output (..., D), before any model-specific head."""
@@ -116,7 +131,7 @@ class RetrievalModule(pl.LightningModule):
 
     def encode_queries(self, batch: QueryBatch) -> Any:
         """The query representation of each evaluation query (the last position)."""
-        return self.query_representation(self.encode_sequence(batch.user_ids, batch.input_ids)[:, -1])
+        return self.represent_queries(self.encode_sequence(batch.user_ids, batch.input_ids)[:, -1], batch.user_ids)
 
     def encode_items(self, item_ids: Tensor) -> Any:
         return self.item_representation(item_ids)
@@ -146,7 +161,8 @@ class RetrievalModule(pl.LightningModule):
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         states = self.encode_sequence(batch.user_ids, batch.input_ids)  # (B, L, D)
         has_target = batch.target_ids > 0  # (B, L)
-        queries = self.query_representation(states[has_target])  # M queries
+        user_ids = batch.user_ids[:, None].expand_as(batch.target_ids)[has_target]  # (M,)
+        queries = self.represent_queries(states[has_target], user_ids)  # M queries
         positive_ids = batch.target_ids[has_target]  # (M,)
         negative_ids, log_counts = self.sample_negatives(positive_ids)  # (R,), (R,)
         inv_temperature = torch.exp(-self.log_temperature)

@@ -1,0 +1,218 @@
+"""Mixture-of-Logits (MoL) retrieval: the score is a gated mixture of component dot products.
+
+    s(q, x) = sum_p pi_p(q, x) * <f_i(q), g_j(x)>,   p = (i, j), i < P_Q, j < P_X
+
+Shape legend: M queries, R items (training: M positions with a target, R shared
+negatives; retrieval: M = B queries, R = a chunk of the corpus), C candidates per query,
+D item / encoder dimension, D_P component dimension, P_Q query components, P_X item
+components, P = P_Q * P_X mixture components (flattened as p = i * P_X + j), H gate hidden size.
+
+* Query side: the query encoder's state (..., D) -> P_Q L2-normalised component embeddings
+  (a small MLP; optionally the last one is a learned user-id embedding) and the query's
+  gate logits (..., P).
+* Item side: the item tower's vector (..., D) -> P_X L2-normalised component embeddings and
+  the item's gate logits (..., P).
+* Gate: softmax over P of (query gate logits + item gate logits + an MLP of the P component
+  logits), with dropout on the probabilities while training. The query and item parts are
+  computed once per query / item; only the component-logit MLP runs per (query, item) pair.
+* Load balancing: ``-H(mean_batch pi) + mean_batch H(pi)`` over the (query, negative) gates,
+  weighted and added to the loss as ``load_balancing_loss``; logged with the gate entropy
+  and the per-component usage.
+
+Everything else (item tower, query encoder, negatives, sampled softmax, temperature,
+optimiser) is the shared ``RetrievalModule`` loop, identical to ``TwoTower``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rails_lightning.losses import entropy, load_balancing_loss
+from rails_lightning.models.base import QueryEncoderFactory, RetrievalModule
+from rails_lightning.models.encoders import SASRecEncoder
+from rails_lightning.retrieval.mol_topk import MoLExactTopK
+from rails_lightning.retrieval.topk import TopKRetriever
+
+
+class MoLQueries(NamedTuple):
+    components: Tensor  # (..., P_Q, D_P), unit norm
+    gate_logits: Tensor  # (..., P)
+
+
+class MoLItems(NamedTuple):
+    components: Tensor  # (..., P_X, D_P), unit norm
+    gate_logits: Tensor  # (..., P)
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """Linear -> SiLU -> Linear, or a single Linear when ``hidden_dim`` is 0."""
+    if hidden_dim <= 0:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim))
+
+
+class MixtureOfLogits(nn.Module):
+    """The MoL similarity of query and item representations: component logits, gate, mixture.
+
+    Pure and batched: ``cross`` scores every query against every item of a block, ``gathered``
+    scores every query against its own candidates. Both return ``(scores, gates)``.
+    The exact and approximate top-k routines (``rails_lightning.retrieval.mol_topk``) call them.
+
+    Args:
+        num_query_components: P_Q.
+        num_item_components: P_X.
+        gate_hidden_dim: hidden width H of the MLP over the P component logits.
+        gate_dropout: dropout on the gate probabilities while training.
+    """
+
+    def __init__(self, num_query_components: int, num_item_components: int, gate_hidden_dim: int, gate_dropout: float) -> None:
+        super().__init__()
+        self.num_query_components, self.num_item_components = num_query_components, num_item_components
+        self.num_components = num_query_components * num_item_components
+        self.logit_gate = _mlp(self.num_components, gate_hidden_dim, self.num_components)
+        self.gate_dropout = nn.Dropout(gate_dropout)
+
+    def mix(self, logits: Tensor, query_gate_logits: Tensor, item_gate_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Component logits (..., P) and broadcastable gate logits -> scores (...), gate probabilities (..., P)."""
+        gates = torch.softmax(query_gate_logits + item_gate_logits + self.logit_gate(logits), dim=-1)  # (..., P)
+        return (self.gate_dropout(gates) * logits).sum(-1), gates
+
+    def cross(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
+        """M queries x R items -> scores (M, R), gates (M, R, P)."""
+        (M, P_Q, D_P), R, P_X = queries.components.shape, items.components.shape[0], self.num_item_components
+        # One matmul for all component pairs: (M * P_Q, D_P) @ (D_P, R * P_X).
+        logits = queries.components.reshape(M * P_Q, D_P) @ items.components.reshape(R * P_X, D_P).T
+        logits = logits.view(M, P_Q, R, P_X).permute(0, 2, 1, 3).reshape(M, R, P_Q * P_X)  # (M, R, P)
+        return self.mix(logits, queries.gate_logits[:, None, :], items.gate_logits[None, :, :])
+
+    def pairs(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
+        """M queries x their own M items -> scores (M,), gates (M, P)."""
+        logits = torch.bmm(queries.components, items.components.transpose(1, 2)).flatten(1)  # (M, P)
+        return self.mix(logits, queries.gate_logits, items.gate_logits)
+
+    def gathered(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
+        """M queries x their own C candidates (items with leading (M, C)) -> scores (M, C), gates (M, C, P)."""
+        M, C, P_X, D_P = items.components.shape
+        logits = torch.bmm(items.components.reshape(M, C * P_X, D_P), queries.components.transpose(1, 2))  # (M, C*P_X, P_Q)
+        logits = logits.view(M, C, P_X, -1).transpose(2, 3).reshape(M, C, -1)  # (M, C, P), p = i * P_X + j
+        return self.mix(logits, queries.gate_logits[:, None, :], items.gate_logits)
+
+
+class MoL(RetrievalModule):
+    """Mixture-of-Logits over P_Q x P_X component embeddings, with a learned gate.
+
+    Args:
+        num_query_components: P_Q, query component embeddings (including the user-id one).
+        num_item_components: P_X, item component embeddings.
+        component_dim: D_P, dimension of every component embedding.
+        component_hidden_dim: hidden width of the MLPs that map the query state / item vector
+            to the component embeddings; 0 for a single linear map.
+        user_id_component: make the last query component a learned user-id embedding.
+        gate_hidden_dim: hidden width H of the gate MLPs (query part, item part, component-logit part);
+            0 for linear maps.
+        gate_dropout: dropout on the gate probabilities while training.
+        load_balancing_weight: weight of the mutual-information load-balancing loss.
+        item_chunk_size: at most this many corpus rows are scored at once by the exact MoL top-k.
+        score_block_elements: the exact MoL top-k also shrinks its chunk so that
+            queries x chunk x P stays below this (bounds its memory, ~20 bytes per element).
+        approximate_topk: a RAILS approximate top-k (``class_path`` of a class in
+            ``rails_lightning.retrieval.mol_topk`` with its ``k_prime``), evaluated next to the
+            exact top-k by the corpus callback; None for exact only.
+        (All other arguments: see ``RetrievalModule``.)
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        num_users: int = 1,
+        max_seq_len: int = 50,
+        num_item_features: int = 0,
+        item_dim: int = 64,
+        query_encoder: QueryEncoderFactory = SASRecEncoder,
+        num_negatives: int = 128,
+        num_in_batch_negatives: int = 0,
+        logq_correction: bool = True,
+        temperature: float = 0.05,
+        learn_temperature: bool = False,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.98),
+        num_query_components: int = 8,
+        num_item_components: int = 4,
+        component_dim: int = 64,
+        component_hidden_dim: int = 256,
+        user_id_component: bool = False,
+        gate_hidden_dim: int = 64,
+        gate_dropout: float = 0.2,
+        load_balancing_weight: float = 1e-3,
+        item_chunk_size: int = 65536,
+        score_block_elements: int = 1 << 22,
+        approximate_topk: Callable[[MixtureOfLogits, MoLItems], TopKRetriever] | None = None,
+    ) -> None:
+        super().__init__(
+            num_items, num_users, max_seq_len, num_item_features, item_dim, query_encoder, num_negatives,
+            num_in_batch_negatives, logq_correction, temperature, learn_temperature, learning_rate, weight_decay, betas,
+        )
+        if user_id_component and num_query_components < 2:
+            raise ValueError("user_id_component needs num_query_components >= 2 (one from the encoder, one user id)")
+        P_Q, P_X, D_P = num_query_components, num_item_components, component_dim
+        P = P_Q * P_X
+        self.num_encoded_components = P_Q - 1 if user_id_component else P_Q
+        self.query_components = _mlp(item_dim, component_hidden_dim, self.num_encoded_components * D_P)
+        self.user_component = nn.Embedding(num_users, D_P) if user_id_component else None
+        self.item_components = _mlp(item_dim, component_hidden_dim, P_X * D_P)
+        self.query_gate = _mlp(item_dim, gate_hidden_dim, P)
+        self.item_gate = _mlp(item_dim, gate_hidden_dim, P)
+        self.similarity = MixtureOfLogits(P_Q, P_X, gate_hidden_dim, gate_dropout)
+        self.approximate_topk = approximate_topk
+
+    # ------------------------------------------------------------------ representations
+    def query_representation(self, states: Tensor, user_ids: Tensor | None = None) -> MoLQueries:
+        """(..., D) encoder states (and (...,) user ids) -> components (..., P_Q, D_P), gate logits (..., P)."""
+        components = self.query_components(states).unflatten(-1, (self.num_encoded_components, -1))  # (..., P_Q', D_P)
+        if self.user_component is not None:
+            if user_ids is None:
+                raise ValueError("this MoL has a user-id component: pass the user ids")
+            components = torch.cat([components, self.user_component(user_ids)[..., None, :]], dim=-2)  # (..., P_Q, D_P)
+        return MoLQueries(F.normalize(components, dim=-1), self.query_gate(states))
+
+    def represent_queries(self, states: Tensor, user_ids: Tensor) -> MoLQueries:
+        return self.query_representation(states, user_ids)
+
+    def item_representation(self, item_ids: Tensor) -> MoLItems:
+        """(...,) item ids -> components (..., P_X, D_P), gate logits (..., P)."""
+        vectors = self.item_vectors(item_ids)  # (..., D)
+        components = self.item_components(vectors).unflatten(-1, (self.hparams.num_item_components, -1))  # (..., P_X, D_P)
+        return MoLItems(F.normalize(components, dim=-1), self.item_gate(vectors))
+
+    # ------------------------------------------------------------------ scores
+    def score_pairs(self, queries: MoLQueries, items: MoLItems) -> Tensor:
+        return self.similarity.pairs(queries, items)[0]  # (M,)
+
+    def score_cross(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, dict[str, Tensor]]:
+        scores, gates = self.similarity.cross(queries, items)  # (M, R), (M, R, P)
+        balance = load_balancing_loss(gates)
+        flat = gates.detach().reshape(-1, gates.shape[-1])  # (M * R, P)
+        usage = flat.mean(0)  # (P,) share of the gate mass each component gets
+        aux = {
+            "load_balancing_loss": self.hparams.load_balancing_weight * balance,
+            "load_balancing": balance.detach(),
+            "gate_entropy": entropy(flat).mean(),
+            # exp(H(usage)): how many components the batch uses, P when perfectly balanced.
+            "gate_effective_components": entropy(usage).exp(),
+            "gate_usage_max": usage.max(),
+            "gate_usage_min": usage.min(),
+        }
+        return scores, aux
+
+    # ------------------------------------------------------------------ retrieval
+    def build_retriever(self, items: MoLItems) -> TopKRetriever:
+        hp = self.hparams
+        return MoLExactTopK(self.similarity, items, hp.item_chunk_size, hp.score_block_elements)
+
+    def build_approximate_retriever(self, items: MoLItems) -> TopKRetriever | None:
+        return None if self.approximate_topk is None else self.approximate_topk(self.similarity, items)
