@@ -78,7 +78,8 @@ class RetrievalModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # The encoder factory is a callable, not data: the saved run config (config.yaml) rebuilds it.
+        self.save_hyperparameters(ignore=["query_encoder"])
         if num_negatives + num_in_batch_negatives <= 0:
             raise ValueError("need at least one negative: set num_negatives or num_in_batch_negatives > 0")
         self.num_items = num_items
@@ -194,6 +195,20 @@ class RetrievalModule(pl.LightningModule):
 
     def predict_step(self, batch: QueryBatch, batch_idx: int) -> Any:
         return self.encode_queries(batch)
+
+    # Random states travel with the checkpoint, so a resumed run draws the same batches,
+    # negatives and dropout masks as an uninterrupted one.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams

@@ -41,7 +41,7 @@ class UserIdEncoder(QueryEncoder):
     def __init__(self, dim: int, num_users: int, max_seq_len: int) -> None:
         super().__init__(dim, num_users, max_seq_len)
         self.user_embedding = nn.Embedding(num_users, dim)
-        nn.init.normal_(self.user_embedding.weight, std=dim**-0.5)
+        nn.init.normal_(self.user_embedding.weight, std=0.02)
 
     def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor) -> Tensor:
         return self.user_embedding(user_ids)[:, None, :].expand_as(history)  # (B, L, D)

@@ -7,6 +7,11 @@ negatives; retrieval: M = B queries, R = a chunk of the corpus), C candidates pe
 D item / encoder dimension, D_P component dimension, P_Q query components, P_X item
 components, P = P_Q * P_X mixture components (flattened as p = i * P_X + j), H gate hidden size.
 
+Both heads see their input L2-normalised and scaled by sqrt(D) (unit variance per dimension,
+like a LayerNorm output, whatever the encoder): raw item embeddings are small, and an MLP with
+biases would map every item to nearly the same components, so that no item could be told
+apart at initialisation.
+
 * Query side: the query encoder's state (..., D) -> P_Q L2-normalised component embeddings
   (a small MLP; optionally the last one is a learned user-id embedding) and the query's
   gate logits (..., P).
@@ -171,8 +176,12 @@ class MoL(RetrievalModule):
         self.approximate_topk = approximate_topk
 
     # ------------------------------------------------------------------ representations
+    def _head_input(self, vectors: Tensor) -> Tensor:
+        return F.normalize(vectors, dim=-1) * vectors.shape[-1] ** 0.5  # (..., D), unit variance per dimension
+
     def query_representation(self, states: Tensor, user_ids: Tensor | None = None) -> MoLQueries:
         """(..., D) encoder states (and (...,) user ids) -> components (..., P_Q, D_P), gate logits (..., P)."""
+        states = self._head_input(states)
         components = self.query_components(states).unflatten(-1, (self.num_encoded_components, -1))  # (..., P_Q', D_P)
         if self.user_component is not None:
             if user_ids is None:
@@ -185,7 +194,11 @@ class MoL(RetrievalModule):
 
     def item_representation(self, item_ids: Tensor) -> MoLItems:
         """(...,) item ids -> components (..., P_X, D_P), gate logits (..., P)."""
-        vectors = self.item_vectors(item_ids)  # (..., D)
+        return self.item_heads(self.item_vectors(item_ids))
+
+    def item_heads(self, vectors: Tensor) -> MoLItems:
+        """Item-tower vectors (..., D) -> components (..., P_X, D_P), gate logits (..., P)."""
+        vectors = self._head_input(vectors)
         components = self.item_components(vectors).unflatten(-1, (self.hparams.num_item_components, -1))  # (..., P_X, D_P)
         return MoLItems(F.normalize(components, dim=-1), self.item_gate(vectors))
 
@@ -195,13 +208,12 @@ class MoL(RetrievalModule):
 
     def score_cross(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, dict[str, Tensor]]:
         scores, gates = self.similarity.cross(queries, items)  # (M, R), (M, R, P)
-        balance = load_balancing_loss(gates)
-        flat = gates.detach().reshape(-1, gates.shape[-1])  # (M * R, P)
-        usage = flat.mean(0)  # (P,) share of the gate mass each component gets
+        balance = load_balancing_loss(gates)  # -H(usage) + mean H(pi)
+        usage = gates.detach().reshape(-1, gates.shape[-1]).mean(0)  # (P,) share of the gate mass of each component
         aux = {
             "load_balancing_loss": self.hparams.load_balancing_weight * balance,
             "load_balancing": balance.detach(),
-            "gate_entropy": entropy(flat).mean(),
+            "gate_entropy": balance.detach() + entropy(usage),  # mean H(pi), without a second pass over the gates
             # exp(H(usage)): how many components the batch uses, P when perfectly balanced.
             "gate_effective_components": entropy(usage).exp(),
             "gate_usage_max": usage.max(),

@@ -75,8 +75,9 @@ def repeat_exclusion(exclude_offsets: Tensor | None, exclude_items: Tensor | Non
     return offsets, exclude_items[starts.repeat_interleave(counts) + within]
 
 
-def _rows_per_block(rows: int, width: int, block_elements: int, cap: int) -> int:
-    return max(1, min(cap, block_elements // max(1, rows * width)))
+def _rows_per_block(rows: int, width: int, block_elements: int, cap: int, at_least: int = 1) -> int:
+    """How many items (or candidates) to score at once so that rows x block x width <= block_elements."""
+    return max(at_least, min(cap, block_elements // max(1, rows * width)))
 
 
 def _use_faiss(use_faiss: bool | None, device: torch.device) -> bool:
@@ -107,7 +108,8 @@ class MoLExactTopK(TopKRetriever):
 
     def search(self, queries, k, exclude_offsets=None, exclude_items=None):
         rows = queries.components.shape[0]
-        chunk = _rows_per_block(rows, self.similarity.num_components, self.score_block_elements, self.item_chunk_size)
+        # BruteForceTopK needs chunks of at least k items.
+        chunk = _rows_per_block(rows, self.similarity.num_components, self.score_block_elements, self.item_chunk_size, k)
         return BruteForceTopK(self.score_block, self.num_items, chunk).search(queries, k, exclude_offsets, exclude_items)
 
 
@@ -190,8 +192,9 @@ class PerEmbeddingTopK(RerankedTopK):
         self.k_prime, self.item_chunk_size = k_prime, item_chunk_size
         components = items.components  # (N, P_X, D_P)
         self.num_item_components = components.shape[1]
+        self.uses_faiss = _use_faiss(use_faiss, components.device)
         self.faiss = None
-        if _use_faiss(use_faiss, components.device):
+        if self.uses_faiss:
             self.faiss = [FaissInnerProductTopK(components[:, j]) for j in range(self.num_item_components)]
         else:
             self.flat_components = components.reshape(-1, components.shape[-1])  # (N * P_X, D_P), row n * P_X + j
@@ -211,7 +214,7 @@ class PerEmbeddingTopK(RerankedTopK):
             ids = torch.cat([index.search(query_components, k, *excluded)[1].view(B, P_Q * k) for index in self.faiss], dim=1)
         else:
             excluded = repeat_exclusion(exclude_offsets, exclude_items, P_Q * P_X)
-            chunk = _rows_per_block(B * P_Q * P_X, 1, self.score_block_elements, self.item_chunk_size)
+            chunk = _rows_per_block(B * P_Q * P_X, 1, self.score_block_elements, self.item_chunk_size, k)
             search = BruteForceTopK(self._pair_block, self.num_items, chunk)
             ids = search.search(query_components, k, *excluded)[1].view(B, P_Q * P_X * k)
         return ids.to(queries.components.device)  # (B, P * k')
@@ -242,7 +245,8 @@ class AveragedEmbeddingTopK(RerankedTopK):
     ) -> None:
         super().__init__(similarity, items, score_block_elements)
         self.k_prime = k_prime
-        self.index = _inner_product_retriever(items.components.mean(1), use_faiss, item_chunk_size)  # over (N, D_P)
+        self.uses_faiss = _use_faiss(use_faiss, items.components.device)
+        self.index = _inner_product_retriever(items.components.mean(1), self.uses_faiss, item_chunk_size)  # over (N, D_P)
 
     def candidates(self, queries, exclude_offsets, exclude_items):
         k = min(self.k_prime, self.num_items)
@@ -276,6 +280,7 @@ class CombinedTopK(RerankedTopK):
         super().__init__(similarity, items, score_block_elements)
         self.per_embedding = PerEmbeddingTopK(similarity, items, k_prime, use_faiss, item_chunk_size, score_block_elements)
         self.averaged = AveragedEmbeddingTopK(similarity, items, averaged_k_prime, use_faiss, item_chunk_size, score_block_elements)
+        self.uses_faiss = self.per_embedding.uses_faiss
 
     def candidates(self, queries, exclude_offsets, exclude_items):
         return torch.cat(

@@ -1,0 +1,244 @@
+"""Latency and recall of the RAILS approximate MoL top-k algorithms against exact MoL top-k.
+
+    python benchmarks/mol_topk.py                      # 100k and 1M items, 8 x 4 x 64, all algorithms
+    python benchmarks/mol_topk.py --sizes 100000 --queries 32 --append_results benchmarks/RESULTS.md
+
+1. A MoL model (8 x 4 components, D_P = 64, SASRec encoder, the package defaults) is trained
+   on a synthetic catalogue (``--train_items`` items, ``--train_users`` users, ``--train_epochs``
+   epochs) and cached in ``--checkpoint``; an existing checkpoint is reused.
+2. Queries: the first ``--queries`` validation queries, encoded by the model, with their
+   history excluded as in evaluation.
+3. Corpora of ``--sizes`` items: the trained items' item-tower vectors, then (beyond the trained
+   catalogue) copies of random trained items plus Gaussian noise (``--noise`` x the per-dimension
+   std), all mapped through the *trained* MoL item heads to component embeddings and gate logits.
+4. Exact MoL top-100 runs in a fresh child process, which also reports its peak memory (RSS
+   sampled every 5 ms and ``ru_maxrss``; the child holds only the corpus, the queries and the
+   gate network). Every approximate algorithm at several k' runs in this process; its recall
+   is ``|approx top-100 & exact top-100| / 100`` averaged over queries, its latency is the
+   wall time of ``search`` (index building reported apart), all on ``--threads`` threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 100
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def trained_model(args):
+    from lightning.pytorch import Trainer, seed_everything
+
+    from rails_lightning.data import InteractionDataModule, SyntheticSource
+    from rails_lightning.models.mol import MoL
+
+    source = SyntheticSource(num_users=args.train_users, num_items=args.train_items, num_clusters=max(1, args.train_items // 50))
+    data = InteractionDataModule(source, max_seq_len=50, batch_size=128, eval_batch_size=args.queries)
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.exists():
+        print(f"model: reusing {checkpoint}", flush=True)
+        return MoL.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False).eval(), data
+    seed_everything(0)
+    model = MoL(data.num_items, data.num_users, data.max_seq_len)
+    trainer = Trainer(
+        max_epochs=args.train_epochs, logger=False, enable_checkpointing=False, limit_val_batches=0,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    print(f"model: trained {args.train_epochs} epochs in {time.perf_counter() - started:.0f} s", flush=True)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(checkpoint)
+    return model.eval(), data
+
+
+@torch.no_grad()
+def corpus(model, size: int, noise: float, seed: int = 0):
+    """MoLItems of ``size`` items: the trained ones, then noisy copies of random trained ones."""
+    trained = model.item_vectors(torch.arange(1, model.num_items + 1))  # (I, D)
+    gen = torch.Generator().manual_seed(seed)
+    extra = size - len(trained)
+    if extra < 0:
+        raise ValueError(f"corpus size {size} is smaller than the trained catalogue {len(trained)}")
+    source = torch.randint(0, len(trained), (extra,), generator=gen)
+    vectors = torch.cat([trained, trained[source] + noise * trained.std(0) * torch.randn(extra, trained.shape[1], generator=gen)])
+    parts = [model.item_heads(chunk) for chunk in vectors.split(65536)]
+    return type(parts[0])(*(torch.cat(fields) for fields in zip(*parts)))
+
+
+# ---------------------------------------------------------------------------------------------- exact, in a child
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def exact_child(problem_path: str, out_path: str, threads: int) -> None:
+    """Fresh process: load corpus + queries + gate network, exact MoL top-100, report time and peak memory."""
+    torch.set_num_threads(threads)
+    from rails_lightning.models.mol import MixtureOfLogits
+    from rails_lightning.retrieval.mol_topk import MoLExactTopK
+
+    problem = torch.load(problem_path, mmap=False, weights_only=False)
+    similarity = MixtureOfLogits(*problem["similarity_args"]).eval()
+    similarity.load_state_dict(problem["similarity_state"])
+    items, queries = problem["items"], problem["queries"]
+    baseline = _rss_bytes()
+    peak, running = [baseline], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with torch.no_grad():
+        started = time.perf_counter()
+        scores, ids = MoLExactTopK(similarity, items).search(queries, K, *problem["exclude"])
+        seconds = time.perf_counter() - started
+    running[0] = False
+    sampler.join()
+    torch.save(
+        {
+            "ids": ids, "scores": scores, "seconds": seconds, "rss_before": baseline, "rss_peak": peak[0],
+            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        },
+        out_path,
+    )
+
+
+def run_exact(model, items, queries, exclude, threads: int, workdir: Path) -> dict:
+    problem, out = workdir / "problem.pt", workdir / "exact.pt"
+    similarity = model.similarity
+    args = (similarity.num_query_components, similarity.num_item_components, model.hparams.gate_hidden_dim, 0.0)
+    torch.save({"similarity_args": args, "similarity_state": similarity.state_dict(), "items": items, "queries": queries, "exclude": exclude}, problem)
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import mol_topk; mol_topk.exact_child({str(problem)!r}, {str(out)!r}, {threads})"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    result = torch.load(out, weights_only=False)
+    problem.unlink()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- approximate
+def recall(ids, exact_ids) -> float:
+    found = (exact_ids[:, :, None] == ids[:, None, :]).any(-1) & (exact_ids > 0)
+    return float((found.sum(1) / (exact_ids > 0).sum(1).clamp_min(1)).mean())
+
+
+def approximate_settings(args):
+    from rails_lightning.retrieval.mol_topk import AveragedEmbeddingTopK, CombinedTopK, PerEmbeddingTopK
+
+    settings = []
+    for backend in (None, False):  # None: the default (FAISS on the CPU); False: torch
+        if backend is False and not args.torch_backend:
+            continue
+        for k in args.per_embedding_k:
+            settings.append(("per-embedding", f"{k}", functools.partial(PerEmbeddingTopK, k_prime=k, use_faiss=backend), backend))
+        for k in args.averaged_k:
+            settings.append(("averaged", f"{k}", functools.partial(AveragedEmbeddingTopK, k_prime=k, use_faiss=backend), backend))
+        for k, averaged in zip(args.per_embedding_k, args.averaged_k):
+            settings.append(("combined", f"{k} + {averaged}", functools.partial(CombinedTopK, k_prime=k, averaged_k_prime=averaged, use_faiss=backend), backend))
+    return settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train_items", type=int, default=20_000)
+    parser.add_argument("--train_users", type=int, default=6_000)
+    parser.add_argument("--train_epochs", type=int, default=4)
+    parser.add_argument("--checkpoint", default=str(ROOT / "runs" / "mol_topk_bench" / "mol.ckpt"))
+    parser.add_argument("--noise", type=float, default=0.5, help="std of the noise added to copied item vectors, per dimension, relative")
+    parser.add_argument("--per_embedding_k", type=int, nargs="+", default=[4, 16, 64], help="k' of the per-embedding search")
+    parser.add_argument("--averaged_k", type=int, nargs="+", default=[256, 1024, 4096], help="k' of the averaged-embedding search")
+    parser.add_argument("--torch_backend", action=argparse.BooleanOptionalAction, default=True, help="also time the torch inner-product backend")
+    parser.add_argument("--append_results", default=None, help="append the markdown section to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+    except ImportError:
+        pass
+
+    model, data = trained_model(args)
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        queries = model.encode_queries(batch)
+    exclude = (batch.exclude_offsets, batch.exclude_items)
+    P_Q, P_X = model.similarity.num_query_components, model.similarity.num_item_components
+    lines = [
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{args.threads} threads; {len(batch.user_ids)} queries, top-{K}, history excluded; "
+        f"MoL {P_Q} x {P_X} x {model.hparams.component_dim}, gate hidden {model.hparams.gate_hidden_dim}; "
+        f"model trained {args.train_epochs} epochs on synthetic data ({data.num_items} items, {data.num_users} users); "
+        f"corpus items beyond those: noisy copies (noise {args.noise}).",
+        "",
+    ]
+    for size in args.sizes:
+        started = time.perf_counter()
+        with torch.no_grad():
+            items = corpus(model, size, args.noise)
+        print(f"\n== {size:,} items (corpus built in {time.perf_counter() - started:.1f} s)", flush=True)
+        with tempfile.TemporaryDirectory() as workdir:
+            exact = run_exact(model, items, queries, exclude, args.threads, Path(workdir))
+        corpus_bytes = sum(f.numel() * f.element_size() for f in items)
+        print(f"exact: {exact['seconds']:.2f} s, peak RSS {exact['rss_peak'] / 2**30:.2f} GiB", flush=True)
+        lines += [
+            f"### {size:,} items",
+            "",
+            f"Exact MoL top-{K}: **{exact['seconds']:.2f} s**; peak memory of the process that holds the corpus and runs it: "
+            f"RSS {exact['rss_peak'] / 2**30:.2f} GiB (ru_maxrss {exact['ru_maxrss'] / 2**30:.2f} GiB; "
+            f"{exact['rss_before'] / 2**30:.2f} GiB before the search, of which the corpus {corpus_bytes / 2**30:.2f} GiB).",
+            "",
+            "| algorithm | k' | inner-product backend | candidates / query | index build s | search s | speed-up vs exact | recall@100 vs exact |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, k_prime, factory, backend in approximate_settings(args):
+            with torch.no_grad():
+                built = time.perf_counter()
+                retriever = factory(model.similarity, items)
+                build_seconds = time.perf_counter() - built
+                started = time.perf_counter()
+                _, ids = retriever.search(queries, K, *exclude)
+                seconds = time.perf_counter() - started
+                candidates = retriever.candidates(queries, *exclude)
+                unique = float(sum(len(set(row.tolist()) - {0}) for row in candidates) / len(candidates))
+            backend_name = "faiss" if retriever.uses_faiss else "torch"
+            r = recall(ids, exact["ids"])
+            row = f"| {name} | {k_prime} | {backend_name} | {unique:.0f} | {build_seconds:.2f} | {seconds:.2f} | {exact['seconds'] / seconds:.1f}x | {r:.4f} |"
+            print(row, flush=True)
+            lines.append(row)
+            del retriever
+        lines.append("")
+        del items
+    section = "\n".join(lines)
+    print("\n" + section)
+    if args.append_results:
+        path = Path(args.append_results)
+        command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+        header = "" if path.exists() else "# Benchmark results\n\nMeasured figures, each with its command, machine and date.\n"
+        date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        with path.open("a") as f:
+            f.write(f"{header}\n## MoL top-k: exact vs RAILS approximate ({date})\n\nCommand: `{command}`\n\n{section}\n")
+
+
+if __name__ == "__main__":
+    main()
