@@ -46,6 +46,7 @@ def _zero_gate(model: MoL) -> None:
         last = module[-1] if isinstance(module, nn.Sequential) else module
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
+    nn.init.zeros_(model.similarity.logit_scale)
 
 
 def _quiet(model):
@@ -105,6 +106,7 @@ def test_load_balancing_gradient_reaches_the_gate():
     for name in ("query_gate", "item_gate", "similarity.logit_gate"):
         grads = [p.grad for p in mol.get_submodule(name).parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
+    assert mol.similarity.logit_scale.grad.abs() > 0
     assert mol.item_embedding.weight.grad is not None  # and on through the gate inputs into the towers
 
 

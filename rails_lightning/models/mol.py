@@ -72,18 +72,24 @@ class MixtureOfLogits(nn.Module):
         num_item_components: P_X.
         gate_hidden_dim: hidden width H of the MLP over the P component logits.
         gate_dropout: dropout on the gate probabilities while training.
+        gate_logit_scale: initial value of the learned scale s with which the component logits
+            also enter the gate directly (``gate logits += s * logits``).
     """
 
-    def __init__(self, num_query_components: int, num_item_components: int, gate_hidden_dim: int, gate_dropout: float) -> None:
+    def __init__(
+        self, num_query_components: int, num_item_components: int, gate_hidden_dim: int, gate_dropout: float, gate_logit_scale: float = 0.0
+    ) -> None:
         super().__init__()
         self.num_query_components, self.num_item_components = num_query_components, num_item_components
         self.num_components = num_query_components * num_item_components
         self.logit_gate = _mlp(self.num_components, gate_hidden_dim, self.num_components)
+        self.logit_scale = nn.Parameter(torch.tensor(float(gate_logit_scale)))
         self.gate_dropout = nn.Dropout(gate_dropout)
 
     def mix(self, logits: Tensor, query_gate_logits: Tensor, item_gate_logits: Tensor) -> tuple[Tensor, Tensor]:
         """Component logits (..., P) and broadcastable gate logits -> scores (...), gate probabilities (..., P)."""
-        gates = torch.softmax(query_gate_logits + item_gate_logits + self.logit_gate(logits), dim=-1)  # (..., P)
+        gate_logits = self.logit_gate(logits) + self.logit_scale * logits  # (..., P)
+        gates = torch.softmax(gate_logits + query_gate_logits + item_gate_logits, dim=-1)  # (..., P)
         return (self.gate_dropout(gates) * logits).sum(-1), gates
 
     def cross(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
@@ -120,6 +126,10 @@ class MoL(RetrievalModule):
         gate_hidden_dim: hidden width H of the gate MLPs (query part, item part, component-logit part);
             0 for linear maps.
         gate_dropout: dropout on the gate probabilities while training.
+        gate_logit_scale: the component logits also enter the gate directly, times a learned scale
+            initialised here: s > 0 starts the mixture leaning towards each pair's largest
+            logits (a soft max over components, as multi-interest retrieval does), 0 starts it
+            uniform (an average of the component dot products).
         load_balancing_weight: weight of the mutual-information load-balancing loss.
         item_chunk_size: at most this many corpus rows are scored at once by the exact MoL top-k.
         score_block_elements: the exact MoL top-k also shrinks its chunk so that
@@ -153,6 +163,7 @@ class MoL(RetrievalModule):
         user_id_component: bool = False,
         gate_hidden_dim: int = 64,
         gate_dropout: float = 0.2,
+        gate_logit_scale: float = 0.0,
         load_balancing_weight: float = 1e-3,
         item_chunk_size: int = 65536,
         score_block_elements: int = 1 << 22,
@@ -172,7 +183,7 @@ class MoL(RetrievalModule):
         self.item_components = _mlp(item_dim, component_hidden_dim, P_X * D_P)
         self.query_gate = _mlp(item_dim, gate_hidden_dim, P)
         self.item_gate = _mlp(item_dim, gate_hidden_dim, P)
-        self.similarity = MixtureOfLogits(P_Q, P_X, gate_hidden_dim, gate_dropout)
+        self.similarity = MixtureOfLogits(P_Q, P_X, gate_hidden_dim, gate_dropout, gate_logit_scale)
         self.approximate_topk = approximate_topk
 
     # ------------------------------------------------------------------ representations
@@ -218,6 +229,7 @@ class MoL(RetrievalModule):
             "gate_effective_components": entropy(usage).exp(),
             "gate_usage_max": usage.max(),
             "gate_usage_min": usage.min(),
+            "gate_logit_scale": self.similarity.logit_scale.detach(),
         }
         return scores, aux
 
