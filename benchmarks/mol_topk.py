@@ -3,9 +3,10 @@
     python benchmarks/mol_topk.py                      # 100k and 1M items, 8 x 4 x 64, all algorithms
     python benchmarks/mol_topk.py --sizes 100000 --queries 32 --append_results benchmarks/RESULTS.md
 
-1. A MoL model (8 x 4 components, D_P = 64, SASRec encoder, the package defaults) is trained
-   on a synthetic catalogue (``--train_items`` items, ``--train_users`` users, ``--train_epochs``
-   epochs) and cached in ``--checkpoint``; an existing checkpoint is reused.
+1. The MoL model of ``--config`` (default ``configs/synthetic/mol.yaml``: 8 x 4 components,
+   D_P = 64, SASRec encoder) is trained on a larger synthetic catalogue (``--train_items``
+   items, ``--train_users`` users, ``--train_epochs`` epochs) and cached in ``--checkpoint``;
+   an existing checkpoint is reused.
 2. Queries: the first ``--queries`` validation queries, encoded by the model, with their
    history excluded as in evaluation.
 3. Corpora of ``--sizes`` items: the trained items' item-tower vectors, then (beyond the trained
@@ -41,19 +42,36 @@ K = 100
 
 # ---------------------------------------------------------------------------------------------- the model
 def trained_model(args):
-    from lightning.pytorch import Trainer, seed_everything
+    """The MoL of ``--config`` (model section only), trained on a larger synthetic catalogue; cached."""
+    from lightning.pytorch import Trainer
 
-    from rails_lightning.data import InteractionDataModule, SyntheticSource
+    from rails_lightning.cli import DEFAULT_CONFIG, RailsCLI
+    from rails_lightning.data import InteractionDataModule
+    from rails_lightning.models.base import RetrievalModule
     from rails_lightning.models.mol import MoL
 
-    source = SyntheticSource(num_users=args.train_users, num_items=args.train_items, num_clusters=max(1, args.train_items // 50))
-    data = InteractionDataModule(source, max_seq_len=50, batch_size=128, eval_batch_size=args.queries)
     checkpoint = Path(args.checkpoint)
+    cli_args = [
+        "--config", str(ROOT / args.config), f"--seed_everything={args.seed}", "--trainer.logger=false",
+        "--model.init_args.approximate_topk=null", "--run_dir", str(checkpoint.parent),
+        f"--data.source.init_args.num_items={args.train_items}", f"--data.source.init_args.num_users={args.train_users}",
+        f"--data.source.init_args.num_clusters={max(1, args.train_items // 50)}", f"--data.eval_batch_size={args.queries}",
+    ]
+    argv, sys.argv = sys.argv, [sys.argv[0]]  # the CLI must not read this script's arguments
+    try:
+        cli = RailsCLI(
+            RetrievalModule, InteractionDataModule, subclass_mode_model=True, run=False, args=cli_args,
+            parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)]},
+        )
+    finally:
+        sys.argv = argv
+    model, data = cli.model, cli.datamodule
+    if not isinstance(model, MoL):
+        raise SystemExit(f"{args.config} does not configure a MoL model")
     if checkpoint.exists():
         print(f"model: reusing {checkpoint}", flush=True)
-        return MoL.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False).eval(), data
-    seed_everything(0)
-    model = MoL(data.num_items, data.num_users, data.max_seq_len)
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+        return model.eval(), data
     trainer = Trainer(
         max_epochs=args.train_epochs, logger=False, enable_checkpointing=False, limit_val_batches=0,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
@@ -61,7 +79,6 @@ def trained_model(args):
     started = time.perf_counter()
     trainer.fit(model, datamodule=data)
     print(f"model: trained {args.train_epochs} epochs in {time.perf_counter() - started:.0f} s", flush=True)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(checkpoint)
     return model.eval(), data
 
@@ -163,7 +180,9 @@ def main() -> None:
     parser.add_argument("--train_items", type=int, default=20_000)
     parser.add_argument("--train_users", type=int, default=6_000)
     parser.add_argument("--train_epochs", type=int, default=4)
-    parser.add_argument("--checkpoint", default=str(ROOT / "runs" / "mol_topk_bench" / "mol.ckpt"))
+    parser.add_argument("--config", default="configs/synthetic/mol.yaml", help="the MoL model to train (its model section)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", default=str(ROOT / "runs" / "mol_topk_bench" / "mol.ckpt"), help="trained model cache")
     parser.add_argument("--noise", type=float, default=0.5, help="std of the noise added to copied item vectors, per dimension, relative")
     parser.add_argument("--per_embedding_k", type=int, nargs="+", default=[4, 16, 64], help="k' of the per-embedding search")
     parser.add_argument("--averaged_k", type=int, nargs="+", default=[256, 1024, 4096], help="k' of the averaged-embedding search")
@@ -187,8 +206,8 @@ def main() -> None:
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{args.threads} threads; {len(batch.user_ids)} queries, top-{K}, history excluded; "
-        f"MoL {P_Q} x {P_X} x {model.hparams.component_dim}, gate hidden {model.hparams.gate_hidden_dim}; "
-        f"model trained {args.train_epochs} epochs on synthetic data ({data.num_items} items, {data.num_users} users); "
+        f"MoL {P_Q} x {P_X} x {model.hparams.component_dim} of {args.config} (gate hidden {model.hparams.gate_hidden_dim}), "
+        f"trained {args.train_epochs} epochs on synthetic data ({data.num_items} items, {data.num_users} users); "
         f"corpus items beyond those: noisy copies (noise {args.noise}).",
         "",
     ]

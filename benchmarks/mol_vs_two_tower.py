@@ -18,6 +18,7 @@ reused unless ``--rerun``. W&B is off (``--trainer.logger=false``).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra CLI arguments of every run (last)")
     parser.add_argument("--out_dir", default="runs/mol_vs_two_tower", help="one sub-directory per run")
     parser.add_argument("--rerun", action="store_true", help="run again even where metrics.json exists")
+    parser.add_argument("--append_results", default=None, help="append the table as a markdown section to this file")
     args = parser.parse_args()
 
     models = {
@@ -68,6 +70,7 @@ def main() -> None:
     width = max(len(k) for k in KEYS + ("fit_seconds",)) + 2
     print(f"\nmean ± std over seeds {args.seeds} (best-on-val checkpoint of each run)")
     print(f"{'':{width}s}" + "".join(f"{name:>22s}" for name in models))
+    table = ["| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for key in KEYS + ("fit_seconds",):
         cells = []
         for name in models:
@@ -75,10 +78,22 @@ def main() -> None:
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.4f} ± {std:.4f}" if values else "n/a")
         print(f"{key:{width}s}" + "".join(f"{cell:>22s}" for cell in cells))
+        table.append(f"| {key} | " + " | ".join(cells) + " |")
     per_seed = ", ".join(
         f"seed {s}: " + " vs ".join(f"{results[name][i]['val/hr@10']:.4f}" for name in models) for i, s in enumerate(args.seeds)
     )
     print(f"val/hr@10 per seed ({' vs '.join(models)}): {per_seed}")
+    if args.append_results:
+        path = Path(args.append_results)
+        header = "" if path.exists() else "# Benchmark results\n\nMeasured figures, each with its command, machine and date.\n"
+        date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+        with path.open("a") as f:
+            f.write(
+                f"{header}\n## MoL vs TwoTower, equal training budget ({date})\n\nCommand: `{command}`\n\n"
+                f"Machine: {os.cpu_count()}-core CPU. Mean ± std over seeds {args.seeds}; best-on-val checkpoint of each run.\n\n"
+                + "\n".join(table) + f"\n\nval/hr@10 per seed ({' vs '.join(models)}): {per_seed}\n"
+            )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,19 @@ def _wandb_has_credentials() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def _wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether the W&B server answers a TCP connection (so that an online run cannot hang on it)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _as_list(value):
     return value if isinstance(value, list) else [value]
 
@@ -66,8 +79,9 @@ class RailsCLI(LightningCLI):
         for callback in _as_list(config.trainer.callbacks or []):
             if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and not callback.init_args.dirpath:
                 callback.init_args.dirpath = str(self.run_dir / "checkpoints")
-        # W&B must never block on a login prompt: no credentials -> offline (sync later with `wandb sync`).
-        if "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
+        # W&B must never block on a login prompt or an unreachable server: no credentials, or no
+        # answer from the server -> offline (sync later with `wandb sync`).
+        if "WANDB_MODE" not in os.environ and not (_wandb_has_credentials() and _wandb_reachable()):
             os.environ["WANDB_MODE"] = "offline"
         if self.subcommand is not None:  # only real runs get a directory and a message
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +97,23 @@ class RailsCLI(LightningCLI):
         self._print("data: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         for logger in self.trainer.loggers:
             logger.log_hyperparams({"data": summary, "num_parameters": sum(p.numel() for p in self.model.parameters())})
+        self._log_resolved_config()
+
+    def _log_resolved_config(self) -> None:
+        """The full resolved config (what config.yaml holds) into the W&B run config, under ``config``."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, WandbLogger)]
+        if not wandb_loggers or not self.trainer.is_global_zero:
+            return
+        import yaml
+
+        parser = self._parser(self.subcommand)
+        resolved = yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
+        resolved.pop("config", None)  # the --config file paths, not settings
+        for logger in wandb_loggers:
+            # Nested under one key: sweep parameters (`model`, `seed_everything`) stay the agent's own.
+            logger.experiment.config.update({"config": resolved}, allow_val_change=True)
 
     def after_fit(self) -> None:
         fit_seconds = time.perf_counter() - self._fit_started
@@ -94,6 +125,21 @@ class RailsCLI(LightningCLI):
         test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
         if self.trainer.is_global_zero:
             self._report(val[0] if val else {}, test[0] if test else {}, best, fit_seconds)
+
+    def after_validate(self) -> None:
+        self._write_metrics({"val": dict(self.trainer.callback_metrics)})
+
+    def after_test(self) -> None:
+        self._write_metrics({"test": dict(self.trainer.callback_metrics)})
+
+    def _write_metrics(self, sections: dict) -> None:
+        if self.trainer.is_global_zero:
+            result = {"model": type(self.model).__name__, "ckpt_path": self.config_init[self.subcommand].get("ckpt_path")}
+            for name, values in sections.items():
+                result[name] = {k: float(v) for k, v in values.items() if k.startswith(f"{name}/")}
+            path = self.run_dir / "metrics.json"
+            path.write_text(json.dumps(result, indent=2))
+            self._print(f"metrics: {path}")
 
     def _evaluation_ks(self) -> tuple[int, ...]:
         for callback in self.trainer.callbacks:
@@ -130,8 +176,17 @@ class RailsCLI(LightningCLI):
         self._print(f"metrics: {path}")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> RailsCLI:
-    """Entry point; ``run=False`` only parses and instantiates (tests, notebooks)."""
+def main(args: list[str] | None = None, run: bool = True) -> RailsCLI | int:
+    """Entry point; ``run=False`` only parses and instantiates (tests, notebooks).
+
+    ``sweep`` and ``report`` are plain argparse commands (``rails_lightning.sweep``); every
+    other subcommand is LightningCLI's.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if run and argv and argv[0] in ("sweep", "report"):
+        from rails_lightning import sweep
+
+        return sweep.main(argv)
     return RailsCLI(
         RetrievalModule,
         InteractionDataModule,

@@ -1,3 +1,4 @@
 from rails_lightning.callbacks.corpus_evaluation import CorpusEvaluation
+from rails_lightning.callbacks.wandb_logging import WandbBestCheckpoint, WandbHitRateTable
 
-__all__ = ["CorpusEvaluation"]
+__all__ = ["CorpusEvaluation", "WandbHitRateTable", "WandbBestCheckpoint"]

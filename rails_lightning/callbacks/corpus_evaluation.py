@@ -17,7 +17,9 @@ search is logged as ``val/exact_search_seconds`` / ``val/approx_search_seconds``
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
@@ -53,13 +55,13 @@ class CorpusEvaluation(Callback):
         self.approx_search_seconds = 0.0
 
     # -- epoch start: corpus -> retriever
-    def _start(self, pl_module: pl.LightningModule) -> None:
+    def _start(self, pl_module: pl.LightningModule, approximate: bool = True) -> None:
         started = time.perf_counter()
         with torch.no_grad():
             items = pl_module.encode_corpus(self.item_chunk_size)
             self.retriever = pl_module.build_retriever(items)
             self.index_seconds = time.perf_counter() - started
-            build_approximate = getattr(pl_module, "build_approximate_retriever", None)
+            build_approximate = getattr(pl_module, "build_approximate_retriever", None) if approximate else None
             started = time.perf_counter()
             self.approx_retriever = build_approximate(items) if build_approximate is not None else None
             self.approx_index_seconds = time.perf_counter() - started
@@ -113,6 +115,34 @@ class CorpusEvaluation(Callback):
         pl_module.log_dict(headline, prog_bar=True, sync_dist=False)
         pl_module.log_dict(values, sync_dist=False)
         self.retriever = self.approx_retriever = None  # free the indexes between epochs
+
+    # -- predict: write every query's top-K recommendations next to the run
+    def on_predict_epoch_start(self, trainer, pl_module):
+        self._start(pl_module, approximate=False)
+        self.predictions = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        exclude = (batch.exclude_offsets, batch.exclude_items) if self.exclude_history else (None, None)
+        scores, ids = self.retriever.search(outputs, max(self.ks), *exclude)
+        self.predictions.append((batch.user_ids.cpu(), ids.cpu(), scores.cpu()))
+
+    def on_predict_epoch_end(self, trainer, pl_module):
+        datamodule = trainer.datamodule
+        path = Path(trainer.default_root_dir) / "predictions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as out:
+            for users, ids, scores in self.predictions:
+                for user, row, row_scores in zip(users.tolist(), ids.tolist(), scores.tolist()):
+                    kept = [(i, s) for i, s in zip(row, row_scores) if i > 0]
+                    record = {
+                        "user": int(datamodule.store.user_raw_ids[user]),
+                        "items": [int(datamodule.store.item_raw_ids[i]) for i, _ in kept],
+                        "titles": [datamodule.item_titles[i] for i, _ in kept[:10]],
+                        "scores": [round(s, 5) for _, s in kept],
+                    }
+                    out.write(json.dumps(record) + "\n")
+        print(f"[rails_lightning] top-{max(self.ks)} recommendations of {sum(len(u) for u, _, _ in self.predictions)} users: {path}")
+        self.predictions, self.retriever = [], None
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if not trainer.sanity_checking:

@@ -88,6 +88,10 @@ class MixtureOfLogits(nn.Module):
 
     def mix(self, logits: Tensor, query_gate_logits: Tensor, item_gate_logits: Tensor) -> tuple[Tensor, Tensor]:
         """Component logits (..., P) and broadcastable gate logits -> scores (...), gate probabilities (..., P)."""
+        if not torch.is_grad_enabled():  # retrieval: the same arithmetic in place, (..., P) buffers are large
+            gate_logits = self.logit_gate(logits).add_(logits, alpha=float(self.logit_scale))
+            gates = torch.softmax(gate_logits.add_(query_gate_logits).add_(item_gate_logits), dim=-1)  # (..., P)
+            return torch.linalg.vecdot(self.gate_dropout(gates), logits), gates
         gate_logits = self.logit_gate(logits) + self.logit_scale * logits  # (..., P)
         gates = torch.softmax(gate_logits + query_gate_logits + item_gate_logits, dim=-1)  # (..., P)
         return (self.gate_dropout(gates) * logits).sum(-1), gates

@@ -1,0 +1,317 @@
+"""Local W&B sweeps: run a sweep file's trials here, without a W&B server, and compare them.
+
+    python -m rails_lightning sweep sweeps/mol_vs_dot.yaml                   # all 6 grid points
+    python -m rails_lightning sweep sweeps/mol_search.yaml --count 20        # bayes: 20 trials
+    python -m rails_lightning sweep sweeps/mol_vs_dot.yaml --dry_run         # print the trial commands
+    python -m rails_lightning sweep sweeps/mol_vs_dot.yaml --count 2 -- --trainer.max_epochs=1   # extra fit args
+
+What ``wandb sweep`` + ``wandb agent`` do with a server, done locally with W&B's own pieces:
+
+* the sweep file is checked against W&B's sweep-config schema and the trials are proposed by
+  W&B's search engine (the ``sweeps`` package: grid, random, bayes), which sees the metric of
+  every finished trial (bayes fits on it);
+* each trial's command is expanded from the file's ``command:`` with the agent's own
+  functions (``${args}`` -> ``--model.init_args.temperature=0.05``; a whole-dict value renders as
+  ``--model={'class_path': ...}``, which LightningCLI parses), with one difference: ``${interpreter}``
+  (and a bare ``python``) is this Python, so that trials run in the same environment;
+* trials run one after another as subprocesses, each with ``--run_dir=<out>/<trial>`` and W&B
+  offline (``wandb sync <out>/*/wandb/offline-run-*`` uploads them later, grouped by sweep);
+* a failed trial is reported as failed and the sweep goes on; progress is printed as trials go.
+
+At the end (or on Ctrl-C) ``<out>/summary.md`` (the metric per trial, mean ± std per model) and
+``<out>/hr_at_k.png`` (HR@K against K per model) are written and the table is printed.
+``<out>/sweep.json`` records the proposals, commands and outcomes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from rails_lightning import report
+
+SWEEPS_PIN = "sweeps==0.3.0"
+INSTALL_HINT = (
+    f"the local sweep needs W&B's search engine: pip install --no-deps {SWEEPS_PIN} jsonref==1.1.0 "
+    "(plus scikit-learn and scipy); see README.md"
+)
+
+
+def _sweeps():
+    """The ``sweeps`` package (W&B's sweep engine; installed without its numpy<2 pin)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydantic v1-style config keys in sweeps.run
+            import sweeps
+    except ImportError as error:
+        raise SystemExit(f"{INSTALL_HINT} ({error})") from error
+    return sweeps
+
+
+# ---------------------------------------------------------------------------------------- config
+def load_sweep_config(path: str | Path) -> dict[str, Any]:
+    config = yaml.safe_load(Path(path).read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a sweep file is a YAML mapping")
+    return config
+
+
+def schema_violations(config: dict[str, Any]) -> list[str]:
+    """W&B's sweep-config JSON-schema violations of ``config`` (empty when valid)."""
+    return list(_sweeps().schema_violations_from_proposed_config(config))
+
+
+def propose(config: dict[str, Any], runs: list) -> Any:
+    """W&B's next proposal (a ``sweeps.SweepRun``) given the trials so far; None when a grid is exhausted."""
+    sweeps = _sweeps()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn GP convergence chatter on tiny bayes histories
+        return sweeps.next_run(config, runs, validate=True)
+
+
+def proposals(config: dict[str, Any], count: int | None = None) -> list[dict[str, Any]]:
+    """The run configs (``{param: {"value": v}}``) W&B proposes without results: every grid point, or ``count``."""
+    sweeps = _sweeps()
+    limit = _trial_limit(config, count)
+    runs: list = []
+    while limit is None or len(runs) < limit:
+        run = propose(config, runs)
+        if run is None:
+            break
+        run.state = sweeps.RunState.running
+        runs.append(run)
+    return [run.config for run in runs]
+
+
+def _trial_limit(config: dict[str, Any], count: int | None) -> int | None:
+    if count is not None:
+        return count
+    if config.get("method") == "grid":
+        return None
+    if config.get("run_cap"):
+        return int(config["run_cap"])
+    raise SystemExit(f"a {config.get('method')} sweep never ends by itself: pass --count N (or set run_cap in the file)")
+
+
+# ---------------------------------------------------------------------------------------- commands
+def expand_command(
+    config: dict[str, Any], run_config: dict[str, Any], interpreter: str = sys.executable, args_json_file: str | Path | None = None
+) -> list[str]:
+    """A trial's argv from the sweep's ``command:``, expanded as ``wandb agent`` expands it.
+
+    ``run_config`` is W&B's ``{param: {"value": v}}``. The macro values come from the agent's own
+    ``create_sweep_command`` / ``create_sweep_command_args``; ``${interpreter}`` and a bare
+    ``python`` become ``interpreter``.
+    """
+    from wandb.sdk.launch.sweeps.utils import DEFAULT_SWEEP_COMMAND, create_sweep_command, create_sweep_command_args
+
+    command = create_sweep_command(list(config.get("command") or DEFAULT_SWEEP_COMMAND))  # ${envvar:...}
+    macros: dict[str, list[str]] = dict(create_sweep_command_args({"args": run_config}))
+    macros["interpreter"] = [interpreter]
+    macros["program"] = [config["program"]] if config.get("program") else []
+    macros["env"] = ["/usr/bin/env"] if os.name != "nt" else []
+    if args_json_file is not None:
+        Path(args_json_file).write_text(macros["args_json"][0])
+        macros["args_json_file"] = [str(args_json_file)]
+    argv: list[str] = []
+    for chunk in map(str, command):
+        if chunk.startswith("${") and chunk.endswith("}"):
+            argv += macros.get(chunk[2:-1]) or []
+        else:
+            argv.append(chunk)
+    return [interpreter if a in ("python", "python3") and i == _first_program(argv) else a for i, a in enumerate(argv)]
+
+
+def _first_program(argv: list[str]) -> int:
+    return 1 if argv and argv[0].endswith("/env") else 0
+
+
+def _value_label(value: Any) -> str:
+    return report._fmt(value)
+
+
+def short_params(run_config: dict[str, Any]) -> dict[str, Any]:
+    """``{"model.init_args.temperature": {"value": 0.05}}`` -> ``{"temperature": 0.05}`` (seed kept apart)."""
+    params = {}
+    for name, entry in run_config.items():
+        if name == "seed_everything":
+            continue
+        value = entry.get("value") if isinstance(entry, dict) else entry
+        params[name.rsplit(".", 1)[-1]] = _value_label(value) if isinstance(value, dict) else value
+    return params
+
+
+def _model_of(config: dict[str, Any], run_config: dict[str, Any]) -> str:
+    value = (run_config.get("model") or {}).get("value")
+    if isinstance(value, dict) and "class_path" in value:
+        return str(value["class_path"]).rsplit(".", 1)[-1]
+    for chunk in map(str, config.get("command") or []):
+        if chunk.startswith("--model=") and "{" not in chunk:
+            return chunk.split("=", 1)[1].rsplit(".", 1)[-1]
+    return "?"
+
+
+def trial_name(index: int, config: dict[str, Any], run_config: dict[str, Any]) -> str:
+    parts = [f"{index:02d}"]
+    model = _model_of(config, run_config)
+    if model != "?":
+        parts.append(model)
+    if "seed_everything" in run_config:
+        parts.append(f"seed{run_config['seed_everything']['value']}")
+    return "-".join(parts)
+
+
+# ---------------------------------------------------------------------------------------- running
+def _trial_env(group: str, name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # W&B offline (a disabled W&B, e.g. in tests, stays disabled): nothing waits for a server.
+    env["WANDB_MODE"] = "disabled" if os.environ.get("WANDB_MODE") == "disabled" else "offline"
+    env["WANDB_RUN_GROUP"] = group
+    env["WANDB_NAME"] = name
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _summary_metrics(run_dir: Path) -> dict[str, float]:
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {k: float(v) for section in ("val", "test") for k, v in (data.get(section) or {}).items()}
+
+
+def run_sweep(
+    sweep_file: str | Path,
+    count: int | None = None,
+    out_dir: str | Path | None = None,
+    extra_args: Sequence[str] = (),
+    timeout: float | None = None,
+) -> tuple[Path, str]:
+    """Run a sweep's trials locally; returns the output folder and the markdown summary."""
+    sweeps = _sweeps()
+    config = load_sweep_config(sweep_file)
+    violations = schema_violations(config)
+    if violations:
+        raise SystemExit(f"{sweep_file} is not a valid W&B sweep config:\n  " + "\n  ".join(violations))
+    name = str(config.get("name") or Path(sweep_file).stem)
+    out = Path(out_dir or f"sweeps_out/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    metric = config.get("metric", {}).get("name", report.DEFAULT_METRIC)
+    limit = _trial_limit(config, count)
+    total = limit
+    if config["method"] == "grid":  # a grid ends by itself
+        grid_size = len(proposals(config))
+        total = grid_size if limit is None else min(limit, grid_size)
+    record: dict[str, Any] = {"sweep_file": str(Path(sweep_file).resolve()), "config": config, "out": str(out), "trials": []}
+    runs: list = []
+    _say(f"sweep {name} ({config['method']}, metric {metric}), {total} trials, output: {out}")
+    try:
+        while limit is None or len(runs) < limit:
+            proposal = propose(config, runs)
+            if proposal is None:
+                break
+            index = len(runs)
+            trial = trial_name(index, config, proposal.config)
+            run_dir = out / trial
+            run_dir.mkdir(parents=True, exist_ok=True)
+            argv = expand_command(config, proposal.config, args_json_file=run_dir / "args.json")
+            argv += [f"--run_dir={run_dir}", *extra_args]
+            entry = {
+                "name": trial, "params": short_params(proposal.config), "model": _model_of(config, proposal.config),
+                "config": proposal.config, "argv": argv, "status": "running",
+            }
+            record["trials"].append(entry)
+            _write(out / "sweep.json", record)
+            _say(f"trial {index + 1}/{total} {trial}: {' '.join(argv[1:] if argv[0].endswith('/env') else argv)}")
+            started = time.perf_counter()
+            returncode = _run_trial(argv, run_dir, _trial_env(out.name, trial), timeout)
+            entry["seconds"] = round(time.perf_counter() - started, 1)
+            metrics = _summary_metrics(run_dir) if returncode == 0 else {}
+            if returncode == 0 and metric in metrics:
+                entry["status"], proposal.state = "finished", sweeps.RunState.finished
+                proposal.summary_metrics = metrics
+                entry["metric"] = metrics[metric]
+                _say(f"trial {index + 1} {trial} finished in {entry['seconds']:.0f} s: {metric} = {metrics[metric]:.4f}")
+            else:
+                why = f"exit {returncode}" if returncode != 0 else f"no {metric} in metrics.json"
+                entry["status"], proposal.state = f"failed ({why})", sweeps.RunState.failed
+                _say(f"trial {index + 1} {trial} FAILED ({why}) after {entry['seconds']:.0f} s; log: {run_dir / 'trial.log'}")
+            runs.append(proposal)
+            _write(out / "sweep.json", record)
+    finally:
+        markdown = ""
+        if record["trials"]:
+            title = f"Sweep {name} ({config['method']}, {len(record['trials'])} trials): {metric}"
+            markdown = report.write_report(report.sweep_results(out), out, metric, title)
+            print("\n" + markdown, flush=True)
+            _say(f"summary: {out / 'summary.md'}, plot: {out / 'hr_at_k.png'}")
+    return out, markdown
+
+
+def _run_trial(argv: list[str], run_dir: Path, env: dict[str, str], timeout: float | None) -> int:
+    import subprocess
+
+    with open(run_dir / "trial.log", "w") as log:
+        try:
+            return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[rails_lightning sweep] killed after {timeout} s\n")
+            return -9
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    path.write_text(json.dumps(record, indent=2, default=str))
+
+
+def _say(message: str) -> None:
+    print(f"[sweep] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rails_lightning sweep",
+        description="Run a W&B sweep file locally (no W&B server): W&B's own search engine proposes the trials "
+        "(grid, random, bayes), each runs `python -m rails_lightning fit ${args} --run_dir=OUT/TRIAL` as a "
+        "subprocess with W&B offline, and a comparison table (metric per trial, mean ± std per model) and a plot "
+        "of HR@K against K are written to OUT/summary.md and OUT/hr_at_k.png. Arguments after `--` are added "
+        "to every trial's fit command (e.g. -- --trainer.max_epochs=2).",
+        epilog="Also: python -m rails_lightning report RUN_DIR... [--out DIR] compares finished runs.",
+    )
+    parser.add_argument("sweep_file", help="a W&B sweep YAML (sweeps/*.yaml)")
+    parser.add_argument("--count", type=int, default=None, help="number of trials (default: every grid point; run_cap for random/bayes)")
+    parser.add_argument("--out", default=None, help="output folder (default: sweeps_out/<sweep name>-<date-time>)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds after which a trial is killed and counted as failed")
+    parser.add_argument("--dry_run", action="store_true", help="print the trial commands W&B proposes and stop")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """``sweep ...`` or ``report ...`` (the first element names the command)."""
+    command, rest = argv[0], list(argv[1:])
+    if command == "report":
+        return report.main(rest)
+    extra: list[str] = []
+    if "--" in rest:
+        cut = rest.index("--")
+        rest, extra = rest[:cut], rest[cut + 1 :]
+    args = build_parser().parse_args(rest)
+    if args.dry_run:
+        config = load_sweep_config(args.sweep_file)
+        violations = schema_violations(config)
+        if violations:
+            raise SystemExit(f"{args.sweep_file} is not a valid W&B sweep config:\n  " + "\n  ".join(violations))
+        for index, run_config in enumerate(proposals(config, args.count)):
+            argv_ = expand_command(config, run_config) + [f"--run_dir=<out>/{trial_name(index, config, run_config)}", *extra]
+            print(" ".join(argv_))
+        return 0
+    run_sweep(args.sweep_file, args.count, args.out, extra, args.timeout)
+    return 0

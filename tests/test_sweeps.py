@@ -1,0 +1,285 @@
+"""W&B sweep files, the local sweep runner, the comparison report and the W&B content of a fit.
+
+* every sweep file passes W&B's sweep-config schema and names a logged metric key;
+* every grid point (a sample of random / bayes proposals) expands as ``wandb agent`` expands it
+  and parses through the CLI into the model the proposal asked for;
+* one trial of ``sweeps/mol_vs_dot.yaml`` runs to completion on tiny data through
+  ``python -m rails_lightning sweep`` (W&B offline), whose offline W&B files hold the full config,
+  the data facts and the per-epoch full-corpus metrics;
+* ``python -m rails_lightning report`` turns a TwoTower and a MoL run into markdown and a PNG.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
+pytest.importorskip("sweeps", reason="W&B's sweep engine: pip install --no-deps sweeps (see README)")
+
+from rails_lightning import report, sweep  # noqa: E402
+from rails_lightning.cli import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
+TINY = [
+    "--data.source.init_args.num_users=150",
+    "--data.source.init_args.num_items=200",
+    "--data.source.init_args.num_clusters=8",
+    "--data.source.init_args.mean_sequence_length=12",
+    "--data.max_seq_len=12",
+    "--data.batch_size=32",
+    "--model.init_args.item_dim=16",
+    "--trainer.max_epochs=2",
+    "--trainer.enable_progress_bar=false",
+]
+# Keys the CorpusEvaluation callback logs on validation (default ks 1, 10, 50, 200).
+LOGGED_VAL_KEYS = re.compile(r"val/(hr|ndcg|recall)@(1|10|50|200)|val/mrr")
+
+
+def _ids(path):
+    return path.name
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def test_there_are_the_four_sweeps():
+    assert {p.name for p in SWEEP_FILES} >= {"mol_vs_dot.yaml", "mol_vs_dot_ml1m.yaml", "mol_search.yaml", "two_tower_search.yaml"}
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=_ids)
+def test_sweep_file_passes_wandb_schema(path):
+    config = sweep.load_sweep_config(path)
+    assert sweep.schema_violations(config) == []
+    assert LOGGED_VAL_KEYS.fullmatch(config["metric"]["name"]), config["metric"]
+    command = [str(c) for c in config["command"]]
+    assert command[command.index("-m") + 1 : command.index("-m") + 3] == ["rails_lightning", "fit"]
+    assert "${args}" in command and "${args_no_hyphens}" not in command
+
+
+def test_schema_check_catches_a_broken_file():
+    broken = {"method": "gird", "metric": {"name": "val/hr@10", "goal": "maximize"}, "parameters": {"x": {"values": [1]}}}
+    assert sweep.schema_violations(broken)
+    with_bad_distribution = {"method": "random", "parameters": {"x": {"distribution": "log_uniform_values", "min": 1}}}
+    assert sweep.schema_violations(with_bad_distribution)
+
+
+def _expected(run_config):
+    """What each swept parameter must become in the instantiated CLI."""
+    for name, entry in run_config.items():
+        yield name, entry["value"]
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=_ids)
+def test_every_proposal_expands_and_parses_through_the_cli(path, tmp_path, monkeypatch):
+    config = sweep.load_sweep_config(path)
+    if "ml-1m" in yaml.safe_dump(config) and not SHARED_DATA.exists():
+        pytest.skip("MovieLens files in ../shared/data are absent")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(REPO)  # sweep commands name configs relative to the repository root
+    run_configs = sweep.proposals(config, None if config["method"] == "grid" else 3)
+    if config["method"] == "grid":
+        sizes = [len(p["values"]) for p in config["parameters"].values() if "values" in p]
+        assert len(run_configs) == math.prod(sizes)
+    assert run_configs
+    seen = set()
+    for index, run_config in enumerate(run_configs):
+        argv = sweep.expand_command(config, run_config)
+        assert argv[0] == "/usr/bin/env" and argv[1] == sys.executable
+        args = argv[argv.index("fit") + 1 :]
+        # ${args} renders like `wandb agent`: --name=value, a dict value as its Python repr.
+        for name, value in _expected(run_config):
+            assert f"--{name}={value}" in args
+        cli = main([*args, f"--run_dir={tmp_path / str(index)}"], run=False)
+        hparams = cli.model.hparams
+        for name, value in _expected(run_config):
+            if name == "seed_everything":
+                assert cli.config.seed_everything == value
+            elif name == "model":
+                assert type(cli.model).__name__ == value["class_path"].rsplit(".", 1)[-1]
+                for key, init_value in value.get("init_args", {}).items():
+                    if not isinstance(init_value, dict):
+                        assert hparams[key] == init_value, key
+                    else:  # a nested class: the approximate top-k factory
+                        assert getattr(cli.model, key) is not None, key
+            elif name.startswith("model.init_args."):
+                assert hparams[name.split(".", 2)[2]] == pytest.approx(value), name
+            elif name.startswith("data."):
+                assert getattr(cli.datamodule, name.split(".", 1)[1]) == value, name
+            else:
+                raise AssertionError(f"test does not know how to check parameter {name}")
+        if "--model=rails_lightning.models.mol.MoL" in args:
+            assert type(cli.model).__name__ == "MoL"
+        seen.add(tuple(sorted((k, json.dumps(v["value"], sort_keys=True)) for k, v in run_config.items())))
+    assert len(seen) == len(run_configs), "proposals repeat"
+
+
+def test_bayes_uses_finished_results():
+    """The runner hands W&B's bayes search each finished trial's metric; it proposes from them."""
+    import sweeps
+
+    config = sweep.load_sweep_config(REPO / "sweeps" / "mol_search.yaml")
+    runs = []
+    for i in range(4):
+        run = sweep.propose(config, runs)
+        run.state = sweeps.RunState.finished
+        run.summary_metrics = {"val/hr@10": 0.1 + 0.05 * i}
+        runs.append(run)
+    proposal = sweep.propose(config, runs)
+    assert proposal is not None and proposal.search_info is not None
+    assert set(proposal.config) == set(config["parameters"])
+
+
+def test_help_of_sweep_and_report():
+    for command, words in (("sweep", ["--count", "--out", "sweep_file"]), ("report", ["--out", "runs"])):
+        result = subprocess.run([sys.executable, "-m", "rails_lightning", command, "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert all(word in result.stdout for word in words)
+
+
+@pytest.fixture(scope="module")
+def one_trial(tmp_path_factory):
+    """`python -m rails_lightning sweep sweeps/mol_vs_dot.yaml --count 1` on tiny data, W&B offline."""
+    out = tmp_path_factory.mktemp("sweep") / "mol_vs_dot"
+    result = subprocess.run(
+        [sys.executable, "-m", "rails_lightning", "sweep", "sweeps/mol_vs_dot.yaml", "--count", "1", "--out", str(out), "--", *TINY],
+        capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600,
+    )
+    return out, result
+
+
+def test_one_expanded_trial_runs_to_completion(one_trial):
+    out, result = one_trial
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((out / "sweep.json").read_text())
+    (trial,) = record["trials"]
+    assert trial["name"] == "00-TwoTower-seed0" and trial["status"] == "finished", trial
+    assert "--model={'class_path': 'rails_lightning.models.TwoTower'}" in trial["argv"]
+    metrics = json.loads((out / trial["name"] / "metrics.json").read_text())
+    assert metrics["model"] == "TwoTower" and 0.0 <= metrics["val"]["val/hr@10"] <= 1.0
+    # Progress while it runs, then the comparison table.
+    assert "[sweep] trial 1/1 00-TwoTower-seed0" in result.stdout and "finished in" in result.stdout
+    summary = (out / "summary.md").read_text()
+    assert summary in result.stdout
+    assert "TwoTower (dot product)" in summary and "mean ± std" in summary and "most popular" in summary
+    assert f"{metrics['val']['val/hr@10']:.4f}" in summary
+    assert (out / "hr_at_k.png").stat().st_size > 5000
+
+
+def test_fit_wandb_offline_files_hold_config_facts_and_per_epoch_metrics(one_trial):
+    out, result = one_trial
+    trial_dir = out / "00-TwoTower-seed0"
+    assert "offline" in result.stdout + (trial_dir / "trial.log").read_text()
+    run = report.read_wandb_run(trial_dir / "wandb")
+    # The full resolved config (as config.yaml), the data facts and the parameter count.
+    resolved = run.config["config"]
+    saved = yaml.safe_load((trial_dir / "config.yaml").read_text())
+    assert resolved["model"] == saved["model"] and resolved["data"] == saved["data"]
+    assert resolved["data"]["source"]["init_args"]["num_users"] == 150
+    assert resolved["trainer"]["max_epochs"] == 2 and resolved["seed_everything"] == 0
+    assert run.config["data"]["users"] == 150 and run.config["data"]["items"] > 0
+    assert run.config["num_parameters"] > 0
+    # Per-epoch full-corpus metrics, and the HR@K table of every validation.
+    epochs = [epoch for epoch, _ in run.series("val/hr@10")]
+    assert epochs[:2] == [0, 1]
+    assert all(0.0 <= value <= 1.0 for _, value in run.series("val/ndcg@10"))
+    tables = [row for row in run.history if row.get("val/hr_at_k/_type") == "table-file"]
+    assert len(tables) >= 2
+    table_file = next(run.path.parent.glob("files/media/table/val/hr_at_k_*.table.json"))
+    table = json.loads(table_file.read_text())
+    assert table["columns"][:3] == ["K", "HR@K", "NDCG@K"] and [row[0] for row in table["data"]] == [1, 10, 50, 200]
+
+
+def test_report_compares_two_finished_runs(one_trial, tmp_path):
+    out, _ = one_trial
+    config = sweep.load_sweep_config(REPO / "sweeps" / "mol_vs_dot.yaml")
+    mol_point = next(c for c in sweep.proposals(config) if c["model"]["value"]["class_path"].endswith("MoL"))
+    argv = sweep.expand_command(config, mol_point)
+    mol_dir = tmp_path / "mol"
+    small_mol = ["--model.init_args.num_query_components=2", "--model.init_args.num_item_components=2", "--model.init_args.component_dim=16"]
+    result = subprocess.run(
+        [*argv, f"--run_dir={mol_dir}", *TINY, *small_mol], capture_output=True, text=True, cwd=REPO,
+        env=_env(WANDB_MODE="disabled"), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report_dir = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "rails_lightning", "report", str(out / "00-TwoTower-seed0"), str(mol_dir), "--out", str(report_dir)],
+        capture_output=True, text=True, cwd=REPO, env=_env(), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = (report_dir / "summary.md").read_text()
+    per_model = summary.split("## Per model")[1]
+    assert "TwoTower (dot product)" in per_model and "MoL (mixture of logits)" in per_model
+    mol_hr10 = json.loads((mol_dir / "metrics.json").read_text())["val"]["val/hr@10"]
+    assert f"{mol_hr10:.4f} ± 0.0000" in per_model
+    assert (report_dir / "hr_at_k.png").stat().st_size > 5000
+
+
+def test_failed_trial_is_reported_not_fatal(tmp_path):
+    out = tmp_path / "failing"
+    result = subprocess.run(
+        [sys.executable, "-m", "rails_lightning", "sweep", "sweeps/mol_vs_dot.yaml", "--count", "1", "--out", str(out),
+         "--", "--data.batch_size=many"],
+        capture_output=True, text=True, cwd=REPO, env=_env(WANDB_MODE="disabled"), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FAILED (exit" in result.stdout
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["trials"][0]["status"].startswith("failed")
+    summary = (out / "summary.md").read_text()
+    assert "did not finish" in summary and "0 / 1" in summary
+
+
+def test_unreachable_wandb_server_means_offline(tmp_path, monkeypatch):
+    """With credentials but no answer from the server, a run goes offline instead of waiting on it."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("WANDB_MODE")  # restored after the test
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    main([*TINY, "--trainer.logger=false", f"--run_dir={tmp_path}"], run=False)
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+class _FakeRun:
+    offline = disabled = False
+    id = "abc123"
+
+    def __init__(self):
+        self.logged = []
+
+    def log_artifact(self, artifact, aliases=()):
+        self.logged.append((artifact, list(aliases)))
+
+
+def test_best_checkpoint_artifact_only_when_online(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from rails_lightning.callbacks import WandbBestCheckpoint
+
+    best = tmp_path / "best.ckpt"
+    best.write_bytes(b"weights")
+    logger = WandbLogger(project="test", save_dir=str(tmp_path))
+    logger._experiment = run = _FakeRun()
+    checkpoint = SimpleNamespace(best_model_path=str(best), monitor="val/hr@10", best_model_score=0.25)
+    trainer = SimpleNamespace(loggers=[logger], checkpoint_callback=checkpoint, current_epoch=3)
+    WandbBestCheckpoint().on_fit_end(trainer, None)
+    ((artifact, aliases),) = run.logged
+    assert artifact.type == "model" and artifact.name.startswith("model-abc123") and "best" in aliases
+    assert artifact.metadata["monitor"] == "val/hr@10" and artifact.metadata["score"] == 0.25
+    assert "model.ckpt" in artifact.manifest.entries
+    run.offline, run.logged = True, []
+    WandbBestCheckpoint().on_fit_end(trainer, None)
+    assert run.logged == []
