@@ -120,6 +120,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _param(value: Any) -> Any:
+    return f"{value:.3g}" if isinstance(value, float) else value
+
+
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
@@ -141,7 +145,7 @@ def comparison_markdown(results: Sequence[RunResult], metric: str = DEFAULT_METR
     param_names = list(dict.fromkeys(name for r in results for name in r.params))
     header = ["run", "model", *param_names, "seed", "status", *keys, "fit s"]
     rows = [
-        [r.name, r.model, *(r.params.get(p, "") for p in param_names), "" if r.seed is None else r.seed, r.status,
+        [r.name, r.model, *(_param(r.params.get(p, "")) for p in param_names), "" if r.seed is None else r.seed, r.status,
          *(r.metrics.get(k, math.nan) for k in keys), "" if r.seconds is None else f"{float(r.seconds):.0f}"]
         for r in results
     ]

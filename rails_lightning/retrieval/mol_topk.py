@@ -135,7 +135,8 @@ class RerankedTopK(TopKRetriever):
         ids, _ = ids.sort(dim=1)
         duplicate = torch.zeros_like(ids, dtype=torch.bool)
         duplicate[:, 1:] = ids[:, 1:] == ids[:, :-1]
-        ids = ids.masked_fill(duplicate, 0)  # (B, C)
+        ids, _ = ids.masked_fill(duplicate, 0).sort(dim=1)  # duplicates and "none" (0) first
+        ids = ids[:, int((ids == 0).sum(1).min()) :]  # (B, C): no column that is empty in every row
         B, C = ids.shape
         P_X, D_P = self.items.components.shape[1:]
         width = max(self.similarity.num_components, P_X * D_P)  # the gathered components dominate
