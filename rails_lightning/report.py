@@ -142,7 +142,7 @@ def group_by_model(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
 def comparison_markdown(results: Sequence[RunResult], metric: str = DEFAULT_METRIC, title: str | None = None) -> str:
     """Per-run table (metric per run) and per-model table (mean ± std over runs), with the popularity baseline."""
     keys = [metric] + [k for k in TABLE_KEYS if k != metric]
-    param_names = list(dict.fromkeys(name for r in results for name in r.params))
+    param_names = [n for n in dict.fromkeys(name for r in results for name in r.params) if n not in ("model", "seed")]
     header = ["run", "model", *param_names, "seed", "status", *keys, "fit s"]
     rows = [
         [r.name, r.model, *(_param(r.params.get(p, "")) for p in param_names), "" if r.seed is None else r.seed, r.status,

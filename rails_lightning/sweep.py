@@ -139,10 +139,11 @@ def _value_label(value: Any) -> str:
 
 
 def short_params(run_config: dict[str, Any]) -> dict[str, Any]:
-    """``{"model.init_args.temperature": {"value": 0.05}}`` -> ``{"temperature": 0.05}`` (seed kept apart)."""
+    """``{"model.init_args.temperature": {"value": 0.05}}`` -> ``{"temperature": 0.05}`` (the seed and the
+    model class have their own columns)."""
     params = {}
     for name, entry in run_config.items():
-        if name == "seed_everything":
+        if name in ("seed_everything", "model"):
             continue
         value = entry.get("value") if isinstance(entry, dict) else entry
         params[name.rsplit(".", 1)[-1]] = _value_label(value) if isinstance(value, dict) else value
