@@ -17,6 +17,9 @@
    gate network). Every approximate algorithm at several k' runs in this process; its recall
    is ``|approx top-100 & exact top-100| / 100`` averaged over queries, its latency is the
    wall time of ``search`` (index building reported apart), all on ``--threads`` threads.
+5. ``--device cuda``: the same on a GPU (training too). Corpus, queries and gate network live on
+   the GPU, timings synchronise it, the exact search reports the GPU's peak allocated memory
+   as well, and the inner-product searches run in torch (FAISS-GPU when FAISS sees the GPU).
 """
 
 from __future__ import annotations
@@ -74,13 +77,31 @@ def trained_model(args):
         return model.eval(), data
     trainer = Trainer(
         max_epochs=args.train_epochs, logger=False, enable_checkpointing=False, limit_val_batches=0,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        enable_progress_bar=False, enable_model_summary=False, accelerator="gpu" if args.device == "cuda" else "cpu",
     )
     started = time.perf_counter()
     trainer.fit(model, datamodule=data)
     print(f"model: trained {args.train_epochs} epochs in {time.perf_counter() - started:.0f} s", flush=True)
     trainer.save_checkpoint(checkpoint)
-    return model.eval(), data
+    return model.cpu().eval(), data
+
+
+def to_device(value, device: str):
+    """A tensor, a NamedTuple of tensors, or a tuple of them, moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return type(value)(*(to_device(v, device) for v in value)) if hasattr(value, "_fields") else tuple(to_device(v, device) for v in value)
+
+
+def timed(function, device: str):
+    """(result, wall seconds) of ``function()``, the GPU synchronised on both sides."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = function()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -103,7 +124,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def exact_child(problem_path: str, out_path: str, threads: int) -> None:
+def exact_child(problem_path: str, out_path: str, threads: int, device: str = "cpu") -> None:
     """Fresh process: load corpus + queries + gate network, exact MoL top-100, report time and peak memory."""
     torch.set_num_threads(threads)
     from rails_lightning.models.mol import MixtureOfLogits
@@ -112,7 +133,10 @@ def exact_child(problem_path: str, out_path: str, threads: int) -> None:
     problem = torch.load(problem_path, mmap=False, weights_only=False)
     similarity = MixtureOfLogits(*problem["similarity_args"]).eval()
     similarity.load_state_dict(problem["similarity_state"])
-    items, queries = problem["items"], problem["queries"]
+    items, queries, exclude = problem["items"], problem["queries"], problem["exclude"]
+    if device == "cuda":
+        similarity, items, queries, exclude = similarity.cuda(), to_device(items, device), to_device(queries, device), to_device(exclude, device)
+        torch.cuda.reset_peak_memory_stats()
     baseline = _rss_bytes()
     peak, running = [baseline], [True]
 
@@ -124,26 +148,30 @@ def exact_child(problem_path: str, out_path: str, threads: int) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     with torch.no_grad():
-        started = time.perf_counter()
-        scores, ids = MoLExactTopK(similarity, items).search(queries, K, *problem["exclude"])
-        seconds = time.perf_counter() - started
+        (scores, ids), seconds = timed(lambda: MoLExactTopK(similarity, items).search(queries, K, *exclude), device)
     running[0] = False
     sampler.join()
     torch.save(
         {
-            "ids": ids, "scores": scores, "seconds": seconds, "rss_before": baseline, "rss_peak": peak[0],
+            "ids": ids.cpu(), "scores": scores.cpu(), "seconds": seconds, "rss_before": baseline, "rss_peak": peak[0],
+            "gpu_peak": torch.cuda.max_memory_allocated() if device == "cuda" else None,
             "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         },
         out_path,
     )
 
 
-def run_exact(model, items, queries, exclude, threads: int, workdir: Path) -> dict:
+def run_exact(model, items, queries, exclude, threads: int, workdir: Path, device: str) -> dict:
     problem, out = workdir / "problem.pt", workdir / "exact.pt"
     similarity = model.similarity
     args = (similarity.num_query_components, similarity.num_item_components, model.hparams.gate_hidden_dim, 0.0)
-    torch.save({"similarity_args": args, "similarity_state": similarity.state_dict(), "items": items, "queries": queries, "exclude": exclude}, problem)
-    code = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import mol_topk; mol_topk.exact_child({str(problem)!r}, {str(out)!r}, {threads})"
+    cpu = functools.partial(to_device, device="cpu")
+    state = {name: value.cpu() for name, value in similarity.state_dict().items()}
+    torch.save({"similarity_args": args, "similarity_state": state, "items": cpu(items), "queries": cpu(queries), "exclude": cpu(exclude)}, problem)
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import mol_topk; "
+        f"mol_topk.exact_child({str(problem)!r}, {str(out)!r}, {threads}, {device!r})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     result = torch.load(out, weights_only=False)
     problem.unlink()
@@ -187,8 +215,11 @@ def main() -> None:
     parser.add_argument("--per_embedding_k", type=int, nargs="+", default=[4, 16, 64], help="k' of the per-embedding search")
     parser.add_argument("--averaged_k", type=int, nargs="+", default=[256, 1024, 4096], help="k' of the averaged-embedding search")
     parser.add_argument("--torch_backend", action=argparse.BooleanOptionalAction, default=True, help="also time the torch inner-product backend")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train, store the corpus and search")
     parser.add_argument("--append_results", default=None, help="append the markdown section to this file")
     args = parser.parse_args()
+    if args.device == "cuda":
+        args.torch_backend = False  # the default backend on a GPU is torch already (FAISS-GPU where FAISS sees it)
     torch.set_num_threads(args.threads)
     try:
         import faiss
@@ -201,10 +232,13 @@ def main() -> None:
     batch = next(iter(data.val_dataloader()))
     with torch.no_grad():
         queries = model.encode_queries(batch)
-    exclude = (batch.exclude_offsets, batch.exclude_items)
+    exclude = to_device((batch.exclude_offsets, batch.exclude_items), args.device)
+    queries = to_device(queries, args.device)
+    model.similarity.to(args.device)
+    gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     P_Q, P_X = model.similarity.num_query_components, model.similarity.num_item_components
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{gpu}, search on {args.device}, torch {torch.__version__}, "
         f"{args.threads} threads; {len(batch.user_ids)} queries, top-{K}, history excluded; "
         f"MoL {P_Q} x {P_X} x {model.hparams.component_dim} of {args.config} (gate hidden {model.hparams.gate_hidden_dim}), "
         f"trained {args.train_epochs} epochs on synthetic data ({data.num_items} items, {data.num_users} users); "
@@ -214,35 +248,32 @@ def main() -> None:
     for size in args.sizes:
         started = time.perf_counter()
         with torch.no_grad():
-            items = corpus(model, size, args.noise)
+            items = to_device(corpus(model, size, args.noise), args.device)
         print(f"\n== {size:,} items (corpus built in {time.perf_counter() - started:.1f} s)", flush=True)
         with tempfile.TemporaryDirectory() as workdir:
-            exact = run_exact(model, items, queries, exclude, args.threads, Path(workdir))
+            exact = run_exact(model, items, queries, exclude, args.threads, Path(workdir), args.device)
         corpus_bytes = sum(f.numel() * f.element_size() for f in items)
-        print(f"exact: {exact['seconds']:.2f} s, peak RSS {exact['rss_peak'] / 2**30:.2f} GiB", flush=True)
+        gpu_peak = f"; peak GPU memory allocated {exact['gpu_peak'] / 2**30:.2f} GiB" if exact["gpu_peak"] is not None else ""
+        print(f"exact: {exact['seconds']:.3f} s, peak RSS {exact['rss_peak'] / 2**30:.2f} GiB{gpu_peak}", flush=True)
         lines += [
             f"### {size:,} items",
             "",
-            f"Exact MoL top-{K}: **{exact['seconds']:.2f} s**; peak memory of the process that holds the corpus and runs it: "
+            f"Exact MoL top-{K}: **{exact['seconds']:.3f} s**; peak memory of the process that holds the corpus and runs it: "
             f"RSS {exact['rss_peak'] / 2**30:.2f} GiB (ru_maxrss {exact['ru_maxrss'] / 2**30:.2f} GiB; "
-            f"{exact['rss_before'] / 2**30:.2f} GiB before the search, of which the corpus {corpus_bytes / 2**30:.2f} GiB).",
+            f"{exact['rss_before'] / 2**30:.2f} GiB before the search, of which the corpus {corpus_bytes / 2**30:.2f} GiB){gpu_peak}.",
             "",
             "| algorithm | k' | inner-product backend | candidates / query | index build s | search s | speed-up vs exact | recall@100 vs exact |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, k_prime, factory, backend in approximate_settings(args):
             with torch.no_grad():
-                built = time.perf_counter()
-                retriever = factory(model.similarity, items)
-                build_seconds = time.perf_counter() - built
-                started = time.perf_counter()
-                _, ids = retriever.search(queries, K, *exclude)
-                seconds = time.perf_counter() - started
+                retriever, build_seconds = timed(lambda: factory(model.similarity, items), args.device)
+                (_, ids), seconds = timed(lambda: retriever.search(queries, K, *exclude), args.device)
                 candidates = retriever.candidates(queries, *exclude)
                 unique = float(sum(len(set(row.tolist()) - {0}) for row in candidates) / len(candidates))
             backend_name = "faiss" if retriever.uses_faiss else "torch"
-            r = recall(ids, exact["ids"])
-            row = f"| {name} | {k_prime} | {backend_name} | {unique:.0f} | {build_seconds:.2f} | {seconds:.2f} | {exact['seconds'] / seconds:.1f}x | {r:.4f} |"
+            r = recall(ids.cpu(), exact["ids"])
+            row = f"| {name} | {k_prime} | {backend_name} | {unique:.0f} | {build_seconds:.3f} | {seconds:.3f} | {exact['seconds'] / seconds:.1f}x | {r:.4f} |"
             print(row, flush=True)
             lines.append(row)
             del retriever

@@ -1,5 +1,6 @@
 """The command line, for real: a subprocess `fit`, every shipped config instantiating, `--help`."""
 
+import csv
 import json
 import os
 import subprocess
@@ -29,10 +30,11 @@ def _env():
     return {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
-def test_fit_subprocess_writes_metrics_config_and_checkpoint(tmp_path):
+@pytest.mark.parametrize("logger", [[], ["--trainer.logger=CSVLogger"]], ids=["wandb-disabled", "csv"])
+def test_fit_subprocess_writes_metrics_config_and_checkpoint(tmp_path, logger):
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "rails_lightning", "fit", *TINY, f"--run_dir={run_dir}"],
+        [sys.executable, "-m", "rails_lightning", "fit", *TINY, *logger, f"--run_dir={run_dir}"],
         capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,6 +50,9 @@ def test_fit_subprocess_writes_metrics_config_and_checkpoint(tmp_path):
     # The final report: the model beside the popularity baseline, and where the run is.
     assert "most popular" in result.stdout and "val/hr@10" in result.stdout
     assert str(run_dir) in result.stderr
+    if logger:  # the CSVLogger's per-epoch full-corpus metrics land in the run directory too
+        rows = list(csv.DictReader((run_dir / "version_0" / "metrics.csv").open()))
+        assert len([row for row in rows if row.get("val/hr@10")]) >= 2
 
 
 def test_help_explains_options():
