@@ -10,20 +10,11 @@ from pathlib import Path
 import pytest
 
 from rails_lightning.cli import DEFAULT_CONFIG, main
+from tiny_run import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
-TINY = [
-    "--data.source.init_args.num_users=150",
-    "--data.source.init_args.num_items=200",
-    "--data.source.init_args.num_clusters=8",
-    "--data.source.init_args.mean_sequence_length=12",
-    "--data.max_seq_len=12",
-    "--data.batch_size=32",
-    "--model.init_args.item_dim=16",
-    "--trainer.max_epochs=2",
-]
 
 
 def _env():

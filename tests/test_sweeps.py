@@ -25,21 +25,11 @@ pytest.importorskip("sweeps", reason="W&B's sweep engine: pip install --no-deps 
 
 from rails_lightning import report, sweep  # noqa: E402
 from rails_lightning.cli import main  # noqa: E402
+from tiny_run import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
-TINY = [
-    "--data.source.init_args.num_users=150",
-    "--data.source.init_args.num_items=200",
-    "--data.source.init_args.num_clusters=8",
-    "--data.source.init_args.mean_sequence_length=12",
-    "--data.max_seq_len=12",
-    "--data.batch_size=32",
-    "--model.init_args.item_dim=16",
-    "--trainer.max_epochs=2",
-    "--trainer.enable_progress_bar=false",
-]
 # Keys the CorpusEvaluation callback logs on validation (default ks 1, 10, 50, 200).
 LOGGED_VAL_KEYS = re.compile(r"val/(hr|ndcg|recall)@(1|10|50|200)|val/mrr")
 
@@ -116,6 +106,8 @@ def test_every_proposal_expands_and_parses_through_the_cli(path, tmp_path, monke
                 assert hparams[name.split(".", 2)[2]] == pytest.approx(value), name
             elif name.startswith("data."):
                 assert getattr(cli.datamodule, name.split(".", 1)[1]) == value, name
+            elif name == "trainer.max_epochs":
+                assert cli.trainer.max_epochs == value
             else:
                 raise AssertionError(f"test does not know how to check parameter {name}")
         if "--model=rails_lightning.models.mol.MoL" in args:

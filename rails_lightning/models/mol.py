@@ -30,15 +30,14 @@ optimiser) is the shared ``RetrievalModule`` loop, identical to ``TwoTower``.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rails_lightning.losses import entropy, load_balancing_loss
-from rails_lightning.models.base import QueryEncoderFactory, RetrievalModule
-from rails_lightning.models.encoders import SASRecEncoder
+from rails_lightning.models.base import RetrievalModule
 from rails_lightning.retrieval.mol_topk import MoLExactTopK
 from rails_lightning.retrieval.topk import TopKRetriever
 
@@ -141,25 +140,12 @@ class MoL(RetrievalModule):
         approximate_topk: a RAILS approximate top-k (``class_path`` of a class in
             ``rails_lightning.retrieval.mol_topk`` with its ``k_prime``), evaluated next to the
             exact top-k by the corpus callback; None for exact only.
-        (All other arguments: see ``RetrievalModule``.)
+        (All other arguments, from ``num_items`` to ``betas``: see ``RetrievalModule``.)
     """
 
     def __init__(
         self,
-        num_items: int,
-        num_users: int = 1,
-        max_seq_len: int = 50,
-        num_item_features: int = 0,
-        item_dim: int = 64,
-        query_encoder: QueryEncoderFactory = SASRecEncoder,
-        num_negatives: int = 128,
-        num_in_batch_negatives: int = 0,
-        logq_correction: bool = True,
-        temperature: float = 0.05,
-        learn_temperature: bool = False,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.98),
+        *args: Any,
         num_query_components: int = 8,
         num_item_components: int = 4,
         component_dim: int = 64,
@@ -172,11 +158,10 @@ class MoL(RetrievalModule):
         item_chunk_size: int = 65536,
         score_block_elements: int = 1 << 22,
         approximate_topk: Callable[[MixtureOfLogits, MoLItems], TopKRetriever] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_items, num_users, max_seq_len, num_item_features, item_dim, query_encoder, num_negatives,
-            num_in_batch_negatives, logq_correction, temperature, learn_temperature, learning_rate, weight_decay, betas,
-        )
+        super().__init__(*args, **kwargs)
+        item_dim, num_users = self.hparams.item_dim, self.hparams.num_users
         if user_id_component and num_query_components < 2:
             raise ValueError("user_id_component needs num_query_components >= 2 (one from the encoder, one user id)")
         P_Q, P_X, D_P = num_query_components, num_item_components, component_dim

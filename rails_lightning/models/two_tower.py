@@ -5,14 +5,13 @@ Shape legend: M queries, R items, D dimension, N corpus.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rails_lightning.models.base import QueryEncoderFactory, RetrievalModule
-from rails_lightning.models.encoders import SASRecEncoder
+from rails_lightning.models.base import RetrievalModule
 from rails_lightning.retrieval.topk import (
     BruteForceTopK,
     FaissInnerProductTopK,
@@ -31,32 +30,17 @@ class TwoTower(RetrievalModule):
             FAISS sees one, and the exact chunked torch top-k on the model's device otherwise
             (a GPU without FAISS-GPU, or no FAISS at all).
         item_chunk_size: corpus rows scored at once by the torch top-k.
-        (All other arguments: see ``RetrievalModule``.)
+        (All other arguments, from ``num_items`` to ``betas``: see ``RetrievalModule``.)
     """
 
     def __init__(
         self,
-        num_items: int,
-        num_users: int = 1,
-        max_seq_len: int = 50,
-        num_item_features: int = 0,
-        item_dim: int = 64,
-        query_encoder: QueryEncoderFactory = SASRecEncoder,
-        num_negatives: int = 128,
-        num_in_batch_negatives: int = 0,
-        logq_correction: bool = True,
-        temperature: float = 0.05,
-        learn_temperature: bool = False,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.98),
+        *args: Any,
         index: Literal["auto", "faiss", "torch"] = "auto",
         item_chunk_size: int = 65536,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_items, num_users, max_seq_len, num_item_features, item_dim, query_encoder, num_negatives,
-            num_in_batch_negatives, logq_correction, temperature, learn_temperature, learning_rate, weight_decay, betas,
-        )
+        super().__init__(*args, **kwargs)
 
     def query_representation(self, states: Tensor) -> Tensor:
         return F.normalize(states, dim=-1)  # (..., D)
