@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 100
@@ -48,9 +49,7 @@ def trained_model(args):
     """The MoL of ``--config`` (model section only), trained on a larger synthetic catalogue; cached."""
     from lightning.pytorch import Trainer
 
-    from rails_lightning.cli import DEFAULT_CONFIG, RailsCLI
-    from rails_lightning.data import InteractionDataModule
-    from rails_lightning.models.base import RetrievalModule
+    from rails_lightning.cli import main as cli_main
     from rails_lightning.models.mol import MoL
 
     checkpoint = Path(args.checkpoint)
@@ -62,10 +61,7 @@ def trained_model(args):
     ]
     argv, sys.argv = sys.argv, [sys.argv[0]]  # the CLI must not read this script's arguments
     try:
-        cli = RailsCLI(
-            RetrievalModule, InteractionDataModule, subclass_mode_model=True, run=False, args=cli_args,
-            parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)]},
-        )
+        cli = cli_main(cli_args, run=False)
     finally:
         sys.argv = argv
     model, data = cli.model, cli.datamodule
@@ -84,13 +80,6 @@ def trained_model(args):
     print(f"model: trained {args.train_epochs} epochs in {time.perf_counter() - started:.0f} s", flush=True)
     trainer.save_checkpoint(checkpoint)
     return model.cpu().eval(), data
-
-
-def to_device(value, device: str):
-    """A tensor, a NamedTuple of tensors, or a tuple of them, moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    return type(value)(*(to_device(v, device) for v in value)) if hasattr(value, "_fields") else tuple(to_device(v, device) for v in value)
 
 
 def timed(function, device: str):
@@ -135,7 +124,8 @@ def exact_child(problem_path: str, out_path: str, threads: int, device: str = "c
     similarity.load_state_dict(problem["similarity_state"])
     items, queries, exclude = problem["items"], problem["queries"], problem["exclude"]
     if device == "cuda":
-        similarity, items, queries, exclude = similarity.cuda(), to_device(items, device), to_device(queries, device), to_device(exclude, device)
+        similarity = similarity.cuda()
+        items, queries, exclude = (move_data_to_device(x, device) for x in (items, queries, exclude))
         torch.cuda.reset_peak_memory_stats()
     baseline = _rss_bytes()
     peak, running = [baseline], [True]
@@ -165,7 +155,7 @@ def run_exact(model, items, queries, exclude, threads: int, workdir: Path, devic
     problem, out = workdir / "problem.pt", workdir / "exact.pt"
     similarity = model.similarity
     args = (similarity.num_query_components, similarity.num_item_components, model.hparams.gate_hidden_dim, 0.0)
-    cpu = functools.partial(to_device, device="cpu")
+    cpu = functools.partial(move_data_to_device, device="cpu")
     state = {name: value.cpu() for name, value in similarity.state_dict().items()}
     torch.save({"similarity_args": args, "similarity_state": state, "items": cpu(items), "queries": cpu(queries), "exclude": cpu(exclude)}, problem)
     code = (
@@ -232,8 +222,8 @@ def main() -> None:
     batch = next(iter(data.val_dataloader()))
     with torch.no_grad():
         queries = model.encode_queries(batch)
-    exclude = to_device((batch.exclude_offsets, batch.exclude_items), args.device)
-    queries = to_device(queries, args.device)
+    exclude = move_data_to_device((batch.exclude_offsets, batch.exclude_items), args.device)
+    queries = move_data_to_device(queries, args.device)
     model.similarity.to(args.device)
     gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     P_Q, P_X = model.similarity.num_query_components, model.similarity.num_item_components
@@ -248,7 +238,7 @@ def main() -> None:
     for size in args.sizes:
         started = time.perf_counter()
         with torch.no_grad():
-            items = to_device(corpus(model, size, args.noise), args.device)
+            items = move_data_to_device(corpus(model, size, args.noise), args.device)
         print(f"\n== {size:,} items (corpus built in {time.perf_counter() - started:.1f} s)", flush=True)
         with tempfile.TemporaryDirectory() as workdir:
             exact = run_exact(model, items, queries, exclude, args.threads, Path(workdir), args.device)
