@@ -11,10 +11,12 @@
    history excluded as in evaluation.
 3. Corpora of ``--sizes`` items: the trained items' item-tower vectors, then (beyond the trained
    catalogue) copies of random trained items plus Gaussian noise (``--noise`` x the per-dimension
-   std), all mapped through the *trained* MoL item heads to component embeddings and gate logits.
+   std), all mapped through the *trained* MoL item heads (``similarity.item_representation``) to
+   component embeddings and gate logits.
 4. Exact MoL top-100 runs in a fresh child process, which also reports its peak memory (RSS
    sampled every 5 ms and ``ru_maxrss``; the child holds only the corpus, the queries and the
-   gate network). Every approximate algorithm at several k' runs in this process; its recall
+   MoL similarity module: the gate network, plus its small component heads, unused by the
+   search). Every approximate algorithm at several k' runs in this process; its recall
    is ``|approx top-100 & exact top-100| / 100`` averaged over queries, its latency is the
    wall time of ``search`` (index building reported apart), all on ``--threads`` threads.
 5. ``--device cuda``: the same on a GPU (training too). Corpus, queries and gate network live on
@@ -50,12 +52,11 @@ def trained_model(args):
     from lightning.pytorch import Trainer
 
     from rails_lightning.cli import main as cli_main
-    from rails_lightning.models.mol import MoL
 
     checkpoint = Path(args.checkpoint)
     cli_args = [
         "--config", str(ROOT / args.config), f"--seed_everything={args.seed}", "--trainer.logger=false",
-        "--model.init_args.approximate_topk=null", "--run_dir", str(checkpoint.parent),
+        "--model.similarity.init_args.approximate_topk=null", "--run_dir", str(checkpoint.parent),
         f"--data.source.init_args.num_items={args.train_items}", f"--data.source.init_args.num_users={args.train_users}",
         f"--data.source.init_args.num_clusters={max(1, args.train_items // 50)}", f"--data.eval_batch_size={args.queries}",
     ]
@@ -65,11 +66,14 @@ def trained_model(args):
     finally:
         sys.argv = argv
     model, data = cli.model, cli.datamodule
-    if not isinstance(model, MoL):
+    if model.model_name != "MoL":
         raise SystemExit(f"{args.config} does not configure a MoL model")
     if checkpoint.exists():
         print(f"model: reusing {checkpoint}", flush=True)
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+        try:
+            model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+        except RuntimeError as error:  # e.g. a cache written before the model's layout changed
+            raise SystemExit(f"{checkpoint} does not fit the model of {args.config} (delete it to retrain): {error}") from error
         return model.eval(), data
     trainer = Trainer(
         max_epochs=args.train_epochs, logger=False, enable_checkpointing=False, limit_val_batches=0,
@@ -80,6 +84,19 @@ def trained_model(args):
     print(f"model: trained {args.train_epochs} epochs in {time.perf_counter() - started:.0f} s", flush=True)
     trainer.save_checkpoint(checkpoint)
     return model.cpu().eval(), data
+
+
+def similarity_options(model) -> dict:
+    """The options of the model's MoL similarity: its constructor's defaults, overridden by those it was built with."""
+    import inspect
+
+    from rails_lightning.models.components import build_factory
+    from rails_lightning.similarity import Similarity
+
+    factory = build_factory(model.hparams.similarity, Similarity)  # functools.partial(class, **options)
+    signature = inspect.signature(factory.func)
+    defaults = {name: p.default for name, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+    return {**defaults, **model.hparams.similarity["init_args"]}
 
 
 def timed(function, device: str):
@@ -103,7 +120,7 @@ def corpus(model, size: int, noise: float, seed: int = 0):
         raise ValueError(f"corpus size {size} is smaller than the trained catalogue {len(trained)}")
     source = torch.randint(0, len(trained), (extra,), generator=gen)
     vectors = torch.cat([trained, trained[source] + noise * trained.std(0) * torch.randn(extra, trained.shape[1], generator=gen)])
-    parts = [model.item_heads(chunk) for chunk in vectors.split(65536)]
+    parts = [model.similarity.item_representation(chunk) for chunk in vectors.split(65536)]
     return type(parts[0])(*(torch.cat(fields) for fields in zip(*parts)))
 
 
@@ -114,13 +131,15 @@ def _rss_bytes() -> int:
 
 
 def exact_child(problem_path: str, out_path: str, threads: int, device: str = "cpu") -> None:
-    """Fresh process: load corpus + queries + gate network, exact MoL top-100, report time and peak memory."""
+    """Fresh process: load corpus + queries + MoL similarity, exact MoL top-100, report time and peak memory."""
     torch.set_num_threads(threads)
-    from rails_lightning.models.mol import MixtureOfLogits
+    from rails_lightning.models.components import build_factory
+    from rails_lightning.retrieval import SearchOptions
     from rails_lightning.retrieval.mol_topk import MoLExactTopK
+    from rails_lightning.similarity import Similarity
 
     problem = torch.load(problem_path, mmap=False, weights_only=False)
-    similarity = MixtureOfLogits(*problem["similarity_args"]).eval()
+    similarity = build_factory(problem["similarity_spec"], Similarity)(*problem["similarity_args"]).eval()
     similarity.load_state_dict(problem["similarity_state"])
     items, queries, exclude = problem["items"], problem["queries"], problem["exclude"]
     if device == "cuda":
@@ -138,7 +157,7 @@ def exact_child(problem_path: str, out_path: str, threads: int, device: str = "c
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     with torch.no_grad():
-        (scores, ids), seconds = timed(lambda: MoLExactTopK(similarity, items).search(queries, K, *exclude), device)
+        (scores, ids), seconds = timed(lambda: MoLExactTopK(similarity, items, SearchOptions()).search(queries, K, exclude), device)
     running[0] = False
     sampler.join()
     torch.save(
@@ -154,10 +173,14 @@ def exact_child(problem_path: str, out_path: str, threads: int, device: str = "c
 def run_exact(model, items, queries, exclude, threads: int, workdir: Path, device: str) -> dict:
     problem, out = workdir / "problem.pt", workdir / "exact.pt"
     similarity = model.similarity
-    args = (similarity.num_query_components, similarity.num_item_components, model.hparams.gate_hidden_dim, 0.0)
+    spec, args = model.hparams.similarity, (similarity.input_dim, similarity.num_users)  # rebuilt as RetrievalModule builds it
     cpu = functools.partial(move_data_to_device, device="cpu")
     state = {name: value.cpu() for name, value in similarity.state_dict().items()}
-    torch.save({"similarity_args": args, "similarity_state": state, "items": cpu(items), "queries": cpu(queries), "exclude": cpu(exclude)}, problem)
+    torch.save(
+        {"similarity_spec": spec, "similarity_args": args, "similarity_state": state, "items": cpu(items), "queries": cpu(queries),
+         "exclude": cpu(exclude)},
+        problem,
+    )
     code = (
         f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import mol_topk; "
         f"mol_topk.exact_child({str(problem)!r}, {str(out)!r}, {threads}, {device!r})"
@@ -175,18 +198,20 @@ def recall(ids, exact_ids) -> float:
 
 
 def approximate_settings(args):
+    from rails_lightning.retrieval import SearchOptions
     from rails_lightning.retrieval.mol_topk import AveragedEmbeddingTopK, CombinedTopK, PerEmbeddingTopK
 
     settings = []
-    for backend in (None, False):  # None: the default (FAISS on the CPU); False: torch
-        if backend is False and not args.torch_backend:
+    for backend in ("auto", "torch"):  # auto: the default (FAISS on the CPU); torch: the torch top-k
+        if backend == "torch" and not args.torch_backend:
             continue
+        options = SearchOptions(backend=backend)
         for k in args.per_embedding_k:
-            settings.append(("per-embedding", f"{k}", functools.partial(PerEmbeddingTopK, k_prime=k, use_faiss=backend), backend))
+            settings.append(("per-embedding", f"{k}", functools.partial(PerEmbeddingTopK, options=options, k_prime=k), options))
         for k in args.averaged_k:
-            settings.append(("averaged", f"{k}", functools.partial(AveragedEmbeddingTopK, k_prime=k, use_faiss=backend), backend))
+            settings.append(("averaged", f"{k}", functools.partial(AveragedEmbeddingTopK, options=options, k_prime=k), options))
         for k, averaged in zip(args.per_embedding_k, args.averaged_k):
-            settings.append(("combined", f"{k} + {averaged}", functools.partial(CombinedTopK, k_prime=k, averaged_k_prime=averaged, use_faiss=backend), backend))
+            settings.append(("combined", f"{k} + {averaged}", functools.partial(CombinedTopK, options=options, k_prime=k, averaged_k_prime=averaged), options))
     return settings
 
 
@@ -218,19 +243,22 @@ def main() -> None:
     except ImportError:
         pass
 
+    from rails_lightning.retrieval import uses_faiss
+
     model, data = trained_model(args)
     batch = next(iter(data.val_dataloader()))
     with torch.no_grad():
         queries = model.encode_queries(batch)
-    exclude = move_data_to_device((batch.exclude_offsets, batch.exclude_items), args.device)
+    exclude = move_data_to_device(batch.exclusion, args.device)
     queries = move_data_to_device(queries, args.device)
     model.similarity.to(args.device)
     gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     P_Q, P_X = model.similarity.num_query_components, model.similarity.num_item_components
+    options = similarity_options(model)
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{gpu}, search on {args.device}, torch {torch.__version__}, "
         f"{args.threads} threads; {len(batch.user_ids)} queries, top-{K}, history excluded; "
-        f"MoL {P_Q} x {P_X} x {model.hparams.component_dim} of {args.config} (gate hidden {model.hparams.gate_hidden_dim}), "
+        f"MoL {P_Q} x {P_X} x {options['component_dim']} of {args.config} (gate hidden {options['gate_hidden_dim']}), "
         f"trained {args.train_epochs} epochs on synthetic data ({data.num_items} items, {data.num_users} users); "
         f"corpus items beyond those: noisy copies (noise {args.noise}).",
         "",
@@ -255,13 +283,13 @@ def main() -> None:
             "| algorithm | k' | inner-product backend | candidates / query | index build s | search s | speed-up vs exact | recall@100 vs exact |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for name, k_prime, factory, backend in approximate_settings(args):
+        for name, k_prime, factory, search_options in approximate_settings(args):
             with torch.no_grad():
                 retriever, build_seconds = timed(lambda: factory(model.similarity, items), args.device)
-                (_, ids), seconds = timed(lambda: retriever.search(queries, K, *exclude), args.device)
-                candidates = retriever.candidates(queries, *exclude)
+                (_, ids), seconds = timed(lambda: retriever.search(queries, K, exclude), args.device)
+                candidates = retriever.candidates(queries, exclude)
                 unique = float(sum(len(set(row.tolist()) - {0}) for row in candidates) / len(candidates))
-            backend_name = "faiss" if retriever.uses_faiss else "torch"
+            backend_name = "faiss" if uses_faiss(search_options.backend, items.components.device) else "torch"
             r = recall(ids.cpu(), exact["ids"])
             row = f"| {name} | {k_prime} | {backend_name} | {unique:.0f} | {build_seconds:.3f} | {seconds:.3f} | {exact['seconds'] / seconds:.1f}x | {r:.4f} |"
             print(row, flush=True)

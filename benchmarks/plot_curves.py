@@ -1,15 +1,14 @@
-"""Learning curves: a per-epoch metric of finished runs (CSVLogger ``version_*/metrics.csv``), one line per run.
+"""Learning curves: a per-epoch metric of finished runs (the history in their ``run.json``), one line per run.
 
     python benchmarks/plot_curves.py RUN_DIR[=LABEL] ... --metric val/hr@10 --out curves.png
 
-Runs logged with ``--trainer.logger=CSVLogger`` keep their per-epoch full-corpus metrics in
-``<run_dir>/version_N/metrics.csv``; W&B runs keep them in the W&B run (and its offline files).
+A finished ``python -m rails_lightning fit`` keeps its per-epoch full-corpus metrics in its run
+record, ``<run_dir>/run.json`` (``RunRecord.history``), whatever the logger.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -17,24 +16,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rails_lightning.runs import RECORD_FILE, RunRecord  # noqa: E402
+
 
 def read_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
-    """(epochs, values) of ``metric`` in a run's CSVLogger files, for the epochs that trained.
+    """(epochs, values) of ``metric`` in a run's record, for the epochs that trained.
 
-    (The final evaluation of the best checkpoint after ``fit`` is logged one epoch past the last.)
+    (The final evaluation of the best checkpoint after ``fit`` is recorded one epoch past the last.)
     """
+    record = RunRecord.read(run_dir)
+    if record.status == "missing":
+        raise SystemExit(f"{run_dir}: no {RECORD_FILE} (did the run finish a `fit`?)")
+    if not record.history:
+        raise SystemExit(f"{run_dir}: {RECORD_FILE} has no per-epoch history (status {record.status})")
     by_epoch: dict[int, float] = {}
-    trained: set[int] = set()
-    files = sorted(run_dir.glob("version_*/metrics.csv"))
-    if not files:
-        raise SystemExit(f"{run_dir}: no version_*/metrics.csv (was the run logged with --trainer.logger=CSVLogger?)")
-    for path in files:
-        for row in csv.DictReader(path.open()):
-            if any(value and key.startswith("train/") for key, value in row.items()):
-                trained.add(int(row["epoch"]))
-            if row.get(metric):
-                by_epoch.setdefault(int(row["epoch"]), float(row[metric]))  # the first: the epoch's own validation
-    epochs = sorted(epoch for epoch in by_epoch if epoch in trained or not trained)
+    for row in record.history:
+        if row.get(metric) is not None:
+            by_epoch.setdefault(int(row["epoch"]), float(row[metric]))  # the first: the epoch's own validation
+    epochs = sorted(epoch for epoch in by_epoch if record.epochs is None or epoch < record.epochs)
     return epochs, [by_epoch[e] for e in epochs]
 
 

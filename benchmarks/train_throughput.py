@@ -21,7 +21,8 @@ import torch
 
 from rails_lightning.data import InteractionDataModule, MovieLensSource
 from rails_lightning.losses import sampled_softmax_loss
-from rails_lightning.models import SASRecEncoder, TwoTower
+from rails_lightning.models import RetrievalModule, SASRecEncoder
+from rails_lightning.similarity import DotProduct
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,11 +40,11 @@ class StepTimer(pl.Callback):
         return self.sequences / (self.times[-1] - self.times[self.warmup])
 
 
-def build(data: InteractionDataModule, negatives: int) -> TwoTower:
-    return TwoTower(
+def build(data: InteractionDataModule, negatives: int) -> RetrievalModule:
+    return RetrievalModule(
         data.num_items, data.num_users, data.max_seq_len, item_dim=50,
         query_encoder=partial(SASRecEncoder, num_layers=2, num_heads=1, dropout=0.2),
-        num_negatives=negatives, weight_decay=0.0,
+        similarity=DotProduct, num_negatives=negatives, weight_decay=0.0,
     )
 
 
@@ -68,11 +69,12 @@ def plain_rate(data, negatives: int, steps: int, warmup: int) -> float:
             break
         states = model.encode_sequence(batch.user_ids, batch.input_ids)
         has_target = batch.target_ids > 0
-        queries = model.query_representation(states[has_target])
+        user_ids = batch.user_ids[:, None].expand_as(batch.target_ids)[has_target]
+        queries = model.similarity.query_representation(states[has_target], user_ids)
         positive_ids = batch.target_ids[has_target]
         negative_ids, log_counts = model.sample_negatives(positive_ids)
-        positive = model.score_pairs(queries, model.item_representation(positive_ids)) * inv_temperature
-        negative, _ = model.score_cross(queries, model.item_representation(negative_ids))
+        positive = model.similarity.pair_scores(queries, model.encode_items(positive_ids)) * inv_temperature
+        negative, _ = model.similarity.cross_scores(queries, model.encode_items(negative_ids))
         loss = sampled_softmax_loss(positive, negative * inv_temperature, positive_ids, negative_ids, log_counts)
         optimizer.zero_grad()
         loss.backward()

@@ -1,14 +1,14 @@
-"""Command line: ``python -m rails_lightning {fit,validate,test,predict}``.
+"""Command line of the Lightning subcommands: ``python -m rails_lightning {fit,validate,test,predict}``.
 
-A LightningCLI whose embedded default config (``rails_lightning/configs/default.yaml``)
-trains a two-tower model on synthetic data; ``--config configs/...yaml`` picks
-another experiment. The CLI owns the side effects around a run: the run
-directory, W&B mode, the saved config, ``metrics.json`` and the final report.
+A LightningCLI of the one ``RetrievalModule`` and ``InteractionDataModule`` whose embedded default
+config (``rails_lightning/configs/default.yaml``) trains a two-tower model on synthetic data;
+``--config configs/...yaml`` picks another experiment and ``--model=MoL`` / ``--model=TwoTower``
+a ready-made model (``rails_lightning/configs/models/``). The CLI owns the side effects around a
+run: the run directory, W&B mode, the saved config, the run record (``run.json``) and the final report.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -17,12 +17,18 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
+from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.data.datamodule import InteractionDataModule
-from rails_lightning.models.base import RetrievalModule
+from rails_lightning.models.components import build_factory
+from rails_lightning.models.retrieval_module import RetrievalModule
 from rails_lightning.retrieval.popularity import popularity_baseline
+from rails_lightning.runs import RunRecord
+from rails_lightning.similarity import Similarity
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+MODEL_PRESETS = {path.stem: path for path in (Path(__file__).parent / "configs" / "models").glob("*.yaml")}
 REPORT_KEYS = ("hr@10", "ndcg@10", "mrr")
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _wandb_has_credentials() -> bool:
@@ -90,20 +96,20 @@ class RailsCLI(LightningCLI):
         parser.add_argument(
             "--run_dir",
             default=None,
-            help="Directory of this run (config, checkpoints, W&B files, metrics.json). "
+            help="Directory of this run (config.yaml, checkpoints, W&B files, run.json). "
             "Default: <trainer.default_root_dir or .>/runs/<date-time>-<model>.",
         )
         # Data facts the model is built from.
         for name in ("num_items", "num_users", "num_item_features"):
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
-        parser.link_arguments("data.max_seq_len", "model.init_args.max_seq_len")
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        parser.link_arguments("data.max_seq_len", "model.max_seq_len")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = config.get("run_dir")
         if not run_dir:
             root = Path(config.trainer.default_root_dir or ".")
-            model_name = str(config.model.class_path).rsplit(".", 1)[-1]
+            model_name = build_factory({"class_path": str(config.model.similarity.class_path)}, Similarity).func.model_name
             run_dir = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}-{os.getpid()}"
         self.run_dir = Path(run_dir).resolve()
         config.run_dir = str(self.run_dir)
@@ -135,18 +141,22 @@ class RailsCLI(LightningCLI):
             logger.log_hyperparams({"data": summary, "num_parameters": sum(p.numel() for p in self.model.parameters())})
         self._log_resolved_config()
 
+    def _resolved_config(self) -> dict:
+        """The full resolved config, as config.yaml holds it."""
+        import yaml
+
+        resolved = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+        resolved.pop("config", None)  # the --config file paths, not settings
+        return resolved
+
     def _log_resolved_config(self) -> None:
-        """The full resolved config (what config.yaml holds) into the W&B run config, under ``config``."""
+        """The full resolved config into the W&B run config, under ``config``."""
         from lightning.pytorch.loggers import WandbLogger
 
         wandb_loggers = [logger for logger in self.trainer.loggers if isinstance(logger, WandbLogger)]
         if not wandb_loggers or not self.trainer.is_global_zero:
             return
-        import yaml
-
-        parser = self._parser(self.subcommand)
-        resolved = yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
-        resolved.pop("config", None)  # the --config file paths, not settings
+        resolved = self._resolved_config()
         for logger in wandb_loggers:
             # Nested under one key: sweep parameters (`model`, `seed_everything`) stay the agent's own.
             logger.experiment.config.update({"config": resolved}, allow_val_change=True)
@@ -155,53 +165,54 @@ class RailsCLI(LightningCLI):
         fit_seconds = time.perf_counter() - self._fit_started
         checkpoint = self.trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-        ckpt = best or None
         # Final numbers come from the best checkpoint, on val and on test.
-        val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
-        test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+        val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+        test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
         if self.trainer.is_global_zero:
             self._report(val[0] if val else {}, test[0] if test else {}, best, fit_seconds)
 
     def after_validate(self) -> None:
-        self._write_metrics({"val": dict(self.trainer.callback_metrics)})
+        self._write_evaluation("val", "validated")
 
     def after_test(self) -> None:
-        self._write_metrics({"test": dict(self.trainer.callback_metrics)})
+        self._write_evaluation("test", "tested")
 
-    def _write_metrics(self, sections: dict) -> None:
+    def _corpus_evaluation(self) -> CorpusEvaluation | None:
+        return next((c for c in self.trainer.callbacks if isinstance(c, CorpusEvaluation)), None)
+
+    def _record(self, **fields) -> RunRecord:
+        return RunRecord(
+            run_dir=str(self.run_dir), model=self.model.model_name, config=self._resolved_config(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields,
+        )
+
+    def _write_evaluation(self, stage: str, status: str) -> None:
         if self.trainer.is_global_zero:
-            result = {"model": type(self.model).__name__, "ckpt_path": self.config_init[self.subcommand].get("ckpt_path")}
-            for name, values in sections.items():
-                result[name] = {k: float(v) for k, v in values.items() if k.startswith(f"{name}/")}
-            path = self.run_dir / "metrics.json"
-            path.write_text(json.dumps(result, indent=2))
-            self._print(f"metrics: {path}")
-
-    def _evaluation_ks(self) -> tuple[int, ...]:
-        for callback in self.trainer.callbacks:
-            if hasattr(callback, "ks") and hasattr(callback, "metrics"):
-                return tuple(callback.ks)
-        return (1, 10, 50, 200)
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+            path = self._record(status=status, checkpoint=ckpt_path, **{stage: metrics}).write()
+            self._print(f"run record: {path}")
 
     def _report(self, val: dict, test: dict, best: str | None, fit_seconds: float) -> None:
-        ks = self._evaluation_ks()
+        evaluation = self._corpus_evaluation()
+        ks = evaluation.ks if evaluation is not None else (1, 10, 50, 200)
         baseline = {**popularity_baseline(self.datamodule, "val", ks), **popularity_baseline(self.datamodule, "test", ks)}
-        result = {
-            "model": type(self.model).__name__,
-            "val": {k: float(v) for k, v in val.items()},
-            "test": {k: float(v) for k, v in test.items()},
-            "baseline_popularity": baseline,
-            "best_checkpoint": best,
-            "epochs": self.trainer.current_epoch,
-            "fit_seconds": round(fit_seconds, 1),
-            "data": self.datamodule.summary(),
-        }
-        path = self.run_dir / "metrics.json"
-        path.write_text(json.dumps(result, indent=2))
+        record = self._record(
+            status="finished",
+            val={k: float(v) for k, v in val.items()},
+            test={k: float(v) for k, v in test.items()},
+            baseline=baseline,
+            history=list(evaluation.history) if evaluation is not None else [],
+            epochs=self.trainer.current_epoch,
+            fit_seconds=round(fit_seconds, 1),
+            data=self.datamodule.summary(),
+            checkpoint=best,
+        )
+        path = record.write()
         for logger in self.trainer.loggers:
-            logger.log_metrics({f"final/{k}": v for k, v in {**result["val"], **result["test"]}.items()})
+            logger.log_metrics({f"final/{k}": v for k, v in record.metrics.items()})
             logger.log_metrics({f"baseline_popularity/{k}": v for k, v in baseline.items()})
-        rows = [(result["model"], {**result["val"], **result["test"]}), ("most popular", baseline)]
+        rows = [(record.model, record.metrics), ("most popular", baseline)]
         header = f"{'':14s}" + "".join(f"{s + '/' + k:>14s}" for s in ("val", "test") for k in REPORT_KEYS)
         lines = [header] + [
             f"{name:14s}" + "".join(f"{values.get(s + '/' + k, float('nan')):14.4f}" for s in ("val", "test") for k in REPORT_KEYS)
@@ -209,35 +220,38 @@ class RailsCLI(LightningCLI):
         ]
         print("\n" + "\n".join(lines), flush=True)
         self._print(f"best checkpoint: {best}")
-        self._print(f"metrics: {path}")
+        self._print(f"run record: {path}")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> RailsCLI | int:
-    """Entry point; ``run=False`` only parses and instantiates (tests, notebooks).
+def _expand_model_presets(argv: list[str]) -> list[str]:
+    """``--model=MoL`` / ``--model TwoTower`` -> the ready-made model file of that name (configs/models/)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--model=") and arg.split("=", 1)[1] in MODEL_PRESETS:
+            out[i] = f"--model={MODEL_PRESETS[arg.split('=', 1)[1]]}"
+        elif arg == "--model" and i + 1 < len(out) and out[i + 1] in MODEL_PRESETS:
+            out[i + 1] = str(MODEL_PRESETS[out[i + 1]])
+    return out
 
-    ``sweep`` and ``report`` are plain argparse commands (``rails_lightning.sweep``); every
-    other subcommand is LightningCLI's.
-    """
-    argv = sys.argv[1:] if args is None else list(args)
-    if run and argv and argv[0] in ("sweep", "report"):
-        from rails_lightning import sweep
 
-        return sweep.main(argv)
+def main(args: list[str] | None = None, run: bool = True) -> RailsCLI:
+    """The Lightning subcommands; ``run=False`` only parses and instantiates (tests, notebooks, benchmarks)."""
+    if args is None:  # LightningCLI reads sys.argv itself; the presets are expanded there
+        sys.argv[1:] = _expand_model_presets(sys.argv[1:])
+        argv = None
+    else:
+        argv = _expand_model_presets(list(args))
     if run:
         _keep_freed_memory()
     return RailsCLI(
         RetrievalModule,
         InteractionDataModule,
-        subclass_mode_model=True,
         save_config_callback=SaveConfigToRunDir,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         # Every subcommand starts from the embedded default; --config files override it.
-        parser_kwargs={
-            subcommand: {"default_config_files": [str(DEFAULT_CONFIG)]}
-            for subcommand in ("fit", "validate", "test", "predict")
-        }
+        parser_kwargs={subcommand: {"default_config_files": [str(DEFAULT_CONFIG)]} for subcommand in SUBCOMMANDS}
         if run
         else {"default_config_files": [str(DEFAULT_CONFIG)]},
-        args=args,
+        args=argv,
         run=run,
     )

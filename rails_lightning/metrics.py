@@ -35,6 +35,8 @@ import torch
 import torchmetrics
 from torch import Tensor
 
+from rails_lightning.retrieval.topk import unique_ids
+
 
 class RetrievalMetrics(torchmetrics.Metric):
     """HR@k, Recall@k, NDCG@k for each ``k`` in ``ks``, and MRR@max(ks).
@@ -91,11 +93,7 @@ class RetrievalMetrics(torchmetrics.Metric):
         topk = topk_ids[:, : self.max_k].long()
         targets = targets.to(device=device, dtype=torch.long)
 
-        # Dedupe targets: after sorting a row, equal ids are adjacent; blank the repeats to padding.
-        targets, _ = targets.sort(dim=1)
-        repeat = torch.zeros_like(targets, dtype=torch.bool)
-        repeat[:, 1:] = targets[:, 1:] == targets[:, :-1]
-        targets = targets.masked_fill(repeat, 0)
+        targets = unique_ids(targets)  # each target counts once
         valid = targets != 0  # (B, T)
         n_targets = valid.sum(dim=1)  # (B,)
         if bool((n_targets == 0).any()):

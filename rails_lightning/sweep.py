@@ -11,8 +11,8 @@ What ``wandb sweep`` + ``wandb agent`` do with a server, done locally with W&B's
   W&B's search engine (the ``sweeps`` package: grid, random, bayes), which sees the metric of
   every finished trial (bayes fits on it);
 * each trial's command is expanded from the file's ``command:`` with the agent's own
-  functions (``${args}`` -> ``--model.init_args.temperature=0.05``; a whole-dict value renders as
-  ``--model={'class_path': ...}``, which LightningCLI parses), with one difference: ``${interpreter}``
+  functions (``${args}`` -> ``--model.temperature=0.05``; a whole-dict value renders as
+  ``--model={'similarity': {'class_path': ...}}``, which LightningCLI parses as a config string), with one difference: ``${interpreter}``
   (and a bare ``python``) is this Python, so that trials run in the same environment;
 * trials run one after another as subprocesses, each with ``--run_dir=<out>/<trial>`` and W&B
   offline (``wandb sync <out>/*/wandb/offline-run-*`` uploads them later, grouped by sweep);
@@ -37,6 +37,9 @@ from typing import Any, Sequence
 import yaml
 
 from rails_lightning import report
+from rails_lightning.models.components import build_factory
+from rails_lightning.runs import RunRecord
+from rails_lightning.similarity import Similarity
 
 SWEEPS_PIN = "sweeps==0.3.0"
 INSTALL_HINT = (
@@ -139,11 +142,11 @@ def _value_label(value: Any) -> str:
 
 
 def short_params(run_config: dict[str, Any]) -> dict[str, Any]:
-    """``{"model.init_args.temperature": {"value": 0.05}}`` -> ``{"temperature": 0.05}`` (the seed and the
-    model class have their own columns)."""
+    """``{"model.temperature": {"value": 0.05}}`` -> ``{"temperature": 0.05}`` (the seed and the model
+    have their own columns)."""
     params = {}
     for name, entry in run_config.items():
-        if name in ("seed_everything", "model"):
+        if name in ("seed_everything", "model", "model.similarity"):
             continue
         value = entry.get("value") if isinstance(entry, dict) else entry
         params[name.rsplit(".", 1)[-1]] = _value_label(value) if isinstance(value, dict) else value
@@ -151,12 +154,15 @@ def short_params(run_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model_of(config: dict[str, Any], run_config: dict[str, Any]) -> str:
-    value = (run_config.get("model") or {}).get("value")
-    if isinstance(value, dict) and "class_path" in value:
-        return str(value["class_path"]).rsplit(".", 1)[-1]
+    """``TwoTower`` / ``MoL`` of a trial: from a swept ``model`` or ``model.similarity`` value, else from a
+    ``--model=PRESET`` in the command; ``?`` when the sweep does not say."""
+    model = (run_config.get("model") or {}).get("value")
+    similarity = model.get("similarity") if isinstance(model, dict) else (run_config.get("model.similarity") or {}).get("value")
+    if isinstance(similarity, dict) and "class_path" in similarity:
+        return build_factory({"class_path": similarity["class_path"]}, Similarity).func.model_name
     for chunk in map(str, config.get("command") or []):
-        if chunk.startswith("--model=") and "{" not in chunk:
-            return chunk.split("=", 1)[1].rsplit(".", 1)[-1]
+        if chunk.startswith("--model=") and chunk.split("=", 1)[1] in ("TwoTower", "MoL"):
+            return chunk.split("=", 1)[1]
     return "?"
 
 
@@ -182,11 +188,9 @@ def _trial_env(group: str, name: str) -> dict[str, str]:
 
 
 def _summary_metrics(run_dir: Path) -> dict[str, float]:
-    path = run_dir / "metrics.json"
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
-    return {k: float(v) for section in ("val", "test") for k, v in (data.get(section) or {}).items()}
+    """The val/test metrics of a finished trial's run record (empty when it wrote none)."""
+    record = RunRecord.read(run_dir)
+    return record.metrics if record.ok else {}
 
 
 def run_sweep(
@@ -242,7 +246,7 @@ def run_sweep(
                 entry["metric"] = metrics[metric]
                 _say(f"trial {index + 1} {trial} finished in {entry['seconds']:.0f} s: {metric} = {metrics[metric]:.4f}")
             else:
-                why = f"exit {returncode}" if returncode != 0 else f"no {metric} in metrics.json"
+                why = f"exit {returncode}" if returncode != 0 else f"no {metric} in run.json"
                 entry["status"], proposal.state = f"failed ({why})", sweeps.RunState.failed
                 _say(f"trial {index + 1} {trial} FAILED ({why}) after {entry['seconds']:.0f} s; log: {run_dir / 'trial.log'}")
             runs.append(proposal)
@@ -296,11 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``sweep ...`` or ``report ...`` (the first element names the command)."""
-    command, rest = argv[0], list(argv[1:])
-    if command == "report":
-        return report.main(rest)
-    extra: list[str] = []
+    """``python -m rails_lightning sweep ARGS``."""
+    rest, extra = list(argv), []
     if "--" in rest:
         cut = rest.index("--")
         rest, extra = rest[:cut], rest[cut + 1 :]

@@ -1,4 +1,5 @@
-"""The command line, for real: a subprocess `fit`, every shipped config instantiating, `--help`."""
+"""The command line, for real: a subprocess `fit`, every shipped config instantiating, `--help`, the
+ready-made models, the run record and a self-describing checkpoint of a CLI run."""
 
 import csv
 import json
@@ -9,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from rails_lightning.cli import DEFAULT_CONFIG, main
-from tiny_run import TINY
+from conftest import REPO, SHARED_DATA
+from rails_lightning.cli import DEFAULT_CONFIG, MODEL_PRESETS, main
+from rails_lightning.models import RetrievalModule
+from rails_lightning.runs import RunRecord
+from rails_lightning.similarity import DotProduct, MixtureOfLogits
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
@@ -21,21 +23,26 @@ def _env():
     return {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logger", [[], ["--trainer.logger=CSVLogger"]], ids=["wandb-disabled", "csv"])
-def test_fit_subprocess_writes_metrics_config_and_checkpoint(tmp_path, logger):
+def test_fit_subprocess_writes_run_record_config_and_checkpoint(tmp_path, logger, tiny_cli_args):
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "rails_lightning", "fit", *TINY, *logger, f"--run_dir={run_dir}"],
+        [sys.executable, "-m", "rails_lightning", "fit", *tiny_cli_args, *logger, f"--run_dir={run_dir}"],
         capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    record = RunRecord.read(run_dir)
+    assert record.ok and record.model == "TwoTower" and record.epochs == 2
     for key in ("val/hr@10", "val/ndcg@10", "val/mrr", "test/hr@10", "test/ndcg@10", "test/mrr", "test/hr@200"):
-        section = key.split("/")[0]
-        assert 0.0 <= metrics[section][key] <= 1.0
-        assert 0.0 <= metrics["baseline_popularity"][key] <= 1.0
-    assert metrics["epochs"] == 2 and metrics["model"] == "TwoTower"
-    assert Path(metrics["best_checkpoint"]).is_file()
+        assert 0.0 <= record.metrics[key] <= 1.0
+        assert 0.0 <= record.baseline[key] <= 1.0
+    assert [row["epoch"] for row in record.history] == [0, 1] and all(0 <= row["val/hr@10"] <= 1 for row in record.history)
+    assert record.data["users"] == 150 and record.config["data"]["source"]["init_args"]["num_users"] == 150
+    assert Path(record.checkpoint).is_file()
+    # The best checkpoint alone rebuilds the model (weights_only=True), and it scores as the run measured.
+    model = record.load_model()
+    assert isinstance(model.similarity, DotProduct) and model.hparams.item_dim == 16
     saved = (run_dir / "config.yaml").read_text()
     assert "num_users: 150" in saved and "rails_lightning.callbacks.CorpusEvaluation" in saved
     # The final report: the model beside the popularity baseline, and where the run is.
@@ -46,14 +53,23 @@ def test_fit_subprocess_writes_metrics_config_and_checkpoint(tmp_path, logger):
         assert len([row for row in rows if row.get("val/hr@10")]) >= 2
 
 
+@pytest.mark.slow
 def test_help_explains_options():
     result = subprocess.run(
         [sys.executable, "-m", "rails_lightning", "fit", "--help"], capture_output=True, text=True, env=_env(), timeout=120
     )
     assert result.returncode == 0
-    assert "--run_dir" in result.stdout and "--data.source" in result.stdout and "--model" in result.stdout
+    for option in ("--run_dir", "--data.source", "--model.similarity", "--model.query_encoder", "--model.decay_all_parameters"):
+        assert option in result.stdout, option
+    result = subprocess.run(
+        [sys.executable, "-m", "rails_lightning", "fit", "--model.similarity.help", "MixtureOfLogits"],
+        capture_output=True, text=True, env=_env(), timeout=120,
+    )
+    assert result.returncode == 0 and "--model.similarity.num_query_components" in result.stdout
+    assert "approximate_topk" in result.stdout and "gate_dropout" in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_option_fails_clearly(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "rails_lightning", "fit", "--data.batch_size=many"],
@@ -70,7 +86,28 @@ def test_every_config_instantiates(config, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(REPO)  # configs name ../shared/data relative to the repository root
     cli = main(["--config", str(config), f"--run_dir={tmp_path}"], run=False)
+    assert isinstance(cli.model, RetrievalModule)
     assert cli.model.num_items == cli.datamodule.num_items > 0
     assert cli.model.hparams.max_seq_len == cli.datamodule.max_seq_len
     assert any(type(c).__name__ == "CorpusEvaluation" for c in cli.trainer.callbacks)
     assert cli.trainer.checkpoint_callback.monitor == "val/hr@10"
+
+
+@pytest.mark.parametrize("name, similarity", [("TwoTower", DotProduct), ("MoL", MixtureOfLogits)])
+def test_ready_made_models_by_name(name, similarity, tmp_path, monkeypatch):
+    """``--model=TwoTower`` / ``--model=MoL`` pick the ready-made models; other options still apply on top."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert set(MODEL_PRESETS) == {"TwoTower", "MoL"}
+    cli = main([f"--model={name}", "--model.num_negatives=77", f"--run_dir={tmp_path}"], run=False)
+    assert isinstance(cli.model.similarity, similarity) and cli.model.model_name == name
+    assert cli.model.hparams.num_negatives == 77
+
+
+def test_print_config_shows_the_whole_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with pytest.raises(SystemExit):
+        main(["fit", "--model=MoL", "--print_config"])
+    printed = capsys.readouterr().out
+    for text in ("rails_lightning.similarity.MixtureOfLogits", "num_query_components: 8", "SASRecEncoder",
+                 "rails_lightning.callbacks.CorpusEvaluation", "ModelCheckpoint", "WandbLogger", "SyntheticSource"):
+        assert text in printed, text

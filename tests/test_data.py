@@ -33,7 +33,6 @@ from rails_lightning.data.sequences import (
     leave_one_out_split,
     temporal_split,
 )
-from rails_lightning.data.synthetic import generate_interactions
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -235,9 +234,7 @@ def _left_padded(seq, length: int) -> list[int]:
 
 def test_synthetic_store_matches_the_generator(synth_dm):
     dm = synth_dm
-    raw = generate_interactions(
-        num_users=120, num_items=200, num_clusters=8, mean_sequence_length=12, seed=3
-    )
+    raw = SyntheticSource(**_SYNTH).generate()
     store = dm.store
     assert dm.num_users == 120 and store.num_dropped_users == 0  # synthetic sequences have >= 5 items
     assert dm.num_items == len(np.unique(raw.item_ids)) and dm.num_items <= 200
@@ -342,7 +339,7 @@ def test_counts_summary_and_metadata(synth_dm):
     assert summary["mean_sequence_length"] == pytest.approx(store.num_interactions / 120)
     assert summary["val_queries"] == summary["test_queries"] == 120
     # Titles / clusters per contiguous item id; synthetic items have no genres.
-    raw = generate_interactions(num_users=120, num_items=200, num_clusters=8, mean_sequence_length=12, seed=3)
+    raw = SyntheticSource(**_SYNTH).generate()
     assert len(dm.item_titles) == dm.num_items + 1 and dm.item_titles[0] == "<pad>"
     r = int(store.item_raw_ids[1])
     assert dm.item_titles[1] == f"item {r} (cluster {raw.item_cluster[r]})"
@@ -388,7 +385,7 @@ def test_temporal_split_on_synthetic_data_fails_clearly():
 
 def test_min_interactions_drops_users(caplog):
     dm = _synthetic_dm(min_interactions=10)
-    raw_lengths = np.bincount(generate_interactions(**_SYNTH).user_ids)
+    raw_lengths = np.bincount(SyntheticSource(**_SYNTH).generate().user_ids)
     with caplog.at_level("INFO", logger="rails_lightning.data.datamodule"):
         assert dm.num_users == int((raw_lengths >= 10).sum()) < 120
     dropped = int((raw_lengths < 10).sum())

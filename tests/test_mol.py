@@ -1,4 +1,4 @@
-"""MoL model: parity with the dot product, load-balancing gradients, chunking, a real Lightning fit, configs."""
+"""MoL similarity: parity with the dot product, load-balancing gradients, chunking, a real Lightning fit, configs."""
 
 import functools
 import math
@@ -14,13 +14,22 @@ from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.data import InteractionDataModule, SyntheticSource
 from rails_lightning.data.batches import QueryBatch, TrainBatch
 from rails_lightning.losses import entropy
-from rails_lightning.models.encoders import MeanPoolEncoder, SASRecEncoder
-from rails_lightning.models.mol import MoL, MoLItems, MoLQueries
-from rails_lightning.models.two_tower import TwoTower
+from rails_lightning.models import MeanPoolEncoder, RetrievalModule, SASRecEncoder
+from rails_lightning.retrieval import SearchOptions
 from rails_lightning.retrieval.mol_topk import CombinedTopK, MoLExactTopK
+from rails_lightning.similarity import DotProduct, MixtureOfLogits, MoLItems, MoLQueries
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ITEMS, NUM_USERS, L, D = 60, 10, 8, 16
+SEARCH = SearchOptions()
+
+
+def MoL(num_items=NUM_ITEMS, num_users=NUM_USERS, max_seq_len=L, item_dim=D, query_encoder=MeanPoolEncoder, num_negatives=128, **similarity):
+    """A MoL RetrievalModule with the given similarity options."""
+    return RetrievalModule(
+        num_items, num_users, max_seq_len, item_dim=item_dim, query_encoder=query_encoder, num_negatives=num_negatives,
+        similarity=functools.partial(MixtureOfLogits, **similarity),
+    )
 
 
 def _batches(seed=0):
@@ -40,9 +49,9 @@ def _identity(linear: nn.Linear) -> None:
         linear.bias.zero_()
 
 
-def _zero_gate(model: MoL) -> None:
+def _zero_gate(model: RetrievalModule) -> None:
     """Make every gate logit 0: uniform gates."""
-    for module in (model.query_gate, model.item_gate, model.similarity.logit_gate):
+    for module in (model.similarity.query_gate, model.similarity.item_gate, model.similarity.logit_gate):
         last = module[-1] if isinstance(module, nn.Sequential) else module
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
@@ -55,22 +64,22 @@ def _quiet(model):
 
 
 def test_one_component_equals_two_tower():
-    """P_Q = P_X = 1, identity component maps: MoL's scores, top-k and training loss are TwoTower's."""
+    """P_Q = P_X = 1, identity component maps: MoL's scores, top-k and training loss are the dot product's."""
     torch.manual_seed(0)
     common = dict(num_items=NUM_ITEMS, num_users=NUM_USERS, max_seq_len=L, item_dim=D, query_encoder=MeanPoolEncoder, num_negatives=20)
-    two_tower = _quiet(TwoTower(**common))
+    two_tower = _quiet(RetrievalModule(**common, similarity=DotProduct))
     mol = _quiet(MoL(**common, num_query_components=1, num_item_components=1, component_dim=D, component_hidden_dim=0, gate_dropout=0.0))
     mol.load_state_dict(two_tower.state_dict(), strict=False)  # item tower, query encoder, temperature
-    _identity(mol.query_components)
-    _identity(mol.item_components)
+    _identity(mol.similarity.query_components)
+    _identity(mol.similarity.item_components)
     train, query = _batches()
     with torch.no_grad():
-        dot_scores, _ = two_tower.score_cross(two_tower.encode_queries(query), two_tower.encode_corpus())
-        mol_scores, aux = mol.score_cross(mol.encode_queries(query), mol.encode_corpus())
+        dot_scores, _ = two_tower.similarity.cross_scores(two_tower.encode_queries(query), two_tower.encode_corpus())
+        mol_scores, aux = mol.similarity.cross_scores(mol.encode_queries(query), mol.encode_corpus())
         torch.testing.assert_close(mol_scores, dot_scores)
-        assert aux["load_balancing"].abs() < 1e-6  # one component: nothing to balance
-        _, dot_ids = two_tower.build_retriever(two_tower.encode_corpus()).search(two_tower.encode_queries(query), 10, query.exclude_offsets, query.exclude_items)
-        _, mol_ids = mol.build_retriever(mol.encode_corpus()).search(mol.encode_queries(query), 10, query.exclude_offsets, query.exclude_items)
+        assert aux.statistics["load_balancing"].abs() < 1e-6  # one component: nothing to balance
+        _, dot_ids = two_tower.exact_retriever(two_tower.encode_corpus(), SEARCH).search(two_tower.encode_queries(query), 10, query.exclusion)
+        _, mol_ids = mol.exact_retriever(mol.encode_corpus(), SEARCH).search(mol.encode_queries(query), 10, query.exclusion)
         assert torch.equal(mol_ids, dot_ids)
     torch.manual_seed(1)
     dot_loss = two_tower.training_step(train, 0)
@@ -81,29 +90,34 @@ def test_one_component_equals_two_tower():
 
 def test_uniform_gates_average_the_component_dot_products():
     torch.manual_seed(0)
-    mol = MoL(NUM_ITEMS, NUM_USERS, L, item_dim=D, query_encoder=MeanPoolEncoder, num_query_components=2, num_item_components=3, component_dim=8).eval()
+    mol = MoL(num_query_components=2, num_item_components=3, component_dim=8).eval()
     _zero_gate(mol)
     _, query = _batches()
     with torch.no_grad():
         queries, items = mol.encode_queries(query), mol.encode_corpus()
-        scores, _ = mol.score_cross(queries, items)
+        scores, _ = mol.similarity.cross_scores(queries, items)
         expected = queries.components.mean(1) @ items.components.mean(1).T  # (B, N)
     torch.testing.assert_close(scores, expected)
 
 
 def test_load_balancing_gradient_reaches_the_gate():
     torch.manual_seed(0)
-    mol = _quiet(MoL(NUM_ITEMS, NUM_USERS, L, item_dim=D, query_encoder=MeanPoolEncoder, component_dim=8, gate_hidden_dim=4))
+    mol = _quiet(MoL(component_dim=8, gate_hidden_dim=4))
     train, _ = _batches()
-    states = mol.encode_sequence(train.user_ids, train.input_ids)[train.target_ids > 0]
-    queries = mol.query_representation(states)
-    _, aux = mol.score_cross(queries, mol.item_representation(torch.arange(1, 31)))
-    # The logged value is the formula on the gates, and the weighted term is what enters the loss.
-    torch.testing.assert_close(aux["load_balancing_loss"], mol.hparams.load_balancing_weight * aux["load_balancing"])
-    assert 0 < aux["gate_entropy"] < math.log(32) and 0 < aux["gate_effective_components"] <= 32
-    assert aux["gate_usage_min"] <= 1 / 32 <= aux["gate_usage_max"]
-    aux["load_balancing_loss"].backward()
-    for name in ("query_gate", "item_gate", "similarity.logit_gate"):
+    has_target = train.target_ids > 0
+    states = mol.encode_sequence(train.user_ids, train.input_ids)[has_target]
+    user_ids = train.user_ids[:, None].expand_as(train.target_ids)[has_target]
+    queries = mol.similarity.query_representation(states, user_ids)
+    _, aux = mol.similarity.cross_scores(queries, mol.encode_items(torch.arange(1, 31)))
+    # The logged statistic is the formula on the gates; the declared loss is the weighted term.
+    assert set(aux.losses) == {"load_balancing_loss"}
+    torch.testing.assert_close(aux.losses["load_balancing_loss"], mol.similarity.load_balancing_weight * aux.statistics["load_balancing"])
+    stats = aux.statistics
+    assert 0 < stats["gate_entropy"] < math.log(32) and 0 < stats["gate_effective_components"] <= 32
+    assert stats["gate_usage_min"] <= 1 / 32 <= stats["gate_usage_max"]
+    assert not any(value.requires_grad for value in stats.values())  # statistics are only logged
+    aux.losses["load_balancing_loss"].backward()
+    for name in ("similarity.query_gate", "similarity.item_gate", "similarity.logit_gate"):
         grads = [p.grad for p in mol.get_submodule(name).parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
     assert mol.similarity.logit_scale.grad.abs() > 0
@@ -124,49 +138,52 @@ def test_load_balancing_value():
 @torch.no_grad()
 def test_chunked_scores_equal_all_at_once():
     torch.manual_seed(0)
-    mol = MoL(NUM_ITEMS, NUM_USERS, L, item_dim=D, query_encoder=MeanPoolEncoder, component_dim=8).eval()
+    mol = MoL(component_dim=8).eval()
     _, query = _batches()
     queries = mol.encode_queries(query)
     items = mol.encode_corpus()
-    chunked_items = mol.encode_corpus(chunk_size=7)
+    chunked_items = mol.encode_corpus(batch_size=7)
     for all_field, chunked_field in zip(items, chunked_items):
         torch.testing.assert_close(chunked_field, all_field)
-    at_once, _ = mol.score_cross(queries, items)  # (B, N)
-    exact = MoLExactTopK(mol.similarity, items, item_chunk_size=NUM_ITEMS)
-    chunks = torch.cat([MoLExactTopK(mol.similarity, items).score_block(queries, s, min(s + 9, NUM_ITEMS)) for s in range(0, NUM_ITEMS, 9)], dim=1)
+    at_once, _ = mol.similarity.cross_scores(queries, items)  # (B, N)
+    exact = MoLExactTopK(mol.similarity, items, SEARCH)
+    chunks = torch.cat([exact.score_block(queries, s, min(s + 9, NUM_ITEMS)) for s in range(0, NUM_ITEMS, 9)], dim=1)
     torch.testing.assert_close(chunks, at_once)
     # Pair scores and gathered-candidate scores agree with the cross scores.
     ids = torch.randint(1, NUM_ITEMS + 1, (5, 11))
     gathered = MoLItems(*(f[ids - 1] for f in items))
     torch.testing.assert_close(mol.similarity.gathered(queries, gathered)[0], at_once.gather(1, ids - 1))
-    pairs = mol.score_pairs(queries, MoLItems(*(f[ids[:, 0] - 1] for f in items)))
+    pairs = mol.similarity.pair_scores(queries, MoLItems(*(f[ids[:, 0] - 1] for f in items)))
     torch.testing.assert_close(pairs, at_once.gather(1, ids[:, :1] - 1)[:, 0])
     for elements in (1, 500, 1 << 22):  # tiny to large blocks: same top-k
-        _, top = MoLExactTopK(mol.similarity, items, 64, elements).search(queries, 10)
+        _, top = MoLExactTopK(mol.similarity, items, SearchOptions(score_block_elements=elements)).search(queries, 10)
         assert torch.equal(top, exact.search(queries, 10)[1])
 
 
 def test_user_id_component():
     torch.manual_seed(0)
-    mol = MoL(NUM_ITEMS, NUM_USERS, L, item_dim=D, query_encoder=MeanPoolEncoder, num_query_components=3, component_dim=8, user_id_component=True)
+    mol = MoL(num_query_components=3, component_dim=8, user_id_component=True)
     train, query = _batches()
     queries = mol.encode_queries(query)
     assert isinstance(queries, MoLQueries) and queries.components.shape == (5, 3, 8)
-    torch.testing.assert_close(queries.components[:, -1], F.normalize(mol.user_component(query.user_ids), dim=-1))
+    torch.testing.assert_close(queries.components[:, -1], F.normalize(mol.similarity.user_component(query.user_ids), dim=-1))
     loss = _quiet(mol).training_step(train, 0)
     loss.backward()
-    assert mol.user_component.weight.grad.abs().sum() > 0
+    assert mol.similarity.user_component.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError):
-        MoL(NUM_ITEMS, NUM_USERS, L, num_query_components=1, user_id_component=True)
+        MoL(num_query_components=1, user_id_component=True)
 
 
 def test_fit_logs_losses_and_exact_and_approximate_metrics(tmp_path):
     seed_everything(0)
     data = InteractionDataModule(SyntheticSource(num_users=200, num_items=300, num_clusters=10), max_seq_len=20, batch_size=64, eval_batch_size=128)
-    model = MoL(
-        data.num_items, data.num_users, data.max_seq_len, item_dim=32, component_dim=16, num_query_components=4,
-        num_item_components=2, query_encoder=functools.partial(SASRecEncoder, num_layers=1),
-        num_negatives=32, approximate_topk=functools.partial(CombinedTopK, k_prime=8, averaged_k_prime=32),
+    model = RetrievalModule(
+        data.num_items, data.num_users, data.max_seq_len, item_dim=32, query_encoder=functools.partial(SASRecEncoder, num_layers=1),
+        num_negatives=32,
+        similarity=functools.partial(
+            MixtureOfLogits, component_dim=16, num_query_components=4, num_item_components=2,
+            approximate_topk=functools.partial(CombinedTopK, k_prime=8, averaged_k_prime=32),
+        ),
     )
     trainer = Trainer(
         max_epochs=2, limit_train_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -190,20 +207,16 @@ def test_fit_logs_losses_and_exact_and_approximate_metrics(tmp_path):
 
 @pytest.mark.parametrize("config", ["configs/synthetic/mol.yaml", "configs/ml-1m/mol.yaml"])
 def test_configs_instantiate(config, tmp_path, monkeypatch):
-    from rails_lightning.cli import DEFAULT_CONFIG, RailsCLI
-    from rails_lightning.data.datamodule import InteractionDataModule as DataModule
-    from rails_lightning.models.base import RetrievalModule
+    from rails_lightning.cli import main
 
     if "ml-1m" in config and not (ROOT / "../shared/data/ml-1m").exists():
         pytest.skip("ML-1M files not present")
-    monkeypatch.setattr("sys.argv", ["rails_lightning"])  # pytest's own arguments are not the CLI's
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     args = ["--config", str(ROOT / config), "--trainer.logger=false", "--run_dir", str(tmp_path)]
     if "ml-1m" in config:
         args.append(f"--data.source.init_args.data_dir={ROOT / '../shared/data/ml-1m'}")
-    cli = RailsCLI(
-        RetrievalModule, DataModule, subclass_mode_model=True, run=False, args=args,
-        parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)]},
-    )
-    assert isinstance(cli.model, MoL)
-    assert cli.model.hparams.num_query_components * cli.model.hparams.num_item_components == 32
-    assert cli.model.approximate_topk is not None
+    cli = main(args, run=False)
+    similarity = cli.model.similarity
+    assert isinstance(similarity, MixtureOfLogits) and cli.model.model_name == "MoL"
+    assert similarity.num_components == 32 and cli.model.hparams.similarity["init_args"]["num_query_components"] == 8
+    assert similarity.approximate_topk is not None

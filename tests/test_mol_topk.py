@@ -4,26 +4,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rails_lightning.models.mol import MixtureOfLogits, MoLItems, MoLQueries
-from rails_lightning.retrieval.mol_topk import (
-    AveragedEmbeddingTopK,
-    CombinedTopK,
-    MoLExactTopK,
-    PerEmbeddingTopK,
-    repeat_exclusion,
-)
-from rails_lightning.retrieval.topk import faiss_available
+from rails_lightning.retrieval import Exclusion, SearchOptions
+from rails_lightning.retrieval.mol_topk import AveragedEmbeddingTopK, CombinedTopK, MoLExactTopK, PerEmbeddingTopK
+from rails_lightning.similarity import MixtureOfLogits, MoLItems, MoLQueries
 
 B, N, P_Q, P_X, D_P = 13, 300, 3, 4, 16
 APPROXIMATE = [PerEmbeddingTopK, AveragedEmbeddingTopK, CombinedTopK]
-BACKENDS = [False, True] if faiss_available() else [False]
+BACKENDS = ["torch", "faiss"]
+EXACT = SearchOptions()
 
 
 @pytest.fixture(scope="module")
 def problem():
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    similarity = MixtureOfLogits(P_Q, P_X, gate_hidden_dim=8, gate_dropout=0.2).eval()
+    similarity = MixtureOfLogits(8, 1, P_Q, P_X, D_P, gate_hidden_dim=8, gate_dropout=0.2).eval()
     queries = MoLQueries(F.normalize(torch.randn(B, P_Q, D_P, generator=gen), dim=-1), torch.randn(B, P_Q * P_X, generator=gen))
     items = MoLItems(F.normalize(torch.randn(N, P_X, D_P, generator=gen), dim=-1), torch.randn(N, P_Q * P_X, generator=gen))
     exclude = [sorted(set(torch.randint(1, N + 1, (int(n),), generator=gen).tolist())) for n in torch.randint(0, 40, (B,), generator=gen)]
@@ -34,7 +29,7 @@ def problem():
 def _csr(exclude):
     counts = torch.tensor([len(e) for e in exclude])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    return offsets, torch.tensor([i for e in exclude for i in e], dtype=torch.long)
+    return Exclusion(offsets, torch.tensor([i for e in exclude for i in e], dtype=torch.long))
 
 
 def _naive_scores(similarity, queries, items):
@@ -58,11 +53,11 @@ def _recall(ids, reference):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("chunk, block", [(7, 1 << 22), (N, 1 << 22), (10_000, 200), (64, 1)])
-def test_exact_matches_naive(problem, chunk, block):
+@pytest.mark.parametrize("block", [1 << 22, B * 12 * 7, B * 12 * N, 200, 1])
+def test_exact_matches_naive(problem, block):
     similarity, queries, items, exclude = problem
     expected_scores, expected_ids = _naive_topk(_naive_scores(similarity, queries, items), 20, exclude)
-    scores, ids = MoLExactTopK(similarity, items, chunk, block).search(queries, 20, *_csr(exclude))
+    scores, ids = MoLExactTopK(similarity, items, SearchOptions(score_block_elements=block)).search(queries, 20, _csr(exclude))
     torch.testing.assert_close(scores, expected_scores)
     assert torch.equal(ids, expected_ids)
     assert (ids[3, 5:] == 0).all() and (ids[3, :5] > 0).all()
@@ -73,19 +68,19 @@ def test_exact_matches_naive(problem, chunk, block):
 def test_exact_without_exclusion(problem):
     similarity, queries, items, _ = problem
     expected_scores, expected_ids = _naive_topk(_naive_scores(similarity, queries, items), N, [[]] * B)
-    scores, ids = MoLExactTopK(similarity, items, 50).search(queries, N)
+    scores, ids = MoLExactTopK(similarity, items, SearchOptions(score_block_elements=B * 12 * 50)).search(queries, N)
     assert torch.equal(ids, expected_ids) and sorted(ids[0].tolist()) == list(range(1, N + 1))
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("use_faiss", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algorithm", APPROXIMATE)
-def test_approximate_is_exact_with_k_prime_n(problem, algorithm, use_faiss):
+def test_approximate_is_exact_with_k_prime_n(problem, algorithm, backend):
     similarity, queries, items, exclude = problem
     excluded = _csr(exclude)
-    exact_scores, exact_ids = MoLExactTopK(similarity, items).search(queries, 20, *excluded)
-    retriever = algorithm(similarity, items, k_prime=N, use_faiss=use_faiss, score_block_elements=50_000)
-    scores, ids = retriever.search(queries, 20, *excluded)
+    exact_scores, exact_ids = MoLExactTopK(similarity, items, EXACT).search(queries, 20, excluded)
+    retriever = algorithm(similarity, items, SearchOptions(backend, score_block_elements=50_000), k_prime=N)
+    scores, ids = retriever.search(queries, 20, excluded)
     assert torch.equal(ids, exact_ids)
     torch.testing.assert_close(scores, exact_scores)
     for row, items_out in enumerate(exclude):  # exclusion respected
@@ -93,12 +88,13 @@ def test_approximate_is_exact_with_k_prime_n(problem, algorithm, use_faiss):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("use_faiss", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algorithm, k_primes", [(PerEmbeddingTopK, [1, 3, 10, 40]), (AveragedEmbeddingTopK, [20, 40, 80, 160])])
-def test_recall_grows_with_k_prime(problem, algorithm, k_primes, use_faiss):
+def test_recall_grows_with_k_prime(problem, algorithm, k_primes, backend):
     similarity, queries, items, _ = problem
-    _, exact_ids = MoLExactTopK(similarity, items).search(queries, 20)
-    recalls = [_recall(algorithm(similarity, items, k_prime=k, use_faiss=use_faiss).search(queries, 20)[1], exact_ids) for k in k_primes]
+    _, exact_ids = MoLExactTopK(similarity, items, EXACT).search(queries, 20)
+    options = SearchOptions(backend)
+    recalls = [_recall(algorithm(similarity, items, options, k_prime=k).search(queries, 20)[1], exact_ids) for k in k_primes]
     assert recalls == sorted(recalls), recalls
     assert recalls[0] < 1.0 and recalls[-1] > recalls[0]
 
@@ -106,10 +102,11 @@ def test_recall_grows_with_k_prime(problem, algorithm, k_primes, use_faiss):
 @torch.no_grad()
 def test_combined_is_the_union(problem):
     similarity, queries, items, _ = problem
-    combined = CombinedTopK(similarity, items, k_prime=5, averaged_k_prime=30, use_faiss=False)
-    per = PerEmbeddingTopK(similarity, items, k_prime=5, use_faiss=False).candidates(queries, None, None)
-    avg = AveragedEmbeddingTopK(similarity, items, k_prime=30, use_faiss=False).candidates(queries, None, None)
-    union = combined.candidates(queries, None, None)
+    torch_search = SearchOptions("torch")
+    combined = CombinedTopK(similarity, items, torch_search, k_prime=5, averaged_k_prime=30)
+    per = PerEmbeddingTopK(similarity, items, torch_search, k_prime=5).candidates(queries, None)
+    avg = AveragedEmbeddingTopK(similarity, items, torch_search, k_prime=30).candidates(queries, None)
+    union = combined.candidates(queries, None)
     for row in range(B):
         assert set(union[row].tolist()) == set(per[row].tolist()) | set(avg[row].tolist())
     # The result is the MoL ranking of the union: ids unique, best first, each score the true one.
@@ -127,16 +124,9 @@ def test_per_embedding_candidates_are_pairwise_topk(problem):
     k = 6
     pair_scores = torch.einsum("bid,njd->bijn", queries.components, items.components)  # (B, P_Q, P_X, N)
     expected = pair_scores.topk(k, dim=-1).indices + 1
-    for use_faiss in BACKENDS:
-        ids = PerEmbeddingTopK(similarity, items, k_prime=k, use_faiss=use_faiss).candidates(queries, None, None)
+    for backend in BACKENDS:
+        ids = PerEmbeddingTopK(similarity, items, SearchOptions(backend), k_prime=k).candidates(queries, None)
         got = ids.view(B, P_Q * P_X, k)  # per pair; the pair order depends on the backend
         for row in range(B):
             want = sorted(sorted(s.tolist()) for s in expected[row].reshape(-1, k))
             assert sorted(sorted(s.tolist()) for s in got[row]) == want
-
-
-def test_repeat_exclusion():
-    offsets, items = _csr([[1, 2], [], [3]])
-    new_offsets, new_items = repeat_exclusion(offsets, items, 2)
-    assert new_offsets.tolist() == [0, 2, 4, 4, 4, 5, 6]
-    assert new_items.tolist() == [1, 2, 1, 2, 3, 3]

@@ -24,6 +24,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_notebook_runs_headless(name, tmp_path, monkeypatch):
     overrides, pngs = CASES[name]

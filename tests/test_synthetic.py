@@ -1,16 +1,12 @@
 import numpy as np
 import pytest
 
-from rails_lightning.data.synthetic import (
-    MAX_REPEAT_RATE,
-    SyntheticInteractions,
-    generate_interactions,
-)
+from rails_lightning.data.synthetic import MAX_REPEAT_RATE, SyntheticInteractions, SyntheticSource
 
 
 @pytest.fixture(scope="module")
 def default_data() -> SyntheticInteractions:
-    return generate_interactions()
+    return SyntheticSource().generate()
 
 
 def _sequences(data: SyntheticInteractions, num_users: int):
@@ -26,9 +22,9 @@ def _repeat_count(data: SyntheticInteractions, num_items: int) -> int:
 
 def test_determinism():
     kwargs = dict(num_users=500, num_items=800, num_clusters=20)
-    a = generate_interactions(seed=3, **kwargs)
-    b = generate_interactions(seed=3, **kwargs)
-    c = generate_interactions(seed=4, **kwargs)
+    a = SyntheticSource(seed=3, **kwargs).generate()
+    b = SyntheticSource(seed=3, **kwargs).generate()
+    c = SyntheticSource(seed=4, **kwargs).generate()
     for name in ("user_ids", "item_ids", "positions", "item_cluster"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape
@@ -70,8 +66,8 @@ def test_sequences_sorted_lengths_positions(default_data):
 def test_no_repeats(default_data):
     assert _repeat_count(default_data, 2000) == 0
     # a tighter configuration (small clusters, long sequences) stays below the documented bound
-    d = generate_interactions(num_users=1000, num_items=400, num_clusters=20,
-                              mean_sequence_length=25, min_sequence_length=10, seed=1)
+    d = SyntheticSource(num_users=1000, num_items=400, num_clusters=20,
+                        mean_sequence_length=25, min_sequence_length=10, seed=1).generate()
     assert _repeat_count(d, 400) <= MAX_REPEAT_RATE * d.num_interactions
 
 
@@ -87,7 +83,7 @@ def test_users_stay_within_their_interests(default_data):
 
 @pytest.mark.parametrize("stay", [0.3, 0.7, 0.95])
 def test_consecutive_same_cluster_fraction(stay):
-    d = generate_interactions(num_users=1500, stay_probability=stay, seed=2)
+    d = SyntheticSource(num_users=1500, stay_probability=stay, seed=2).generate()
     same_user = d.user_ids[1:] == d.user_ids[:-1]
     clusters = d.item_cluster[d.item_ids]
     same = (clusters[1:] == clusters[:-1])[same_user].mean()
@@ -132,21 +128,21 @@ def test_popularity_skewed_but_weak(default_data):
 
 
 def test_edge_configurations():
-    d = generate_interactions(num_users=200, num_items=200, num_clusters=10,
-                              interests_per_user=10, seed=5)  # all clusters (Gumbel path)
+    d = SyntheticSource(num_users=200, num_items=200, num_clusters=10,
+                        interests_per_user=10, seed=5).generate()  # all clusters (Gumbel path)
     assert d.item_cluster.max() == 9
-    d = generate_interactions(num_users=200, num_items=500, num_clusters=10,
-                              interests_per_user=1, stay_probability=0.0, seed=6)
+    d = SyntheticSource(num_users=200, num_items=500, num_clusters=10,
+                        interests_per_user=1, stay_probability=0.0, seed=6).generate()
     clusters = d.item_cluster[d.item_ids]
     per_user = np.unique(d.user_ids * 100 + clusters) // 100
     assert np.bincount(per_user).max() == 1
-    d = generate_interactions(num_users=100, num_items=300, num_clusters=5,
-                              mean_sequence_length=5, min_sequence_length=5, seed=7)
+    d = SyntheticSource(num_users=100, num_items=300, num_clusters=5,
+                        mean_sequence_length=5, min_sequence_length=5, seed=7).generate()
     assert np.all(np.bincount(d.user_ids) == 5)
 
 
 def test_large_size_runs():
-    d = generate_interactions(num_users=20_000, num_items=200_000, num_clusters=400, seed=0)
+    d = SyntheticSource(num_users=20_000, num_items=200_000, num_clusters=400, seed=0).generate()
     assert d.item_cluster.shape == (200_000,)
     assert np.bincount(d.user_ids).min() >= 5
     assert d.item_ids.max() < 200_000
@@ -174,4 +170,4 @@ def test_large_size_runs():
 )
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
-        generate_interactions(**kwargs)
+        SyntheticSource(**kwargs).generate()

@@ -1,18 +1,20 @@
 """Full-corpus evaluation at every validation and test epoch.
 
 At the start of the epoch the whole item corpus is re-encoded with the current
-weights and handed to the model's own top-k routine (a FAISS or torch inner-product
-search for dot-product models, exact MoL scoring or a RAILS algorithm for MoL): the
-callback never assumes the score is an inner product. Each validation batch's query
+weights (``RetrievalModule.encode_corpus``) and handed to the model's own top-k routine
+(``exact_retriever``: a FAISS or torch inner-product search for the dot product, exact MoL
+scoring for MoL): the callback never assumes the score is an inner product. Each validation batch's query
 representations are searched, the user's history excluded, and the top-K ids feed a
 ``RetrievalMetrics`` whose sum states synchronise under DDP. Metrics are logged as
 ``val/hr@10``, ``test/ndcg@10``, ``val/mrr``, ...
 
-When the model also offers an approximate top-k (``build_approximate_retriever``, e.g. a
+When the model also offers an approximate top-k (``approximate_retriever``, e.g. a
 RAILS algorithm for MoL), every batch is searched with both: the approximate results get
 the same metrics under ``val/approx/...``, ``val/approx_recall_vs_exact@100`` is the mean
 overlap ``|approx top-100 & exact top-100| / |exact top-100|``, and the wall time of each
 search is logged as ``val/exact_search_seconds`` / ``val/approx_search_seconds``.
+
+``history`` keeps every validation epoch's metrics (the run record stores them).
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.aggregation import MeanMetric
 
 from rails_lightning.metrics import RetrievalMetrics
+from rails_lightning.models.retrieval_module import RetrievalModule
+from rails_lightning.retrieval import SearchOptions
+from rails_lightning.retrieval.backend import Backend
 
 RECALL_VS_EXACT_K = 100
 
@@ -38,16 +44,29 @@ class CorpusEvaluation(Callback):
     Args:
         ks: cut-offs K of HR@K, Recall@K and NDCG@K; MRR is truncated at max(ks).
         exclude_history: do not rank items already in the user's history.
-        item_chunk_size: items encoded at once when re-encoding the corpus.
+        encode_batch_size: items encoded at once when re-encoding the corpus.
+        backend: top-k backend (``auto``: FAISS on the CPU, or on a GPU FAISS sees; the exact torch
+            top-k on the model's device otherwise).
+        score_block_elements: exact torch scoring holds at most this many (query, item[, component])
+            values at once (bounds its memory, ~20 bytes each).
     """
 
-    def __init__(self, ks: Sequence[int] = (1, 10, 50, 200), exclude_history: bool = True, item_chunk_size: int = 65536) -> None:
+    def __init__(
+        self,
+        ks: Sequence[int] = (1, 10, 50, 200),
+        exclude_history: bool = True,
+        encode_batch_size: int = 65536,
+        backend: Backend = "auto",
+        score_block_elements: int = 1 << 22,
+    ) -> None:
         self.ks = tuple(ks)
         self.exclude_history = exclude_history
-        self.item_chunk_size = item_chunk_size
+        self.encode_batch_size = encode_batch_size
+        self.options = SearchOptions(backend, score_block_elements)
         self.metrics = RetrievalMetrics(self.ks)
         self.retriever = None
         self.search_seconds = 0.0
+        self.history: list[dict[str, float]] = []
         # Only used when the model offers an approximate top-k.
         self.approx_metrics = RetrievalMetrics(self.ks)
         self.approx_recall = MeanMetric()
@@ -56,19 +75,21 @@ class CorpusEvaluation(Callback):
 
     # -- epoch start: corpus -> retriever
     def _start(self, pl_module: pl.LightningModule, approximate: bool = True) -> None:
+        if not isinstance(pl_module, RetrievalModule):
+            raise TypeError(f"CorpusEvaluation evaluates a RetrievalModule, not {type(pl_module).__name__}")
         started = time.perf_counter()
         with torch.no_grad():
-            items = pl_module.encode_corpus(self.item_chunk_size)
-            self.retriever = pl_module.build_retriever(items)
+            items = pl_module.encode_corpus(self.encode_batch_size)
+            self.retriever = pl_module.exact_retriever(items, self.options)
             self.index_seconds = time.perf_counter() - started
-            build_approximate = getattr(pl_module, "build_approximate_retriever", None) if approximate else None
             started = time.perf_counter()
-            self.approx_retriever = build_approximate(items) if build_approximate is not None else None
+            self.approx_retriever = pl_module.approximate_retriever(items, self.options) if approximate else None
             self.approx_index_seconds = time.perf_counter() - started
         self.search_seconds = self.approx_search_seconds = 0.0
-        for metric in ("metrics", "approx_metrics", "approx_recall"):
-            setattr(self, metric, getattr(self, metric).to(pl_module.device))
-            getattr(self, metric).reset()
+        self.metrics, self.approx_metrics = self.metrics.to(pl_module.device), self.approx_metrics.to(pl_module.device)
+        self.approx_recall = self.approx_recall.to(pl_module.device)
+        for metric in (self.metrics, self.approx_metrics, self.approx_recall):
+            metric.reset()
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._start(pl_module)
@@ -79,14 +100,14 @@ class CorpusEvaluation(Callback):
     # -- every batch: search and accumulate
     def _batch(self, batch: Any, queries: Any) -> None:
         started = time.perf_counter()
-        exclude = (batch.exclude_offsets, batch.exclude_items) if self.exclude_history else (None, None)
+        exclude = batch.exclusion if self.exclude_history else None
         k = max(self.ks) if self.approx_retriever is None else max(*self.ks, RECALL_VS_EXACT_K)
-        _, ids = self.retriever.search(queries, k, *exclude)
+        _, ids = self.retriever.search(queries, k, exclude)
         self.search_seconds += time.perf_counter() - started
         self.metrics.update(ids.to(batch.targets.device), batch.targets)
         if self.approx_retriever is not None:
             started = time.perf_counter()
-            _, approx_ids = self.approx_retriever.search(queries, k, *exclude)
+            _, approx_ids = self.approx_retriever.search(queries, k, exclude)
             self.approx_search_seconds += time.perf_counter() - started
             self.approx_metrics.update(approx_ids.to(batch.targets.device), batch.targets)
             exact, approx = ids[:, :RECALL_VS_EXACT_K], approx_ids[:, :RECALL_VS_EXACT_K].to(ids.device)
@@ -114,6 +135,8 @@ class CorpusEvaluation(Callback):
         headline = {k: values.pop(k) for k in (f"{stage}/hr@10", f"{stage}/ndcg@10") if k in values}
         pl_module.log_dict(headline, prog_bar=True, sync_dist=False)
         pl_module.log_dict(values, sync_dist=False)
+        if stage == "val" and trainer.state.fn == TrainerFn.FITTING:  # the epochs of training, not a later validate
+            self.history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in {**headline, **values}.items()}})
         self.retriever = self.approx_retriever = None  # free the indexes between epochs
 
     # -- predict: write every query's top-K recommendations next to the run
@@ -122,8 +145,8 @@ class CorpusEvaluation(Callback):
         self.predictions = []
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        exclude = (batch.exclude_offsets, batch.exclude_items) if self.exclude_history else (None, None)
-        scores, ids = self.retriever.search(outputs, max(self.ks), *exclude)
+        exclude = batch.exclusion if self.exclude_history else None
+        scores, ids = self.retriever.search(outputs, max(self.ks), exclude)
         self.predictions.append((batch.user_ids.cpu(), ids.cpu(), scores.cpu()))
 
     def on_predict_epoch_end(self, trainer, pl_module):

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from rails_lightning.retrieval.topk import Exclusion
+
 
 @dataclass
 class TrainBatch:
@@ -25,3 +27,8 @@ class QueryBatch:
     targets: Tensor  # (B, T) int64, padded with 0
     exclude_offsets: Tensor  # (B + 1,) int64: query i excludes exclude_items[offsets[i]:offsets[i+1]]
     exclude_items: Tensor  # (E,) int64
+
+    @property
+    def exclusion(self) -> Exclusion:
+        """The items each query must not get back (its history), as retrievers take them."""
+        return Exclusion(self.exclude_offsets, self.exclude_items)

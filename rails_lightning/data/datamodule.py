@@ -22,7 +22,8 @@ from rails_lightning.data.sequences import (
     leave_one_out_split,
     temporal_split,
 )
-from rails_lightning.data.sources import InteractionSource, SyntheticSource
+from rails_lightning.data.source import InteractionSource
+from rails_lightning.data.synthetic import SyntheticSource
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""Deterministic synthetic interaction log: the framework's default dataset.
+"""Deterministic synthetic interaction log, the framework's default dataset: ``SyntheticSource``.
+
+``SyntheticSource`` holds the options (and their defaults); ``generate_interactions`` draws the
+log from them.
 
 The log is built so that
 
@@ -45,7 +48,7 @@ Generative process (everything drawn from ``np.random.default_rng(seed)``):
 
 The output is sorted by user id, then position (time order).
 
-Default sizes (3000 users, 2000 items, 40 clusters, seed 0): 84,447 interactions, mean length
+With the defaults of ``SyntheticSource``: 84,447 interactions, mean length
 28.1 (5..91), no repeats; the top 10% of items get 31% of the interactions; 70% of
 consecutive pairs share a cluster. Leave-one-out HR@10 (last item, history excluded, full
 corpus): popularity baseline 0.035; an oracle ranking the user's clusters by popularity 0.19;
@@ -60,7 +63,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SyntheticInteractions", "generate_interactions", "MAX_REPEAT_RATE"]
+from rails_lightning.data.sequences import InteractionLog
+from rails_lightning.data.source import InteractionSource
+
+__all__ = ["SyntheticSource", "SyntheticInteractions", "generate_interactions", "MAX_REPEAT_RATE"]
 
 #: Documented upper bound on the fraction of interactions that repeat an item already in the
 #: user's sequence (for clusters several times larger than a sequence; 0 for the defaults).
@@ -94,6 +100,75 @@ class SyntheticInteractions:
     @property
     def num_interactions(self) -> int:
         return int(self.user_ids.shape[0])
+
+
+class SyntheticSource(InteractionSource):
+    """The default dataset: a deterministic synthetic log of users with several interests.
+
+    Items fall in clusters, each user draws from a few of them (the generative process is in
+    the module docstring). The options are checked when the log is generated (``load`` or
+    ``generate``).
+
+    Args:
+        num_users: number of users (each gets one sequence).
+        num_items: number of items.
+        num_clusters: number of item clusters (interests).
+        interests_per_user: distinct clusters each user draws items from.
+        mean_sequence_length: mean number of interactions per user before capping (the realised
+            mean is a bit lower).
+        min_sequence_length: minimum number of interactions per user.
+        stay_probability: chance that the next item continues the current interest (otherwise
+            another of the user's interests, uniformly).
+        local_probability: chance that the next item is a short forward step along the cluster's
+            ring from the user's last item in that interest (the sequential signal).
+        popularity_exponent: Zipf exponent of the item popularity inside a cluster.
+        seed: generator seed; the same options give the same log.
+    """
+
+    def __init__(
+        self,
+        num_users: int = 3000,
+        num_items: int = 2000,
+        num_clusters: int = 40,
+        interests_per_user: int = 3,
+        mean_sequence_length: int = 30,
+        min_sequence_length: int = 5,
+        stay_probability: float = 0.7,
+        local_probability: float = 0.5,
+        popularity_exponent: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.options = dict(
+            num_users=num_users,
+            num_items=num_items,
+            num_clusters=num_clusters,
+            interests_per_user=interests_per_user,
+            mean_sequence_length=mean_sequence_length,
+            min_sequence_length=min_sequence_length,
+            stay_probability=stay_probability,
+            local_probability=local_probability,
+            popularity_exponent=popularity_exponent,
+            seed=seed,
+        )
+
+    @property
+    def description(self) -> str:
+        return "synthetic(" + ", ".join(f"{k}={v}" for k, v in self.options.items()) + ")"
+
+    def generate(self) -> SyntheticInteractions:
+        """The raw generator output: ids, positions and the cluster of every item."""
+        return generate_interactions(**self.options)
+
+    def load(self) -> InteractionLog:
+        data = self.generate()
+        return InteractionLog(
+            user_ids=data.user_ids,
+            item_ids=data.item_ids,
+            order=data.positions,
+            name=self.description,
+            item_titles={i: f"item {i} (cluster {c})" for i, c in enumerate(data.item_cluster.tolist())},
+            item_clusters=dict(enumerate(data.item_cluster.tolist())),
+        )
 
 
 def _as_int(name: str, value) -> int:
@@ -190,33 +265,22 @@ def _distinct_clusters(rng, num_users, num_clusters, k, weights):
 
 
 def generate_interactions(
-    num_users: int = 3000,
-    num_items: int = 2000,
-    num_clusters: int = 40,
-    interests_per_user: int = 3,
-    mean_sequence_length: int = 30,
-    min_sequence_length: int = 5,
-    stay_probability: float = 0.7,
-    seed: int = 0,
     *,
-    local_probability: float = 0.5,
-    popularity_exponent: float = 1.0,
+    num_users: int,
+    num_items: int,
+    num_clusters: int,
+    interests_per_user: int,
+    mean_sequence_length: int,
+    min_sequence_length: int,
+    stay_probability: float,
+    local_probability: float,
+    popularity_exponent: float,
+    seed: int,
 ) -> SyntheticInteractions:
     """Generate a seeded synthetic interaction log (see the module docstring for the process).
 
-    Args:
-        num_users: number of users (each gets one sequence).
-        num_items: number of items.
-        num_clusters: number of item clusters ("topics").
-        interests_per_user: distinct clusters each user consumes from.
-        mean_sequence_length: mean sequence length before capping (realised mean a bit lower).
-        min_sequence_length: minimum sequence length.
-        stay_probability: chance that the next item continues the current interest
-            (otherwise another of the user's interests, uniformly).
-        seed: seed of ``np.random.default_rng``; same seed -> identical arrays.
-        local_probability: chance that the next item is a short forward step along the
-            cluster's ring from the user's last item in that interest (sequential signal).
-        popularity_exponent: Zipf exponent of the item popularity inside a cluster.
+    The arguments are the options of :class:`SyntheticSource`, which documents them and holds
+    their defaults: ``SyntheticSource(...).generate()`` calls this.
 
     Raises:
         ValueError: for non-positive sizes, ``num_items < num_clusters``,

@@ -1,5 +1,4 @@
-from rails_lightning.models.base import RetrievalModule
 from rails_lightning.models.encoders import MeanPoolEncoder, QueryEncoder, SASRecEncoder, UserIdEncoder
-from rails_lightning.models.two_tower import TwoTower
+from rails_lightning.models.retrieval_module import RetrievalModule
 
-__all__ = ["RetrievalModule", "TwoTower", "QueryEncoder", "SASRecEncoder", "MeanPoolEncoder", "UserIdEncoder"]
+__all__ = ["RetrievalModule", "QueryEncoder", "SASRecEncoder", "MeanPoolEncoder", "UserIdEncoder"]

@@ -1,0 +1,10 @@
+"""Top-k over the full corpus: one interface (``TopKRetriever``), one backend choice (``backend``),
+one exclusion / over-fetch path (``TopKRetriever.search``), and the retrievers built on them."""
+
+from rails_lightning.retrieval.backend import SearchOptions, inner_product_retriever, uses_faiss
+from rails_lightning.retrieval.topk import BruteForceTopK, Exclusion, FaissInnerProductTopK, TopKRetriever
+
+__all__ = [
+    "SearchOptions", "inner_product_retriever", "uses_faiss",
+    "TopKRetriever", "BruteForceTopK", "FaissInnerProductTopK", "Exclusion",
+]

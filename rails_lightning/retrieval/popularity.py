@@ -13,16 +13,15 @@ from rails_lightning.retrieval.topk import BruteForceTopK, TopKRetriever
 
 
 class PopularityTopK(TopKRetriever):
-    """Ranks items by their training-set count, excluding each query's history."""
+    """Ranks items by their training-set count; queries are only counted (any tensor with one row per query)."""
 
     def __init__(self, item_counts: np.ndarray | Tensor) -> None:  # (N + 1,), [0] is padding
         counts = torch.as_tensor(np.asarray(item_counts), dtype=torch.float32)[1:]
-        self._exact = BruteForceTopK(
-            lambda queries, start, end: counts[start:end].expand(len(queries), -1), num_items=len(counts)
-        )
+        self.num_items = len(counts)
+        self.exact = BruteForceTopK(lambda queries, start, end: counts[start:end].expand(len(queries), -1), self.num_items, 1 << 30)
 
-    def search(self, queries, k, exclude_offsets=None, exclude_items=None):
-        return self._exact.search(queries, k, exclude_offsets, exclude_items)
+    def fetch(self, queries, k, exclude=None):
+        return self.exact.fetch(queries, k)
 
 
 def popularity_baseline(datamodule, stage: str = "val", ks: Iterable[int] = (1, 10, 50, 200), exclude_history: bool = True) -> dict[str, float]:
@@ -32,7 +31,6 @@ def popularity_baseline(datamodule, stage: str = "val", ks: Iterable[int] = (1, 
     metric = RetrievalMetrics(ks)
     loader = datamodule.val_dataloader() if stage == "val" else datamodule.test_dataloader()
     for batch in loader:
-        exclude = (batch.exclude_offsets, batch.exclude_items) if exclude_history else (None, None)
-        _, ids = retriever.search(batch.user_ids, max(ks), *exclude)
+        _, ids = retriever.search(batch.user_ids, max(ks), batch.exclusion if exclude_history else None)
         metric.update(ids, batch.targets)
     return {f"{stage}/{name}": float(value) for name, value in metric.compute().items()}

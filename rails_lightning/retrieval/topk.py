@@ -1,150 +1,147 @@
-"""Top-k over the full corpus: the one interface the corpus callback uses, and its
-inner-product / brute-force implementations.
+"""The top-k interface every retriever implements, with the one place that excludes a user's history.
 
-Shape legend: B queries, N corpus items (ids 1..N; row r of an item matrix is item
-id r + 1), K results, E excluded (query, item) pairs.
+Shape legend: B queries, N corpus items (ids 1..N; row r of an item matrix is item id r + 1),
+K results, K' fetched results (K plus room for excluded items), E excluded (query, item) pairs.
 
-Exclusion (a user's history is not recommended back) is given in CSR form:
-query i excludes ``exclude_items[exclude_offsets[i]:exclude_offsets[i + 1]]``.
+A retriever only says how to *fetch* its best K' items per query (``fetch``). ``search`` wraps
+every retriever the same way: it over-fetches by the largest exclusion list in the batch, drops
+excluded and invalid ids, and keeps the first K. That is exact for any retriever whose fetch is
+exact, because the excluded items are the only ones that can push an allowed item out of the
+top K. Results are best first; id 0 with score -inf marks "no item" (fewer than K allowed items).
 """
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
-
 NEG_INF = float("-inf")
 
 
-class TopKRetriever(ABC):
-    """Answers ``search(queries, k, exclude...) -> (scores (B, K), item ids (B, K))``, best first."""
+class Exclusion(NamedTuple):
+    """Items each query must not get back, in CSR form: query i excludes ``items[offsets[i]:offsets[i + 1]]``."""
 
-    @abstractmethod
-    def search(
-        self, queries, k: int, exclude_offsets: Tensor | None = None, exclude_items: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]: ...
+    offsets: Tensor  # (B + 1,) int64
+    items: Tensor  # (E,) int64
+
+    def max_per_query(self) -> int:
+        return int((self.offsets[1:] - self.offsets[:-1]).max()) if len(self.offsets) > 1 else 0
+
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        """(query row (E,), item id (E,)) of every excluded pair."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+        return rows, self.items
+
+    def repeat(self, times: int) -> Exclusion:
+        """The exclusion of B queries for B * times rows: row b * times + t excludes what query b excludes."""
+        counts = (self.offsets[1:] - self.offsets[:-1]).repeat_interleave(times)  # (B * times,)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        starts = self.offsets[:-1].repeat_interleave(times)  # where each new row's list starts in items
+        within = torch.arange(int(offsets[-1]), device=counts.device) - offsets[:-1].repeat_interleave(counts)
+        return Exclusion(offsets, self.items[starts.repeat_interleave(counts) + within])
+
+    def to(self, device: torch.device | str) -> Exclusion:
+        return Exclusion(self.offsets.to(device), self.items.to(device))
 
 
-def exclusion_pairs(exclude_offsets: Tensor, exclude_items: Tensor) -> tuple[Tensor, Tensor]:
-    """CSR exclusion -> (query row (E,), item id (E,)) pairs."""
-    counts = exclude_offsets[1:] - exclude_offsets[:-1]
-    rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    return rows, exclude_items
-
-
-def drop_excluded(
-    scores: Tensor,  # (B, K') best first
-    ids: Tensor,  # (B, K')
-    k: int,
-    exclude_offsets: Tensor | None,
-    exclude_items: Tensor | None,
-    num_items: int,
-) -> tuple[Tensor, Tensor]:
-    """Remove excluded and invalid (< 1) ids from over-fetched results, keep the first k per row."""
-    bad = ids < 1
-    if exclude_items is not None and exclude_items.numel():
-        rows, items = exclusion_pairs(exclude_offsets.to(ids.device), exclude_items.to(ids.device))
+def keep_allowed(scores: Tensor, ids: Tensor, k: int, exclude: Exclusion | None, num_items: int) -> tuple[Tensor, Tensor]:
+    """Fetched results (B, K') best first -> the first k allowed ones (B, k): excluded and invalid (< 1) ids dropped."""
+    bad = (ids < 1) | (scores == NEG_INF)
+    if exclude is not None and exclude.items.numel():
+        rows, items = exclude.to(ids.device).pairs()
         # One key per (row, item): a sorted membership test instead of a (B, K', E) comparison.
         row_index = torch.arange(ids.shape[0], device=ids.device)[:, None]
         keys = row_index * (num_items + 1) + ids.clamp_min(0)
         bad |= torch.isin(keys, rows * (num_items + 1) + items)
-    # Stable sort moves dropped entries to the end while keeping the ranking of the rest.
+    # A stable sort moves dropped entries to the end while keeping the ranking of the rest.
     order = torch.argsort(bad.to(torch.int8), dim=1, stable=True)[:, :k]
-    scores, ids = scores.gather(1, order), ids.gather(1, order)
-    kept_bad = bad.gather(1, order)
+    scores, ids, kept_bad = scores.gather(1, order), ids.gather(1, order), bad.gather(1, order)
+    if ids.shape[1] < k:  # fewer fetched than k (a small candidate set): pad with "no item"
+        pad = k - ids.shape[1]
+        scores = torch.cat([scores, scores.new_full((len(scores), pad), NEG_INF)], dim=1)
+        ids = torch.cat([ids, ids.new_zeros(len(ids), pad)], dim=1)
+        kept_bad = torch.cat([kept_bad, kept_bad.new_ones(len(kept_bad), pad)], dim=1)
     return scores.masked_fill(kept_bad, NEG_INF), ids.masked_fill(kept_bad, 0)
 
 
-class BruteForceTopK(TopKRetriever):
-    """Exact top-k with any score function, chunked over items so memory stays ``B x chunk``.
+def unique_ids(ids: Tensor) -> Tensor:
+    """Ids (B, C) -> the same ids sorted per row with every repeat (and padding) set to 0, so each id counts once."""
+    ids, _ = ids.sort(dim=1)
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return ids.masked_fill(repeat, 0)
 
-    ``score_block(queries, start, end) -> (B, end - start)`` scores the queries against
-    corpus rows ``start:end`` (item ids ``start + 1 .. end``). Runs on whatever device
-    the tensors are on: this is the exact torch path used on GPUs without FAISS.
+
+class TopKRetriever(ABC):
+    """``search(queries, k, exclude) -> (scores (B, k), item ids (B, k))``, best first, history excluded.
+
+    Subclasses set ``num_items`` and implement ``fetch``.
     """
 
-    def __init__(self, score_block: Callable[[object, int, int], Tensor], num_items: int, item_chunk_size: int = 65536):
-        self.score_block, self.num_items, self.item_chunk_size = score_block, num_items, item_chunk_size
+    num_items: int
 
-    def search(self, queries, k, exclude_offsets=None, exclude_items=None):
+    @abstractmethod
+    def fetch(self, queries: Any, k: int, exclude: Exclusion | None) -> tuple[Tensor, Tensor]:
+        """The best ``k`` items per query (B, <= k), best first. ``exclude`` is a hint a retriever may use
+        (e.g. so that candidate searches count allowed items only); ``search`` applies it in any case."""
+
+    def search(self, queries: Any, k: int, exclude: Exclusion | None = None) -> tuple[Tensor, Tensor]:
         k = min(k, self.num_items)
-        rows = items = None
-        if exclude_items is not None and exclude_items.numel():
-            rows, items = exclusion_pairs(exclude_offsets, exclude_items)
+        extra = 0 if exclude is None else exclude.max_per_query()
+        scores, ids = self.fetch(queries, min(k + extra, self.num_items), exclude)
+        return keep_allowed(scores, ids, k, exclude, self.num_items)
+
+
+ScoreBlock = Callable[[Any, int, int], Tensor]
+
+
+class BruteForceTopK(TopKRetriever):
+    """Exact top-k with any score function, chunked over items so that memory stays bounded.
+
+    ``score_block(queries, start, end) -> (B, end - start)`` scores the queries against corpus rows
+    ``start:end`` (item ids ``start + 1 .. end``). A chunk holds at most ``block_elements`` values of
+    ``B x items x width`` (``width``: values per (query, item) pair, e.g. MoL's P gate logits). Runs
+    on whatever device the tensors are on: this is the exact torch path used on GPUs without FAISS.
+    """
+
+    def __init__(self, score_block: ScoreBlock, num_items: int, block_elements: int, width: int = 1) -> None:
+        self.score_block, self.num_items = score_block, num_items
+        self.block_elements, self.width = block_elements, width
+
+    def fetch(self, queries, k, exclude=None):
+        num_queries = len(queries) if isinstance(queries, Tensor) else len(queries[0])
+        chunk = max(1, self.block_elements // max(1, num_queries * self.width))
         best_scores = best_ids = None
-        for start in range(0, self.num_items, self.item_chunk_size):
-            end = min(start + self.item_chunk_size, self.num_items)
+        for start in range(0, self.num_items, chunk):
+            end = min(start + chunk, self.num_items)
             scores = self.score_block(queries, start, end)  # (B, n)
-            if rows is not None:
-                rows, items = rows.to(scores.device), items.to(scores.device)
-                inside = (items > start) & (items <= end)
-                scores = scores.index_put((rows[inside], items[inside] - start - 1), torch.tensor(NEG_INF, device=scores.device))
             chunk_scores, chunk_cols = scores.topk(min(k, end - start), dim=1)
             chunk_ids = chunk_cols + start + 1
-            if best_scores is None:
-                best_scores, best_ids = chunk_scores, chunk_ids
-            else:
-                merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
-                merged_ids = torch.cat([best_ids, chunk_ids], dim=1)
-                best_scores, pick = merged_scores.topk(k, dim=1)
-                best_ids = merged_ids.gather(1, pick)
-        # Rows with fewer than k allowed items: mark the filler as "no item".
-        return best_scores, best_ids.masked_fill(best_scores == NEG_INF, 0)
-
-
-def inner_product_block(item_vectors: Tensor) -> Callable[[Tensor, int, int], Tensor]:
-    """Score block for dot-product models: (B, D) @ (n, D)^T."""
-    return lambda queries, start, end: queries @ item_vectors[start:end].T
-
-
-def faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def faiss_gpus() -> int:
-    import faiss
-
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+            if best_scores is not None:
+                chunk_scores, chunk_ids = torch.cat([best_scores, chunk_scores], 1), torch.cat([best_ids, chunk_ids], 1)
+            best_scores, pick = chunk_scores.topk(min(k, chunk_scores.shape[1]), dim=1)
+            best_ids = chunk_ids.gather(1, pick)
+        return best_scores, best_ids
 
 
 class FaissInnerProductTopK(TopKRetriever):
-    """Exact inner-product search with a FAISS flat index; on the GPU when FAISS sees one.
+    """Exact inner-product search with a FAISS flat index; on the GPU when FAISS sees one."""
 
-    FAISS cannot exclude per query, so it over-fetches ``k + (largest exclusion in the
-    batch)`` results and drops the excluded ones: exact, because the excluded items are
-    the only ones that can push an allowed item out of the top k.
-    """
-
-    def __init__(self, item_vectors: Tensor) -> None:  # (N, D)
+    def __init__(self, item_vectors: Tensor, on_gpu: bool = False) -> None:  # (N, D)
         import faiss
 
         self.num_items, dim = item_vectors.shape
         index = faiss.IndexFlatIP(dim)
-        # Only hand the index to a GPU when FAISS has one: without a GPU,
-        # index_cpu_to_all_gpus silently returns an empty index.
-        if faiss_gpus() > 0:
+        if on_gpu:
             index = faiss.index_cpu_to_all_gpus(index)
         index.add(item_vectors.detach().float().cpu().contiguous().numpy())
         self.index = index
 
-    def search(self, queries, k, exclude_offsets=None, exclude_items=None):
-        device = queries.device
-        k = min(k, self.num_items)
-        extra = 0
-        if exclude_offsets is not None and len(exclude_offsets) > 1:
-            extra = int((exclude_offsets[1:] - exclude_offsets[:-1]).max())
-        fetch = min(k + extra, self.num_items)
-        scores, rows = self.index.search(queries.detach().float().cpu().contiguous().numpy(), fetch)
-        scores, ids = torch.from_numpy(scores), torch.from_numpy(rows).long() + 1  # rows -1 (none) -> id 0
-        scores, ids = drop_excluded(scores, ids, k, exclude_offsets, exclude_items, self.num_items)
-        return scores.to(device), ids.to(device)
+    def fetch(self, queries, k, exclude=None):
+        scores, rows = self.index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+        ids = torch.from_numpy(rows).long() + 1  # FAISS row -1 ("none") -> id 0
+        return torch.from_numpy(scores).to(queries.device), ids.to(queries.device)

@@ -1,31 +1,26 @@
-"""The contract every retrieval model shares, and the training loop on top of it.
+"""The one retrieval LightningModule: item tower, query encoder, a pluggable similarity, the training loop.
 
-Shape legend: B batch, L sequence length, D item dimension, M positions with a
-target (training queries), R sampled negatives, N corpus size (item ids 1..N).
+Shape legend: B batch, L sequence length, D item dimension, M positions with a target (training
+queries), R sampled negatives, N corpus size (item ids 1..N).
 
-A subclass decides what a query and an item *are* (a vector for the dot product,
-component embeddings plus gate inputs for Mixture-of-Logits) and how they score:
+    history (B, L) --item tower--> (B, L, D) --query encoder--> states (B, L, D)
+    states at the M target positions --similarity.query_representation--> queries
+    item ids --item tower--> (.., D) --similarity.item_representation--> items
+    sampled softmax over similarity.pair_scores (positives) and similarity.cross_scores (shared negatives)
 
-* ``query_representation(states)``  encoder states (..., D) -> query representation
-* ``item_representation(item_ids)``  item ids (...,) -> item representation
-* ``score_pairs(q, x)``              M queries x their M items -> (M,)
-* ``score_cross(q, x)``              M queries x R shared items -> ((M, R), aux losses)
-* ``build_retriever(items)``         the top-k routine the corpus callback uses
+Models differ only in their similarity (``DotProduct`` for the two-tower model, ``MixtureOfLogits``
+for MoL), chosen with ``class_path``. The evaluation callback talks to the module through
+``encode_queries``, ``encode_corpus``, ``exact_retriever`` and ``approximate_retriever``.
 
-and optionally:
-
-* ``represent_queries(states, user_ids)``  the same with the matching user ids (...,), for
-  models with a user-id component (default: ``query_representation(states)``)
-* ``build_approximate_retriever(items)``   a fast approximate top-k the callback evaluates
-  next to the exact one (default: None)
-
-Everything else (item tower, query encoder, negatives, loss, optimiser, the
-evaluation hooks) lives here, so models differ only in their similarity.
+Checkpoints describe themselves: the encoder and the similarity are stored as ``class_path`` +
+``init_args`` (plain data), so ``RetrievalModule.load_from_checkpoint(path, weights_only=True)``
+rebuilds the exact model without a config file.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -33,15 +28,19 @@ import torch
 from torch import Tensor, nn
 
 from rails_lightning.data.batches import QueryBatch, TrainBatch
+from rails_lightning.data.datamodule import InteractionDataModule
 from rails_lightning.losses import sampled_softmax_loss
+from rails_lightning.models.components import build_factory, describe
 from rails_lightning.models.encoders import QueryEncoder, SASRecEncoder
-from rails_lightning.retrieval.topk import TopKRetriever
+from rails_lightning.retrieval import SearchOptions, TopKRetriever
+from rails_lightning.similarity import DotProduct, Similarity
 
-QueryEncoderFactory = Callable[[int, int, int], QueryEncoder]
+QueryEncoderFactory = Callable[[int, int, int], QueryEncoder]  # (dim, num_users, max_seq_len)
+SimilarityFactory = Callable[[int, int], Similarity]  # (input_dim, num_users)
 
 
 class RetrievalModule(pl.LightningModule):
-    """Base LightningModule of every retrieval model.
+    """A retrieval model: item tower + query encoder + similarity, trained with a sampled softmax.
 
     Args:
         num_items: corpus size N (linked from the DataModule).
@@ -49,14 +48,19 @@ class RetrievalModule(pl.LightningModule):
         max_seq_len: history length (linked from the DataModule).
         num_item_features: width of the item feature vectors, 0 for none (linked from the DataModule).
         item_dim: item embedding dimension D (also the query encoder's width).
-        query_encoder: the query tower, chosen with ``class_path``.
+        query_encoder: the query tower, chosen with ``class_path`` (in Python: a class, a
+            ``functools.partial`` of one, or a ``{"class_path", "init_args"}`` dict).
+        similarity: how queries and items score, chosen with ``class_path``: ``DotProduct``
+            (the two-tower model) or ``MixtureOfLogits`` (MoL); in Python as ``query_encoder``.
         num_negatives: negatives drawn uniformly from the corpus, shared by the whole batch.
         num_in_batch_negatives: negatives drawn from the batch's own positives (popularity-distributed), shared.
         logq_correction: subtract the log expected count of each negative (needed for in-batch negatives).
         temperature: softmax temperature applied to the scores.
         learn_temperature: learn the temperature (initialised at ``temperature``).
         learning_rate: AdamW learning rate.
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay of matrices and embeddings.
+        decay_all_parameters: also decay biases, norm weights and scalars (by default they are not
+            decayed, as transformer recipes do).
         betas: AdamW betas.
     """
 
@@ -67,7 +71,8 @@ class RetrievalModule(pl.LightningModule):
         max_seq_len: int = 50,
         num_item_features: int = 0,
         item_dim: int = 64,
-        query_encoder: QueryEncoderFactory = SASRecEncoder,
+        query_encoder: QueryEncoderFactory = partial(SASRecEncoder),
+        similarity: SimilarityFactory = partial(DotProduct),
         num_negatives: int = 128,
         num_in_batch_negatives: int = 0,
         logq_correction: bool = True,
@@ -75,13 +80,26 @@ class RetrievalModule(pl.LightningModule):
         learn_temperature: bool = False,
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-3,
+        decay_all_parameters: bool = False,
         betas: tuple[float, float] = (0.9, 0.98),
     ) -> None:
         super().__init__()
-        # The encoder factory is a callable, not data: the saved run config (config.yaml) rebuilds it.
-        self.save_hyperparameters(ignore=["query_encoder"])
+        # (The factory defaults are partials, not bare classes: jsonargparse 4.53 drops a class_path that
+        # equals a bare-class default when it comes from a config file.)
         if num_negatives + num_in_batch_negatives <= 0:
             raise ValueError("need at least one negative: set num_negatives or num_in_batch_negatives > 0")
+        # The hyperparameters are the arguments, the two factories as plain class_path specs.
+        self.save_hyperparameters(
+            {
+                "num_items": num_items, "num_users": num_users, "max_seq_len": max_seq_len,
+                "num_item_features": num_item_features, "item_dim": item_dim,
+                "query_encoder": describe(query_encoder), "similarity": describe(similarity),
+                "num_negatives": num_negatives, "num_in_batch_negatives": num_in_batch_negatives,
+                "logq_correction": logq_correction, "temperature": temperature, "learn_temperature": learn_temperature,
+                "learning_rate": learning_rate, "weight_decay": weight_decay,
+                "decay_all_parameters": decay_all_parameters, "betas": list(betas),
+            }
+        )
         self.num_items = num_items
         # Item tower: id embedding (+ a linear map of the item features, e.g. genres).
         self.item_embedding = nn.Embedding(num_items + 1, item_dim, padding_idx=0)
@@ -91,36 +109,18 @@ class RetrievalModule(pl.LightningModule):
         self.item_feature_projection = nn.Linear(num_item_features, item_dim, bias=False) if num_item_features else None
         # Filled from the DataModule in `setup`, saved in checkpoints with the weights.
         self.register_buffer("item_features", torch.zeros(num_items + 1, num_item_features))
-        self.query_encoder = query_encoder(item_dim, num_users, max_seq_len)
+        self.query_encoder = build_factory(query_encoder, QueryEncoder)(item_dim, num_users, max_seq_len)
+        self.similarity: Similarity = build_factory(similarity, Similarity)(item_dim, num_users)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
 
-    # ------------------------------------------------------------------ what subclasses define
-    def query_representation(self, states: Tensor) -> Any:
-        raise NotImplementedError
-
-    def item_representation(self, item_ids: Tensor) -> Any:
-        raise NotImplementedError
-
-    def score_pairs(self, queries: Any, items: Any) -> Tensor:
-        raise NotImplementedError
-
-    def score_cross(self, queries: Any, items: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError
-
-    def build_retriever(self, items: Any) -> TopKRetriever:
-        raise NotImplementedError
-
-    def represent_queries(self, states: Tensor, user_ids: Tensor) -> Any:
-        """Query representation of states (..., D) whose user ids are (...,); ignores the ids by default."""
-        return self.query_representation(states)
-
-    def build_approximate_retriever(self, items: Any) -> TopKRetriever | None:
-        """An approximate top-k to evaluate against ``build_retriever``'s exact one; None by default."""
-        return None
+    @property
+    def model_name(self) -> str:
+        """``TwoTower`` or ``MoL``: the name of the model this similarity makes."""
+        return self.similarity.model_name
 
     # ------------------------------------------------------------------ towers
     def item_vectors(self, item_ids: Tensor) -> Tensor:
-        """The item tower's raw output (..., D), before any model-specific head."""
+        """The item tower's output (..., D), before the similarity's head."""
         x = self.item_embedding(item_ids)
         if self.item_feature_projection is not None:
             x = x + self.item_feature_projection(self.item_features[item_ids])
@@ -131,16 +131,35 @@ class RetrievalModule(pl.LightningModule):
         return self.query_encoder(user_ids, self.item_vectors(input_ids), input_ids > 0)
 
     def encode_queries(self, batch: QueryBatch) -> Any:
-        """The query representation of each evaluation query (the last position)."""
-        return self.represent_queries(self.encode_sequence(batch.user_ids, batch.input_ids)[:, -1], batch.user_ids)
+        """The query representation of each evaluation query (the last position of its history)."""
+        states = self.encode_sequence(batch.user_ids, batch.input_ids)[:, -1]  # (B, D)
+        return self.similarity.query_representation(states, batch.user_ids)
 
     def encode_items(self, item_ids: Tensor) -> Any:
-        return self.item_representation(item_ids)
+        """Item ids (...,) -> the similarity's item representations."""
+        return self.similarity.item_representation(self.item_vectors(item_ids))
+
+    def encode_corpus(self, batch_size: int = 65536) -> Any:
+        """Item representations of the whole corpus (ids 1..N), encoded ``batch_size`` items at a time."""
+        ids = torch.arange(1, self.num_items + 1, device=self.device)
+        parts = [self.encode_items(chunk) for chunk in ids.split(batch_size)]
+        if isinstance(parts[0], Tensor):
+            return torch.cat(parts)
+        return type(parts[0])(*(torch.cat(fields) for fields in zip(*parts)))
+
+    # ------------------------------------------------------------------ retrieval (the similarity's)
+    def exact_retriever(self, items: Any, options: SearchOptions) -> TopKRetriever:
+        """Exact top-k over the encoded corpus ``items``."""
+        return self.similarity.exact_retriever(items, options)
+
+    def approximate_retriever(self, items: Any, options: SearchOptions) -> TopKRetriever | None:
+        """The similarity's approximate top-k over ``items``, or None."""
+        return self.similarity.approximate_retriever(items, options)
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        features = getattr(datamodule, "item_features", None)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        features = datamodule.item_features if isinstance(datamodule, InteractionDataModule) else None
         if features is not None and features.shape == self.item_features.shape:
             self.item_features.copy_(features)
 
@@ -163,12 +182,12 @@ class RetrievalModule(pl.LightningModule):
         states = self.encode_sequence(batch.user_ids, batch.input_ids)  # (B, L, D)
         has_target = batch.target_ids > 0  # (B, L)
         user_ids = batch.user_ids[:, None].expand_as(batch.target_ids)[has_target]  # (M,)
-        queries = self.represent_queries(states[has_target], user_ids)  # M queries
+        queries = self.similarity.query_representation(states[has_target], user_ids)  # M queries
         positive_ids = batch.target_ids[has_target]  # (M,)
         negative_ids, log_counts = self.sample_negatives(positive_ids)  # (R,), (R,)
         inv_temperature = torch.exp(-self.log_temperature)
-        positive_logits = self.score_pairs(queries, self.item_representation(positive_ids)) * inv_temperature
-        negative_scores, aux_losses = self.score_cross(queries, self.item_representation(negative_ids))
+        positive_logits = self.similarity.pair_scores(queries, self.encode_items(positive_ids)) * inv_temperature  # (M,)
+        negative_scores, auxiliary = self.similarity.cross_scores(queries, self.encode_items(negative_ids))  # (M, R)
         loss = sampled_softmax_loss(
             positive_logits,
             negative_scores * inv_temperature,
@@ -178,10 +197,11 @@ class RetrievalModule(pl.LightningModule):
         )
         batch_size = batch.input_ids.shape[0]
         self.log("train/softmax_loss", loss, prog_bar=True, batch_size=batch_size)
-        for name, value in aux_losses.items():
+        for name, value in auxiliary.losses.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
-            if name.endswith("_loss"):
-                loss = loss + value
+            loss = loss + value
+        for name, value in auxiliary.statistics.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
         if self.hparams.learn_temperature:
             self.log("train/temperature", self.log_temperature.exp(), batch_size=batch_size)
         return loss
@@ -212,12 +232,9 @@ class RetrievalModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        return torch.optim.AdamW(self.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=hp.betas)
-
-    def encode_corpus(self, chunk_size: int = 65536) -> Any:
-        """Item representations of the whole corpus (ids 1..N), encoded in chunks."""
-        ids = torch.arange(1, self.num_items + 1, device=self.device)
-        parts = [self.item_representation(chunk) for chunk in ids.split(chunk_size)]
-        if isinstance(parts[0], Tensor):
-            return torch.cat(parts)
-        return type(parts[0])(*(torch.cat(fields) for fields in zip(*parts)))
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        # Matrices and embeddings are decayed; biases, norm weights and scalars (ndim < 2) are not.
+        decayed = [p for p in trainable if hp.decay_all_parameters or p.ndim >= 2]
+        kept = [p for p in trainable if not (hp.decay_all_parameters or p.ndim >= 2)]
+        groups = [{"params": decayed, "weight_decay": hp.weight_decay}, {"params": kept, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate, betas=tuple(hp.betas))

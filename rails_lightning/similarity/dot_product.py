@@ -1,0 +1,43 @@
+"""Dot-product similarity: the two-tower baseline every paper compares against.
+
+Shape legend: see ``rails_lightning.similarity.base``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from rails_lightning.retrieval import SearchOptions, TopKRetriever, inner_product_retriever
+from rails_lightning.similarity.base import Auxiliary, Similarity
+
+
+class DotProduct(Similarity):
+    """Dot product of the query state and the item vector (cosine when normalised).
+
+    Args:
+        input_dim: D (passed by the model).
+        num_users: number of users (passed by the model; unused).
+        normalize: L2-normalise queries and items, so that the score is their cosine.
+    """
+
+    model_name = "TwoTower"
+
+    def __init__(self, input_dim: int, num_users: int, normalize: bool = True) -> None:
+        super().__init__(input_dim, num_users)
+        self.normalize = normalize
+
+    def query_representation(self, states: Tensor, user_ids: Tensor) -> Tensor:
+        return F.normalize(states, dim=-1) if self.normalize else states  # (..., D)
+
+    def item_representation(self, vectors: Tensor) -> Tensor:
+        return F.normalize(vectors, dim=-1) if self.normalize else vectors  # (..., D)
+
+    def pair_scores(self, queries: Tensor, items: Tensor) -> Tensor:
+        return (queries * items).sum(-1)  # (M,)
+
+    def cross_scores(self, queries: Tensor, items: Tensor) -> tuple[Tensor, Auxiliary]:
+        return queries @ items.T, Auxiliary()  # (M, R)
+
+    def exact_retriever(self, items: Tensor, options: SearchOptions) -> TopKRetriever:  # items: (N, D)
+        return inner_product_retriever(items, options)

@@ -1,0 +1,196 @@
+"""Mixture-of-Logits (MoL): the score is a gated mixture of component dot products.
+
+    s(q, x) = sum_p pi_p(q, x) * <f_i(q), g_j(x)>,   p = (i, j), i < P_Q, j < P_X
+
+Shape legend: M queries, R items (training: M positions with a target, R shared negatives;
+retrieval: M = B queries, R = a chunk of the corpus), C candidates per query, D input
+dimension, D_P component dimension, P_Q query components, P_X item components,
+P = P_Q * P_X mixture components (flattened as p = i * P_X + j), H gate hidden size.
+
+Both heads see their input L2-normalised and scaled by sqrt(D) (unit variance per dimension,
+like a LayerNorm output, whatever the encoder): raw item embeddings are small, and an MLP with
+biases would map every item to nearly the same components, so that no item could be told
+apart at initialisation.
+
+* Query side: the query encoder's state (..., D) -> P_Q L2-normalised component embeddings
+  (a small MLP; optionally the last one is a learned user-id embedding) and the query's
+  gate logits (..., P).
+* Item side: the item tower's vector (..., D) -> P_X L2-normalised component embeddings and
+  the item's gate logits (..., P).
+* Gate: softmax over P of (query gate logits + item gate logits + an MLP of the P component
+  logits + a learned scale times the logits), with dropout on the probabilities while training.
+  The query and item parts are computed once per query / item; only the component-logit MLP
+  runs per (query, item) pair.
+* Load balancing: ``-H(mean_batch pi) + mean_batch H(pi)`` over the (query, negative) gates,
+  weighted and added to the loss as ``load_balancing_loss``; logged with the gate entropy
+  and the per-component usage.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rails_lightning.losses import entropy, load_balancing_loss
+from rails_lightning.retrieval import SearchOptions, TopKRetriever
+from rails_lightning.retrieval.mol_topk import MoLExactTopK
+from rails_lightning.similarity.base import Auxiliary, Similarity
+
+
+class MoLQueries(NamedTuple):
+    components: Tensor  # (..., P_Q, D_P), unit norm
+    gate_logits: Tensor  # (..., P)
+
+
+class MoLItems(NamedTuple):
+    components: Tensor  # (..., P_X, D_P), unit norm
+    gate_logits: Tensor  # (..., P)
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """Linear -> SiLU -> Linear, or a single Linear when ``hidden_dim`` is 0."""
+    if hidden_dim <= 0:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim))
+
+
+ApproximateTopK = Callable[["MixtureOfLogits", MoLItems, SearchOptions], TopKRetriever]
+
+
+class MixtureOfLogits(Similarity):
+    """Mixture-of-Logits over P_Q x P_X component embeddings, with a learned gate.
+
+    Args:
+        input_dim: D (passed by the model).
+        num_users: number of users (passed by the model; sizes the user-id component).
+        num_query_components: P_Q, query component embeddings (including the user-id one).
+        num_item_components: P_X, item component embeddings.
+        component_dim: D_P, dimension of every component embedding.
+        component_hidden_dim: hidden width of the MLPs that map the query state / item vector
+            to the component embeddings; 0 for a single linear map.
+        user_id_component: make the last query component a learned user-id embedding.
+        gate_hidden_dim: hidden width H of the gate MLPs (query part, item part, component-logit part);
+            0 for linear maps.
+        gate_dropout: dropout on the gate probabilities while training.
+        gate_logit_scale: the component logits also enter the gate directly, times a learned scale
+            initialised here: s > 0 starts the mixture leaning towards each pair's largest
+            logits (a soft max over components, as multi-interest retrieval does), 0 starts it
+            uniform (an average of the component dot products).
+        load_balancing_weight: weight of the mutual-information load-balancing loss.
+        approximate_topk: a RAILS approximate top-k (``class_path`` of a class in
+            ``rails_lightning.retrieval.mol_topk`` with its ``k_prime``), evaluated next to the
+            exact top-k; None for exact only.
+    """
+
+    model_name = "MoL"
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_users: int,
+        num_query_components: int = 8,
+        num_item_components: int = 4,
+        component_dim: int = 64,
+        component_hidden_dim: int = 256,
+        user_id_component: bool = False,
+        gate_hidden_dim: int = 64,
+        gate_dropout: float = 0.2,
+        gate_logit_scale: float = 0.0,
+        load_balancing_weight: float = 1e-3,
+        approximate_topk: ApproximateTopK | None = None,
+    ) -> None:
+        super().__init__(input_dim, num_users)
+        if user_id_component and num_query_components < 2:
+            raise ValueError("user_id_component needs num_query_components >= 2 (one from the encoder, one user id)")
+        P_Q, P_X, D_P = num_query_components, num_item_components, component_dim
+        self.num_query_components, self.num_item_components = P_Q, P_X
+        self.num_components = P = P_Q * P_X
+        self.num_encoded_components = P_Q - 1 if user_id_component else P_Q
+        self.load_balancing_weight = load_balancing_weight
+        self.approximate_topk = approximate_topk
+        self.query_components = _mlp(input_dim, component_hidden_dim, self.num_encoded_components * D_P)
+        self.user_component = nn.Embedding(num_users, D_P) if user_id_component else None
+        self.item_components = _mlp(input_dim, component_hidden_dim, P_X * D_P)
+        self.query_gate = _mlp(input_dim, gate_hidden_dim, P)
+        self.item_gate = _mlp(input_dim, gate_hidden_dim, P)
+        self.logit_gate = _mlp(P, gate_hidden_dim, P)
+        self.logit_scale = nn.Parameter(torch.tensor(float(gate_logit_scale)))
+        self.gate_dropout = nn.Dropout(gate_dropout)
+
+    # ------------------------------------------------------------------ representations
+    @staticmethod
+    def _head_input(vectors: Tensor) -> Tensor:
+        return F.normalize(vectors, dim=-1) * vectors.shape[-1] ** 0.5  # (..., D), unit variance per dimension
+
+    def query_representation(self, states: Tensor, user_ids: Tensor) -> MoLQueries:
+        """(..., D) encoder states, (...,) user ids -> components (..., P_Q, D_P), gate logits (..., P)."""
+        states = self._head_input(states)
+        components = self.query_components(states).unflatten(-1, (self.num_encoded_components, -1))  # (..., P_Q', D_P)
+        if self.user_component is not None:
+            components = torch.cat([components, self.user_component(user_ids)[..., None, :]], dim=-2)  # (..., P_Q, D_P)
+        return MoLQueries(F.normalize(components, dim=-1), self.query_gate(states))
+
+    def item_representation(self, vectors: Tensor) -> MoLItems:
+        """Item-tower vectors (..., D) -> components (..., P_X, D_P), gate logits (..., P)."""
+        vectors = self._head_input(vectors)
+        components = self.item_components(vectors).unflatten(-1, (self.num_item_components, -1))  # (..., P_X, D_P)
+        return MoLItems(F.normalize(components, dim=-1), self.item_gate(vectors))
+
+    # ------------------------------------------------------------------ mixture
+    def mix(self, logits: Tensor, query_gate_logits: Tensor, item_gate_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Component logits (..., P) and broadcastable gate logits -> scores (...), gate probabilities (..., P)."""
+        if not torch.is_grad_enabled():  # retrieval: the same arithmetic in place, (..., P) buffers are large
+            gate_logits = self.logit_gate(logits).add_(logits, alpha=float(self.logit_scale))
+            gates = torch.softmax(gate_logits.add_(query_gate_logits).add_(item_gate_logits), dim=-1)  # (..., P)
+            return torch.linalg.vecdot(self.gate_dropout(gates), logits), gates
+        gate_logits = self.logit_gate(logits) + self.logit_scale * logits  # (..., P)
+        gates = torch.softmax(gate_logits + query_gate_logits + item_gate_logits, dim=-1)  # (..., P)
+        return (self.gate_dropout(gates) * logits).sum(-1), gates
+
+    def cross(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
+        """M queries x R items -> scores (M, R), gates (M, R, P)."""
+        (M, P_Q, D_P), R, P_X = queries.components.shape, items.components.shape[0], self.num_item_components
+        # One matmul for all component pairs: (M * P_Q, D_P) @ (D_P, R * P_X).
+        logits = queries.components.reshape(M * P_Q, D_P) @ items.components.reshape(R * P_X, D_P).T
+        logits = logits.view(M, P_Q, R, P_X).permute(0, 2, 1, 3).reshape(M, R, P_Q * P_X)  # (M, R, P)
+        return self.mix(logits, queries.gate_logits[:, None, :], items.gate_logits[None, :, :])
+
+    def pairs(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
+        """M queries x their own M items -> scores (M,), gates (M, P)."""
+        logits = torch.bmm(queries.components, items.components.transpose(1, 2)).flatten(1)  # (M, P)
+        return self.mix(logits, queries.gate_logits, items.gate_logits)
+
+    def gathered(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
+        """M queries x their own C candidates (items with leading (M, C)) -> scores (M, C), gates (M, C, P)."""
+        M, C, P_X, D_P = items.components.shape
+        logits = torch.bmm(items.components.reshape(M, C * P_X, D_P), queries.components.transpose(1, 2))  # (M, C*P_X, P_Q)
+        logits = logits.view(M, C, P_X, -1).transpose(2, 3).reshape(M, C, -1)  # (M, C, P), p = i * P_X + j
+        return self.mix(logits, queries.gate_logits[:, None, :], items.gate_logits)
+
+    # ------------------------------------------------------------------ the Similarity contract
+    def pair_scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
+        return self.pairs(queries, items)[0]  # (M,)
+
+    def cross_scores(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Auxiliary]:
+        scores, gates = self.cross(queries, items)  # (M, R), (M, R, P)
+        balance = load_balancing_loss(gates)  # -H(usage) + mean H(pi)
+        usage = gates.detach().reshape(-1, gates.shape[-1]).mean(0)  # (P,) share of the gate mass of each component
+        statistics = {
+            "load_balancing": balance.detach(),
+            "gate_entropy": balance.detach() + entropy(usage),  # mean H(pi), without a second pass over the gates
+            # exp(H(usage)): how many components the batch uses, P when perfectly balanced.
+            "gate_effective_components": entropy(usage).exp(),
+            "gate_usage_max": usage.max(),
+            "gate_usage_min": usage.min(),
+            "gate_logit_scale": self.logit_scale.detach(),
+        }
+        return scores, Auxiliary(losses={"load_balancing_loss": self.load_balancing_weight * balance}, statistics=statistics)
+
+    def exact_retriever(self, items: MoLItems, options: SearchOptions) -> TopKRetriever:
+        return MoLExactTopK(self, items, options)
+
+    def approximate_retriever(self, items: MoLItems, options: SearchOptions) -> TopKRetriever | None:
+        return None if self.approximate_topk is None else self.approximate_topk(self, items, options)

@@ -1,0 +1,95 @@
+"""Shared tiny fixtures and the test tiers.
+
+Tiers: ``pytest -m "not slow"`` is the fast tier for everyday work (pure functions, parity checks,
+short in-process fits); ``slow`` marks subprocess runs of the CLI, sweeps, notebooks and the real
+MovieLens files; ``gpu`` marks tests that need CUDA (skipped without it). The README's
+``python -m pytest`` runs everything.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from rails_lightning.data import InteractionDataModule, SyntheticSource
+from rails_lightning.models import RetrievalModule, SASRecEncoder
+from rails_lightning.similarity import DotProduct, MixtureOfLogits
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_DATA = Path(__file__).parent / "data"
+
+#: CLI arguments that shrink the embedded default to a run of a few seconds (CLI and sweep tests).
+TINY_CLI_ARGS = [
+    "--data.source.init_args.num_users=150",
+    "--data.source.init_args.num_items=200",
+    "--data.source.init_args.num_clusters=8",
+    "--data.source.init_args.mean_sequence_length=12",
+    "--data.max_seq_len=12",
+    "--data.batch_size=32",
+    "--model.item_dim=16",
+    "--trainer.max_epochs=2",
+    "--trainer.enable_progress_bar=false",
+]
+
+#: The two similarities of the tiny models, by model name.
+TINY_SIMILARITIES = {
+    "TwoTower": DotProduct,
+    "MoL": functools.partial(MixtureOfLogits, num_query_components=4, num_item_components=2, component_dim=16, component_hidden_dim=32),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_cli_args() -> list[str]:
+    return list(TINY_CLI_ARGS)
+
+
+def make_tiny_data(**kwargs) -> InteractionDataModule:
+    """300 users, 400 items in 10 clusters, histories of ~15: a fit of a few seconds."""
+    source = SyntheticSource(num_users=300, num_items=400, num_clusters=10, mean_sequence_length=15, seed=1)
+    return InteractionDataModule(source, **{"max_seq_len": 16, "batch_size": 32, "eval_batch_size": 128, **kwargs})
+
+
+def make_tiny_model(data: InteractionDataModule, model: str = "TwoTower", **kwargs) -> RetrievalModule:
+    """A 16-dimensional one-layer SASRec model of either similarity on ``data``."""
+    options = {
+        "item_dim": 16, "query_encoder": functools.partial(SASRecEncoder, num_layers=1),
+        "similarity": TINY_SIMILARITIES[model], "num_negatives": 32, "learning_rate": 5e-3, **kwargs,
+    }
+    return RetrievalModule(data.num_items, data.num_users, data.max_seq_len, data.num_item_features, **options)
+
+
+@pytest.fixture
+def tiny_data() -> InteractionDataModule:
+    return make_tiny_data()
+
+
+class LossRecorder(pl.Callback):
+    """Keeps the training loss of every step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def cpu_trainer(root, epochs: int, callbacks=(), **kwargs) -> pl.Trainer:
+    """A quiet one-process CPU trainer writing under ``root``."""
+    options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0, **kwargs}
+    return pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=root, callbacks=list(callbacks), **options
+    )
