@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -114,12 +115,12 @@ class RailsCLI(LightningCLI):
         self.run_dir = Path(run_dir).resolve()
         config.run_dir = str(self.run_dir)
         config.trainer.default_root_dir = str(self.run_dir)
+        # Loggers and callbacks are config entries here ({class_path, init_args}), or a bool for `logger`.
         for logger in _as_list(config.trainer.logger):
-            init = getattr(logger, "init_args", None)
-            if init is not None and "save_dir" in init:
-                init.save_dir = str(self.run_dir)
+            if isinstance(logger, Namespace) and "save_dir" in logger.get("init_args", {}):
+                logger.init_args.save_dir = str(self.run_dir)
         for callback in _as_list(config.trainer.callbacks or []):
-            if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and not callback.init_args.dirpath:
+            if str(callback.class_path).endswith("ModelCheckpoint") and not callback.init_args.dirpath:
                 callback.init_args.dirpath = str(self.run_dir / "checkpoints")
         # W&B must never block on a login prompt or an unreachable server: no credentials, or no
         # answer from the server -> offline (sync later with `wandb sync`).

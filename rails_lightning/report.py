@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "comparison table (summary.md: the metric per run, mean ± std per model beside the most-popular baseline) "
         "and a PNG of HR@K against K per model (hr_at_k.png).",
     )
-    parser.add_argument("runs", nargs="+", help="run directories (with metrics.json), folders of them, or local sweep directories")
+    parser.add_argument("runs", nargs="+", help="run directories (with run.json), folders of them, or local sweep directories")
     parser.add_argument("--out", default=None, help="output folder (default: sweeps_out/report-<date-time>)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"headline metric of the tables (default {DEFAULT_METRIC})")
     return parser
