@@ -1,14 +1,22 @@
 """``python -m rails_lightning COMMAND``: ``sweep`` and ``report`` are plain commands, every other
-command is a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
+command is a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``).
+
+Errors a user can fix (bad data, config, checkpoint; a diverged training; a failed sweep) are printed
+as one line and exit with status 1; ``--debug`` anywhere on the command line, or
+``RAILS_LIGHTNING_DEBUG=1``, shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
+from rails_lightning.errors import UserError
 
-def main(argv: list[str] | None = None) -> int:
-    command_line = argv is None
-    argv = sys.argv[1:] if argv is None else list(argv)
+DEBUG_FLAG = "--debug"
+
+
+def _run(argv: list[str], command_line: bool) -> int:
     if argv and argv[0] == "sweep":
         from rails_lightning import sweep
 
@@ -21,6 +29,25 @@ def main(argv: list[str] | None = None) -> int:
 
     cli.main(None if command_line else argv)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    command_line = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = DEBUG_FLAG in argv or os.environ.get("RAILS_LIGHTNING_DEBUG", "") not in ("", "0")
+    if DEBUG_FLAG in argv:
+        argv = [a for a in argv if a != DEBUG_FLAG]
+        if command_line:
+            sys.argv = [sys.argv[0], *argv]
+    try:
+        return _run(argv, command_line)
+    except UserError as error:
+        if "rails_lightning.cli" in sys.modules:
+            sys.modules["rails_lightning.cli"].remove_unused_run_dirs()
+        if debug:
+            raise
+        print(f"rails_lightning: error: {error}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,26 +10,29 @@ run: the run directory, W&B mode, the saved config, the run record (``run.json``
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
 from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.data.datamodule import InteractionDataModule
+from rails_lightning.errors import CheckpointError, ConfigError
 from rails_lightning.models.components import build_factory
 from rails_lightning.models.retrieval_module import RetrievalModule
 from rails_lightning.retrieval.popularity import popularity_baseline
-from rails_lightning.runs import RunRecord
+from rails_lightning.runs import RECORD_FILE, RunRecord
 from rails_lightning.similarity import Similarity
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 MODEL_PRESETS = {path.stem: path for path in (Path(__file__).parent / "configs" / "models").glob("*.yaml")}
 REPORT_KEYS = ("hr@10", "ndcg@10", "mrr")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+STARTED_RUN_DIRS: list[Path] = []  # this process's run directories, for clean-up after a failure
 
 
 def _wandb_has_credentials() -> bool:
@@ -126,9 +129,45 @@ class RailsCLI(LightningCLI):
         # answer from the server -> offline (sync later with `wandb sync`).
         if "WANDB_MODE" not in os.environ and not (_wandb_has_credentials() and _wandb_reachable()):
             os.environ["WANDB_MODE"] = "offline"
-        if self.subcommand is not None:  # only real runs get a directory and a message
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._print(f"run directory: {self.run_dir}")
+        self._safe_checkpoint(config)
+        if self.subcommand == "fit" and not config.get("ckpt_path") and _holds_a_run(self.run_dir):
+            raise ConfigError(
+                f"{self.run_dir} already holds a run; resume it with --ckpt_path={self.run_dir / 'checkpoints' / 'last.ckpt'} "
+                "or choose another --run_dir"
+            )
+        if self.subcommand in ("validate", "test", "predict") and not config.get("ckpt_path"):
+            self._print(f"no --ckpt_path: {self.subcommand} evaluates a freshly initialised (untrained) model")
+
+    def _safe_checkpoint(self, config) -> None:
+        """Checkpoints are only ever loaded with ``weights_only=True`` (no code runs from a file); one given
+        by URL is downloaded to a cache keyed by the whole URL, not its file name."""
+        if "weights_only" not in config:
+            return
+        if config.weights_only is False:
+            raise ConfigError("--weights_only=false would let a checkpoint run code when it is loaded; rails_lightning refuses it")
+        config.weights_only = True
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
+            return
+        if "://" in str(ckpt_path):
+            config.ckpt_path = str(download_checkpoint(str(ckpt_path)))
+        elif not Path(ckpt_path).is_file():
+            raise CheckpointError(f"{ckpt_path}: checkpoint not found (--ckpt_path takes a .ckpt file, e.g. RUN_DIR/checkpoints/last.ckpt)")
+
+    def _start_run(self) -> None:
+        """The run directory exists from here on (not before: a failed set-up leaves nothing behind)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        STARTED_RUN_DIRS.append(self.run_dir)
+        self._print(f"run directory: {self.run_dir}")
+
+    def before_validate(self) -> None:
+        self._start_run()
+
+    def before_test(self) -> None:
+        self._start_run()
+
+    def before_predict(self) -> None:
+        self._start_run()
 
     @rank_zero_only
     def _print(self, message: str) -> None:
@@ -136,6 +175,8 @@ class RailsCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()
+        self.datamodule.setup("fit")  # refuses empty splits before anything is written
+        self._start_run()
         summary = self.datamodule.summary()
         self._print("data: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         for logger in self.trainer.loggers:
@@ -188,10 +229,12 @@ class RailsCLI(LightningCLI):
         )
 
     def _write_evaluation(self, stage: str, status: str) -> None:
+        """The record of a validate / test run; beside (not over) the record of a finished fit in that directory."""
         if self.trainer.is_global_zero:
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
             ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-            path = self._record(status=status, checkpoint=ckpt_path, **{stage: metrics}).write()
+            filename = f"{self.subcommand}.json" if RunRecord.read(self.run_dir).status == "finished" else RECORD_FILE
+            path = self._record(status=status, checkpoint=ckpt_path, **{stage: metrics}).write(filename)
             self._print(f"run record: {path}")
 
     def _report(self, val: dict, test: dict, best: str | None, fit_seconds: float) -> None:
@@ -224,6 +267,35 @@ class RailsCLI(LightningCLI):
         self._print(f"run record: {path}")
 
 
+CHECKPOINT_CACHE = Path(os.environ.get("RAILS_LIGHTNING_CACHE", "~/.cache/rails_lightning")).expanduser() / "checkpoints"
+
+
+def download_checkpoint(url: str, timeout: float = 60.0) -> Path:
+    """A checkpoint URL -> a local file under a folder named by the URL's hash (two URLs with the same
+    file name never share a file); written to a temporary file and renamed when complete."""
+    import hashlib
+    import tempfile
+    import urllib.request
+
+    folder = CHECKPOINT_CACHE / hashlib.sha256(url.encode()).hexdigest()[:24]
+    path = folder / (Path(url.split("?", 1)[0]).name or "model.ckpt")
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
+            while chunk := response.read(1 << 20):
+                tmp.write(chunk)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{url}: could not download the checkpoint ({error})") from error
+    os.replace(tmp.name, path)
+    return path
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    return (run_dir / RECORD_FILE).exists() or any((run_dir / "checkpoints").glob("*.ckpt"))
+
+
 def _expand_model_presets(argv: list[str]) -> list[str]:
     """``--model=MoL`` / ``--model TwoTower`` -> the ready-made model file of that name (configs/models/)."""
     out = list(argv)
@@ -244,15 +316,59 @@ def main(args: list[str] | None = None, run: bool = True) -> RailsCLI:
         argv = _expand_model_presets(list(args))
     if run:
         _keep_freed_memory()
-    return RailsCLI(
-        RetrievalModule,
-        InteractionDataModule,
-        save_config_callback=SaveConfigToRunDir,
-        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-        # Every subcommand starts from the embedded default; --config files override it.
-        parser_kwargs={subcommand: {"default_config_files": [str(DEFAULT_CONFIG)]} for subcommand in SUBCOMMANDS}
-        if run
-        else {"default_config_files": [str(DEFAULT_CONFIG)]},
-        args=argv,
-        run=run,
-    )
+    _check_config_files(sys.argv[1:] if argv is None else argv)
+    # Parse errors raise (ConfigError below) instead of printing the whole usage and exiting.
+    parser_kwargs = {"default_config_files": [str(DEFAULT_CONFIG)], "exit_on_error": False}
+    try:
+        return RailsCLI(
+            RetrievalModule,
+            InteractionDataModule,
+            save_config_callback=SaveConfigToRunDir,
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+            # Every subcommand starts from the embedded default; --config files override it.
+            parser_kwargs={"exit_on_error": False, **{subcommand: parser_kwargs for subcommand in SUBCOMMANDS}}
+            if run
+            else parser_kwargs,
+            args=argv,
+            run=run,
+        )
+    except ArgumentError as error:
+        raise ConfigError(f"{_first_line(str(error))} (see `python -m rails_lightning fit --help`)") from error
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            "refused to load the checkpoint: it holds objects other than weights and plain data, and loading them "
+            "would run code from the file (torch: weights-only load failed)"
+        ) from error
+
+
+def remove_unused_run_dirs() -> None:
+    """After a failed command: remove the run directories it started that hold nothing but their config."""
+    for run_dir in STARTED_RUN_DIRS:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
+            for leftover in run_dir.iterdir():
+                leftover.unlink()
+            run_dir.rmdir()
+
+
+def _first_line(message: str) -> str:
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return " ".join(lines[:3]) if lines else message
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Every ``--config FILE`` exists and is valid YAML; errors name the file and the line."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: config file not found (--config takes a YAML file, e.g. configs/ml-1m/mol.yaml)")
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from error

@@ -75,9 +75,9 @@ class RunRecord:
         return self.config.get("seed_everything")
 
     # ------------------------------------------------------------------ files
-    def write(self) -> Path:
-        """Write ``run.json`` atomically (a temporary file in the same directory, then renamed)."""
-        path = Path(self.run_dir) / RECORD_FILE
+    def write(self, filename: str = RECORD_FILE) -> Path:
+        """Write the record (``run.json``) atomically: a temporary file in the same directory, then renamed."""
+        path = Path(self.run_dir) / filename
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(_finite(asdict(self)), indent=2)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".run-", suffix=".json", delete=False) as tmp:

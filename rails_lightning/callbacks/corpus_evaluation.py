@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
 from rails_lightning.metrics import RetrievalMetrics
@@ -67,6 +68,7 @@ class CorpusEvaluation(Callback):
         self.retriever = None
         self.search_seconds = 0.0
         self.history: list[dict[str, float]] = []
+        self._warned_small_corpus = False
         # Only used when the model offers an approximate top-k.
         self.approx_metrics = RetrievalMetrics(self.ks)
         self.approx_recall = MeanMetric()
@@ -77,6 +79,12 @@ class CorpusEvaluation(Callback):
     def _start(self, pl_module: pl.LightningModule, approximate: bool = True) -> None:
         if not isinstance(pl_module, RetrievalModule):
             raise TypeError(f"CorpusEvaluation evaluates a RetrievalModule, not {type(pl_module).__name__}")
+        if max(self.ks) > pl_module.num_items and not self._warned_small_corpus:
+            self._warned_small_corpus = True
+            rank_zero_warn(
+                f"ks {list(self.ks)} go beyond the corpus ({pl_module.num_items} items): at K >= {pl_module.num_items} "
+                "every allowed item is retrieved, so HR@K there is the share of targets not excluded"
+            )
         started = time.perf_counter()
         with torch.no_grad():
             items = pl_module.encode_corpus(self.encode_batch_size)

@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from rails_lightning.data.batches import QueryBatch, TrainBatch
 from rails_lightning.data.sequences import (
+    DataError,
     QuerySet,
     SequenceStore,
     Split,
@@ -21,6 +22,7 @@ from rails_lightning.data.sequences import (
     last_window,
     leave_one_out_split,
     temporal_split,
+    without_targets,
 )
 from rails_lightning.data.source import InteractionSource
 from rails_lightning.data.synthetic import SyntheticSource
@@ -67,6 +69,8 @@ class _Queries(Dataset):
         # Targets right after the history, padded to T columns.
         targets = last_window(self.store.items, history_end, target_end, self.max_targets)  # (B, T)
         exclude_offsets, exclude_items = gather_ranges(self.store.items, starts, history_end)
+        # The history is excluded from the ranking, but never the query's own target(s).
+        exclude_offsets, exclude_items = without_targets(exclude_offsets, exclude_items, targets, self.store.num_items)
         return QueryBatch(
             user_ids=torch.from_numpy(users),
             input_ids=torch.from_numpy(inputs),
@@ -101,6 +105,9 @@ class InteractionDataModule(pl.LightningDataModule):
         val_fraction: temporal split only: share of events in the validation period.
         test_fraction: temporal split only: share of events in the test period.
         use_item_features: expose item genres (when the source has them) to the item tower.
+        drop_consecutive_repeats: collapse a user's consecutive events on the same item into one
+            (for logs where a repeat is a re-click rather than a new consumption). Exact duplicate
+            rows (same user, item and order) are always dropped.
         num_workers: DataLoader worker processes (0 is fastest here: batches are built with array ops).
     """
 
@@ -115,6 +122,7 @@ class InteractionDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         use_item_features: bool = False,
+        drop_consecutive_repeats: bool = False,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -125,6 +133,7 @@ class InteractionDataModule(pl.LightningDataModule):
         self.split_kind = split
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.use_item_features = use_item_features
+        self.drop_consecutive_repeats = drop_consecutive_repeats
         self.num_workers = num_workers
 
     # Loading is lazy and cached: the CLI reads `num_items` to build the model, and that
@@ -133,7 +142,7 @@ class InteractionDataModule(pl.LightningDataModule):
     def store(self) -> SequenceStore:
         raw = self.source.load()
         self._raw = raw
-        store = build_sequences(raw, self.min_interactions)
+        store = build_sequences(raw, self.min_interactions, self.drop_consecutive_repeats)
         log.info(
             "%s: %d users, %d items, %d interactions (%d users with < %d interactions dropped)",
             raw.name, store.num_users, store.num_items, store.num_interactions,
@@ -217,7 +226,31 @@ class InteractionDataModule(pl.LightningDataModule):
         }
 
     def setup(self, stage: str | None = None) -> None:
-        self.split  # noqa: B018 - builds the split once
+        """Builds the split once and refuses an empty one before any training or evaluation starts."""
+        split = self.split
+        how = f"split={self.split_kind}" + (
+            f", val_fraction={self.val_fraction}, test_fraction={self.test_fraction}" if self.split_kind == "temporal" else ""
+        )
+        if stage in (None, "fit") and len(_TrainSequences(self.store, split.train_end, self.max_seq_len)) == 0:
+            raise DataError(
+                f"{self._raw_log().name}: the training split is empty ({how}): no user has 2 training interactions; "
+                "use more data, a larger --data.min_interactions, or a smaller validation/test period"
+            )
+        for name, queries in (("validation", split.val), ("test", split.test)):
+            wanted = {"validation": (None, "fit", "validate"), "test": (None, "test", "predict")}[name]
+            if stage in wanted and len(queries) == 0:
+                fix = f"raise --data.{'val' if name == 'validation' else 'test'}_fraction" if self.split_kind == "temporal" else "use more data"
+                raise DataError(f"{self._raw_log().name}: the {name} split is empty ({how}); {fix}")
+
+    def visible_item_counts(self, stage: str) -> np.ndarray:
+        """(N + 1,) item counts over what the model sees at ``stage`` ("val" or "test"): every training
+        item, plus, for the users queried at that stage, their history up to the query (at test time
+        in leave-one-out, the validation item too)."""
+        queries = self.split.val if stage == "val" else self.split.test
+        ends = self.split.train_end.copy()
+        ends[queries.users] = np.maximum(ends[queries.users], queries.history_end)
+        _, items = gather_ranges(self.store.items, self.store.offsets[:-1], ends)
+        return np.bincount(items, minlength=self.num_items + 1)
 
     def train_dataloader(self) -> DataLoader:
         dataset = _TrainSequences(self.store, self.split.train_end, self.max_seq_len)

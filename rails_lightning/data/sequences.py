@@ -15,14 +15,18 @@ user's time-ordered sequence.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
+from rails_lightning.errors import UserError
+
 PADDING_ID = 0
+log_message = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad interaction data; the message names the file and what was wrong."""
 
 
@@ -73,37 +77,73 @@ class SequenceStore:
         return np.diff(self.offsets)
 
 
-def build_sequences(log: InteractionLog, min_interactions: int) -> SequenceStore:
-    """Drop users with fewer than ``min_interactions`` events, remap ids, sort by time."""
+def build_sequences(log: InteractionLog, min_interactions: int, drop_consecutive_repeats: bool = False) -> SequenceStore:
+    """Drop duplicate rows and users with fewer than ``min_interactions`` events, remap ids, sort by time.
+
+    A row that repeats an earlier row's (user, item, order) is an exact duplicate (a log written
+    twice) and is dropped; ``drop_consecutive_repeats`` also collapses a user's runs of the same
+    item at different times (A A B -> A B), for logs where a repeat is a re-click, not a new event.
+    """
     if len(log.user_ids) == 0:
         raise DataError(f"{log.name}: no interactions")
-    raw_users, user_index, user_counts = np.unique(log.user_ids, return_inverse=True, return_counts=True)
+    # Exact duplicates: equal (user, order, item) rows are adjacent after a stable sort on them.
+    by_key = np.lexsort((log.item_ids, log.order, log.user_ids))
+    same = (log.user_ids[by_key][1:] == log.user_ids[by_key][:-1]) & (log.order[by_key][1:] == log.order[by_key][:-1])
+    same &= log.item_ids[by_key][1:] == log.item_ids[by_key][:-1]
+    keep_row = np.ones(len(log.user_ids), dtype=bool)
+    keep_row[by_key[1:][same]] = False  # the later copies (the stable sort keeps file order within a key)
+    num_duplicates = int((~keep_row).sum())
+    if num_duplicates:
+        log_message.warning("%s: dropped %d duplicate (user, item, order) rows", log.name, num_duplicates)
+    user_ids, item_ids, order = log.user_ids[keep_row], log.item_ids[keep_row], log.order[keep_row]
+    timestamps_in = None if log.timestamps is None else log.timestamps[keep_row]
+    if drop_consecutive_repeats:
+        by_time = np.lexsort((order, user_ids))
+        repeat = np.zeros(len(user_ids), dtype=bool)
+        repeat[by_time[1:]] = (user_ids[by_time][1:] == user_ids[by_time][:-1]) & (item_ids[by_time][1:] == item_ids[by_time][:-1])
+        user_ids, item_ids, order = user_ids[~repeat], item_ids[~repeat], order[~repeat]
+        timestamps_in = None if timestamps_in is None else timestamps_in[~repeat]
+    raw_users, user_index, user_counts = np.unique(user_ids, return_inverse=True, return_counts=True)
     keep_user = user_counts >= min_interactions
     if not keep_user.any():
         raise DataError(
-            f"{log.name}: no user has at least {min_interactions} interactions (largest: {user_counts.max()})"
+            f"{log.name}: no user has at least {min_interactions} interactions (largest: {user_counts.max()}); "
+            "lower --data.min_interactions"
         )
     # Renumber kept users 0..U-1, keeping raw-id order.
     new_user_index = np.cumsum(keep_user) - 1
     row_kept = keep_user[user_index]
     users = new_user_index[user_index[row_kept]]
-    raw_items, items = np.unique(log.item_ids[row_kept], return_inverse=True)
+    raw_items, items = np.unique(item_ids[row_kept], return_inverse=True)
     items = items.astype(np.int64) + 1  # 0 is padding
-    order = log.order[row_kept]
+    order = order[row_kept]
     # lexsort is stable: ties in `order` keep the file's row order.
     perm = np.lexsort((order, users))
     counts = np.bincount(users, minlength=int(keep_user.sum()))
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    timestamps = None if log.timestamps is None else log.timestamps[row_kept][perm]
+    timestamps = None if timestamps_in is None else timestamps_in[row_kept][perm]
+    padding = np.array([-1]) if raw_items.dtype.kind in "iu" else np.array(["<pad>"])
     return SequenceStore(
         offsets=offsets,
         items=items[perm],
         timestamps=timestamps,
         user_raw_ids=raw_users[keep_user],
-        item_raw_ids=np.concatenate([[-1], raw_items]).astype(np.int64),
+        item_raw_ids=np.concatenate([padding.astype(raw_items.dtype), raw_items]),
         num_dropped_users=int((~keep_user).sum()),
     )
+
+
+def without_targets(exclude_offsets: np.ndarray, exclude_items: np.ndarray, targets: np.ndarray, num_items: int):
+    """Drop from each query's exclusion list (CSR) the query's own targets (Q, T; 0 = padding): a user's
+    history may hold the item they consume again, and that item must stay rankable."""
+    rows = np.repeat(np.arange(len(exclude_offsets) - 1), np.diff(exclude_offsets))
+    target_rows = np.repeat(np.arange(len(targets)), targets.shape[1])
+    target_keys = (target_rows * (num_items + 1) + targets.reshape(-1))[targets.reshape(-1) > 0]
+    keep = ~np.isin(rows * (num_items + 1) + exclude_items, target_keys)
+    offsets = np.zeros_like(exclude_offsets)
+    np.cumsum(np.bincount(rows[keep], minlength=len(exclude_offsets) - 1), out=offsets[1:])
+    return offsets, exclude_items[keep]
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from rails_lightning.data.batches import QueryBatch, TrainBatch
 from rails_lightning.data.datamodule import InteractionDataModule
+from rails_lightning.errors import TrainingDiverged
 from rails_lightning.losses import sampled_softmax_loss
 from rails_lightning.models.components import build_factory, describe
 from rails_lightning.models.encoders import QueryEncoder, SASRecEncoder
@@ -204,6 +205,12 @@ class RetrievalModule(pl.LightningModule):
             self.log(f"train/{name}", value, batch_size=batch_size)
         if self.hparams.learn_temperature:
             self.log("train/temperature", self.log_temperature.exp(), batch_size=batch_size)
+        if not torch.isfinite(loss):  # stop here: a NaN step would poison every later checkpoint
+            raise TrainingDiverged(
+                f"the training loss is {float(loss.detach())} at step {self.global_step} (epoch {self.current_epoch}); the usual cause "
+                f"is a learning rate too high for this model (--model.learning_rate={self.hparams.learning_rate}) or a "
+                "temperature too low; this step's weights were not saved"
+            )
         return loss
 
     # The corpus-evaluation callback turns these query representations into metrics.

@@ -90,7 +90,7 @@ class TopKRetriever(ABC):
         (e.g. so that candidate searches count allowed items only); ``search`` applies it in any case."""
 
     def search(self, queries: Any, k: int, exclude: Exclusion | None = None) -> tuple[Tensor, Tensor]:
-        k = min(k, self.num_items)
+        """Always (B, k): a corpus smaller than k leaves "no item" (id 0, score -inf) at the end."""
         extra = 0 if exclude is None else exclude.max_per_query()
         scores, ids = self.fetch(queries, min(k + extra, self.num_items), exclude)
         return keep_allowed(scores, ids, k, exclude, self.num_items)
