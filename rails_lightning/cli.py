@@ -18,6 +18,7 @@ from pathlib import Path
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.data.datamodule import InteractionDataModule
@@ -36,18 +37,30 @@ STARTED_RUN_DIRS: list[Path] = []  # this process's run directories, for clean-u
 
 
 def _wandb_has_credentials() -> bool:
+    """Whether W&B has credentials for the host it logs in to, asked through wandb's own login (no prompt,
+    no server round trip): whatever that host is, and wherever the key is kept."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    import wandb
+
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception:  # noqa: BLE001 - a broken W&B set-up means no credentials, not a failed run
+        return False
+
+
+def _wandb_base_url() -> str:
+    from wandb.sdk import wandb_setup
+
+    return os.environ.get("WANDB_BASE_URL") or wandb_setup.singleton().settings.base_url
 
 
 def _wandb_reachable(timeout: float = 3.0) -> bool:
-    """Whether the W&B server answers a TCP connection (so that an online run cannot hang on it)."""
+    """Whether the W&B server answers a TCP connection within ``timeout`` (so that a run cannot hang on it)."""
     import socket
     from urllib.parse import urlparse
 
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    url = urlparse(_wandb_base_url())
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
         return True
@@ -129,7 +142,6 @@ class RailsCLI(LightningCLI):
         # answer from the server -> offline (sync later with `wandb sync`).
         if "WANDB_MODE" not in os.environ and not (_wandb_has_credentials() and _wandb_reachable()):
             os.environ["WANDB_MODE"] = "offline"
-        self._safe_checkpoint(config)
         if self.subcommand == "fit" and not config.get("ckpt_path") and _holds_a_run(self.run_dir):
             raise ConfigError(
                 f"{self.run_dir} already holds a run; resume it with --ckpt_path={self.run_dir / 'checkpoints' / 'last.ckpt'} "
@@ -138,21 +150,32 @@ class RailsCLI(LightningCLI):
         if self.subcommand in ("validate", "test", "predict") and not config.get("ckpt_path"):
             self._print(f"no --ckpt_path: {self.subcommand} evaluates a freshly initialised (untrained) model")
 
-    def _safe_checkpoint(self, config) -> None:
-        """Checkpoints are only ever loaded with ``weights_only=True`` (no code runs from a file); one given
-        by URL is downloaded to a cache keyed by the whole URL, not its file name."""
-        if "weights_only" not in config:
-            return
+    def _parse_ckpt_path(self) -> None:
+        """Before LightningCLI reads the model's options from ``--ckpt_path``: checkpoints are only ever loaded
+        with ``weights_only=True`` (no code runs from a file); one given by URL is downloaded to a cache keyed
+        by the whole URL, not its file name; a missing or unreadable file is a one-line error."""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is None or "weights_only" not in config:
+            return super()._parse_ckpt_path()
         if config.weights_only is False:
             raise ConfigError("--weights_only=false would let a checkpoint run code when it is loaded; rails_lightning refuses it")
         config.weights_only = True
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
-            return
+            return super()._parse_ckpt_path()
         if "://" in str(ckpt_path):
-            config.ckpt_path = str(download_checkpoint(str(ckpt_path)))
-        elif not Path(ckpt_path).is_file():
+            ckpt_path = config.ckpt_path = str(download_checkpoint(str(ckpt_path)))
+        if not Path(ckpt_path).is_file():
             raise CheckpointError(f"{ckpt_path}: checkpoint not found (--ckpt_path takes a .ckpt file, e.g. RUN_DIR/checkpoints/last.ckpt)")
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(
+                f"{ckpt_path}: refused to load the checkpoint: it holds objects other than weights and plain data "
+                "(loading them would run code from the file), or it is not a checkpoint"
+            ) from error
+        except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
+            raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({type(error).__name__}: {_first_line(str(error))[:200]})") from error
 
     def _start_run(self) -> None:
         """The run directory exists from here on (not before: a failed set-up leaves nothing behind)."""
@@ -204,14 +227,18 @@ class RailsCLI(LightningCLI):
             logger.experiment.config.update({"config": resolved}, allow_val_change=True)
 
     def after_fit(self) -> None:
-        fit_seconds = time.perf_counter() - self._fit_started
+        # The whole run's history and fit time (over resumes), read before evaluating the best checkpoint
+        # restores the callback's state of that epoch.
+        evaluation = self._corpus_evaluation()
+        history = list(evaluation.history) if evaluation is not None else []
+        fit_seconds = evaluation.fit_seconds if evaluation is not None else time.perf_counter() - self._fit_started
         checkpoint = self.trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
         # Final numbers come from the best checkpoint, on val and on test.
         val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
         test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
         if self.trainer.is_global_zero:
-            self._report(val[0] if val else {}, test[0] if test else {}, best, fit_seconds)
+            self._report(val[0] if val else {}, test[0] if test else {}, best, fit_seconds, history)
 
     def after_validate(self) -> None:
         self._write_evaluation("val", "validated")
@@ -237,7 +264,7 @@ class RailsCLI(LightningCLI):
             path = self._record(status=status, checkpoint=ckpt_path, **{stage: metrics}).write(filename)
             self._print(f"run record: {path}")
 
-    def _report(self, val: dict, test: dict, best: str | None, fit_seconds: float) -> None:
+    def _report(self, val: dict, test: dict, best: str | None, fit_seconds: float, history: list[dict]) -> None:
         evaluation = self._corpus_evaluation()
         ks = evaluation.ks if evaluation is not None else (1, 10, 50, 200)
         baseline = {**popularity_baseline(self.datamodule, "val", ks), **popularity_baseline(self.datamodule, "test", ks)}
@@ -246,7 +273,7 @@ class RailsCLI(LightningCLI):
             val={k: float(v) for k, v in val.items()},
             test={k: float(v) for k, v in test.items()},
             baseline=baseline,
-            history=list(evaluation.history) if evaluation is not None else [],
+            history=history,
             epochs=self.trainer.current_epoch,
             fit_seconds=round(fit_seconds, 1),
             data=self.datamodule.summary(),
@@ -334,11 +361,8 @@ def main(args: list[str] | None = None, run: bool = True) -> RailsCLI:
         )
     except ArgumentError as error:
         raise ConfigError(f"{_first_line(str(error))} (see `python -m rails_lightning fit --help`)") from error
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            "refused to load the checkpoint: it holds objects other than weights and plain data, and loading them "
-            "would run code from the file (torch: weights-only load failed)"
-        ) from error
+    except MisconfigurationException as error:  # Lightning's word for a bad trainer option
+        raise ConfigError(_first_line(str(error))) from error
 
 
 def remove_unused_run_dirs() -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from rails_lightning.errors import UserError
 from rails_lightning.runs import RECORD_FILE, RunRecord
 
 DEFAULT_METRIC = "val/hr@10"
@@ -55,6 +56,8 @@ def collect_runs(paths: Iterable[str | Path]) -> list[ReportedRun]:
     """Run directories, local sweep directories (all their trials), folders of runs -> runs, in order."""
     runs = []
     for path in map(Path, paths):
+        if not path.exists():
+            raise UserError(f"{path}: no such run directory or sweep folder")
         if (path / "sweep.json").exists():
             runs += sweep_results(path)
         elif (path / RECORD_FILE).exists() or (path / "config.yaml").exists():
@@ -62,7 +65,7 @@ def collect_runs(paths: Iterable[str | Path]) -> list[ReportedRun]:
         else:  # a folder of run directories
             children = sorted(p for p in path.iterdir() if p.is_dir() and (p / RECORD_FILE).exists()) if path.is_dir() else []
             if not children:
-                raise FileNotFoundError(f"{path}: no {RECORD_FILE}, config.yaml or sweep.json here or one level down")
+                raise UserError(f"{path}: no {RECORD_FILE}, config.yaml or sweep.json here or one level down: not a run of `fit`")
             runs += [ReportedRun(RunRecord.read(child), child.name) for child in children]
     return runs
 

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rails_lightning.errors import UserError
+
 RECORD_FILE = "run.json"
 SCHEMA_VERSION = 1
 
@@ -91,9 +93,12 @@ class RunRecord:
         path = Path(run_dir) / RECORD_FILE
         if not path.exists():
             return cls(run_dir=str(run_dir), status="missing")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: not a readable run record ({error})") from error
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{path}: run record schema {data.get('schema_version')}, this version reads {SCHEMA_VERSION}")
+            raise UserError(f"{path}: run record schema {data.get('schema_version')}, this version reads {SCHEMA_VERSION}")
         data["run_dir"] = str(run_dir)  # the directory may have moved since
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -38,6 +38,7 @@ import yaml
 
 from rails_lightning import report
 from rails_lightning.models.components import build_factory
+from rails_lightning.errors import SweepError
 from rails_lightning.runs import RunRecord
 from rails_lightning.similarity import Similarity
 
@@ -55,15 +56,24 @@ def _sweeps():
             warnings.simplefilter("ignore")  # pydantic v1-style config keys in sweeps.run
             import sweeps
     except ImportError as error:
-        raise SystemExit(f"{INSTALL_HINT} ({error})") from error
+        raise SweepError(f"{INSTALL_HINT} ({error})") from error
     return sweeps
 
 
 # ---------------------------------------------------------------------------------------- config
 def load_sweep_config(path: str | Path) -> dict[str, Any]:
-    config = yaml.safe_load(Path(path).read_text())
+    """A sweep file as a mapping; a missing file or bad YAML is a ``SweepError`` naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"{path}: sweep file not found (e.g. sweeps/mol_vs_dot.yaml)")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise SweepError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from error
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: a sweep file is a YAML mapping")
+        raise SweepError(f"{path}: a sweep file is a YAML mapping (method, metric, parameters, command)")
     return config
 
 
@@ -101,7 +111,7 @@ def _trial_limit(config: dict[str, Any], count: int | None) -> int | None:
         return None
     if config.get("run_cap"):
         return int(config["run_cap"])
-    raise SystemExit(f"a {config.get('method')} sweep never ends by itself: pass --count N (or set run_cap in the file)")
+    raise SweepError(f"a {config.get('method')} sweep never ends by itself: pass --count N (or set run_cap in the file)")
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -205,12 +215,12 @@ def run_sweep(
     config = load_sweep_config(sweep_file)
     violations = schema_violations(config)
     if violations:
-        raise SystemExit(f"{sweep_file} is not a valid W&B sweep config:\n  " + "\n  ".join(violations))
+        raise SweepError(f"{sweep_file} is not a valid W&B sweep config: " + "; ".join(violations))
     name = str(config.get("name") or Path(sweep_file).stem)
-    out = Path(out_dir or f"sweeps_out/{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
     metric = config.get("metric", {}).get("name", report.DEFAULT_METRIC)
     limit = _trial_limit(config, count)
+    check_metric_is_logged(config, metric, extra_args)
+    out = _new_folder(Path(out_dir) if out_dir else Path(f"sweeps_out/{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     total = limit
     if config["method"] == "grid":  # a grid ends by itself
         grid_size = len(proposals(config))
@@ -259,6 +269,39 @@ def run_sweep(
             print("\n" + markdown, flush=True)
             _say(f"summary: {out / 'summary.md'}, plot: {out / 'hr_at_k.png'}")
     return out, markdown
+
+
+def _new_folder(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... : a folder no other sweep uses (created here, atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ["", *(f"-{i}" for i in range(2, 1000))]:
+        candidate = path.with_name(path.name + suffix)
+        try:
+            candidate.mkdir()
+            return candidate.resolve()
+        except FileExistsError:
+            if candidate == path and not any(candidate.iterdir()):  # an empty folder given with --out: use it
+                return candidate.resolve()
+    raise SweepError(f"{path}: no free output folder name")
+
+
+def check_metric_is_logged(config: dict[str, Any], metric: str, extra_args: Sequence[str] = ()) -> None:
+    """Before any trial trains: the sweep's ``metric.name`` must be a key its runs log (the first proposal's
+    run is built, not trained, to ask its evaluation callback)."""
+    import tempfile
+
+    from rails_lightning.callbacks import CorpusEvaluation
+    from rails_lightning.cli import main as cli_main
+
+    first = propose(config, [])
+    argv = expand_command(config, first.config)
+    args = argv[argv.index("fit") + 1 :] if "fit" in argv else []
+    with tempfile.TemporaryDirectory() as run_dir:
+        cli = cli_main([*args, *extra_args, "--trainer.logger=false", f"--run_dir={run_dir}/trial"], run=False)
+    keys = {key for c in cli.trainer.callbacks if isinstance(c, CorpusEvaluation) for key in c.metric_keys(cli.model)}
+    if metric not in keys:
+        shown = ", ".join(sorted(k for k in keys if k.startswith("val/"))[:12])
+        raise SweepError(f"metric.name {metric!r} is not logged by these runs; they log e.g. {shown}")
 
 
 def _run_trial(argv: list[str], run_dir: Path, env: dict[str, str], timeout: float | None) -> int:
@@ -310,10 +353,13 @@ def main(argv: Sequence[str]) -> int:
         config = load_sweep_config(args.sweep_file)
         violations = schema_violations(config)
         if violations:
-            raise SystemExit(f"{args.sweep_file} is not a valid W&B sweep config:\n  " + "\n  ".join(violations))
+            raise SweepError(f"{args.sweep_file} is not a valid W&B sweep config: " + "; ".join(violations))
         for index, run_config in enumerate(proposals(config, args.count)):
             argv_ = expand_command(config, run_config) + [f"--run_dir=<out>/{trial_name(index, config, run_config)}", *extra]
             print(" ".join(argv_))
         return 0
-    run_sweep(args.sweep_file, args.count, args.out, extra, args.timeout)
+    out, _ = run_sweep(args.sweep_file, args.count, args.out, extra, args.timeout)
+    record = json.loads((out / "sweep.json").read_text())
+    if not any(trial["status"] == "finished" for trial in record["trials"]):
+        raise SweepError(f"no trial of {args.sweep_file} succeeded; each trial's log is in {out}/<trial>/trial.log")
     return 0

@@ -73,6 +73,16 @@ def make_tiny_model(data: InteractionDataModule, model: str = "TwoTower", **kwar
 
 
 @pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """Point the `datasets` cache at a temporary directory (keeps the tests hermetic)."""
+    import datasets
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
 def tiny_data() -> InteractionDataModule:
     return make_tiny_data()
 

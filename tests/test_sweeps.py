@@ -223,16 +223,43 @@ def test_report_compares_two_finished_runs(one_trial, tmp_path):
     assert (report_dir / "hr_at_k.png").stat().st_size > 5000
 
 
-def test_failed_trial_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
+def test_failed_trial_is_reported_not_fatal_and_a_sweep_without_success_fails(tmp_path, monkeypatch, capsys):
+    """A trial that fails (here: its loss diverges) is reported and the sweep goes on; a sweep none of
+    whose trials succeeded exits non-zero."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(REPO)
-    out, markdown = sweep.run_sweep("sweeps/mol_vs_dot.yaml", count=1, out_dir=tmp_path / "failing", extra_args=["--data.batch_size=many"])
+    diverging = [*TINY, "--model.learning_rate=1e6"]
+    out, markdown = sweep.run_sweep("sweeps/mol_vs_dot.yaml", count=1, out_dir=tmp_path / "failing", extra_args=diverging)
     assert "FAILED (exit" in capsys.readouterr().out
     record = json.loads((out / "sweep.json").read_text())
     assert record["trials"][0]["status"].startswith("failed")
-    assert "batch_size" in (out / record["trials"][0]["name"] / "trial.log").read_text()
+    assert "training loss is nan" in (out / record["trials"][0]["name"] / "trial.log").read_text()
     assert markdown == (out / "summary.md").read_text()
     assert "did not finish" in markdown and "0 / 1" in markdown
+    args = ["sweep", "sweeps/mol_vs_dot.yaml", "--count", "1", "--out", str(tmp_path / "again"), "--", *diverging]
+    assert command_main(args) == 1
+    assert "no trial of sweeps/mol_vs_dot.yaml succeeded" in capsys.readouterr().err
+
+
+def test_sweep_checks_metric_and_options_before_any_trial(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(REPO)
+    config = sweep.load_sweep_config("sweeps/mol_vs_dot.yaml")
+    config["metric"]["name"] = "val/hr@11"
+    bad_metric = tmp_path / "bad_metric.yaml"
+    bad_metric.write_text(yaml.safe_dump(config))
+    assert command_main(["sweep", str(bad_metric), "--out", str(tmp_path / "a"), "--", *TINY]) == 1
+    assert "metric.name 'val/hr@11' is not logged" in capsys.readouterr().err
+    assert command_main(["sweep", "sweeps/mol_vs_dot.yaml", "--out", str(tmp_path / "b"), "--", "--data.batch_size=many"]) == 1
+    assert "data.batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing trained, nothing written
+
+
+def test_two_sweeps_never_share_an_output_folder(tmp_path):
+    first = sweep._new_folder(tmp_path / "mol_vs_dot-20261123-120000")
+    (first / "sweep.json").write_text("{}")
+    second = sweep._new_folder(tmp_path / "mol_vs_dot-20261123-120000")
+    assert first != second and second.name == "mol_vs_dot-20261123-120000-2"
 
 
 def test_unreachable_wandb_server_means_offline(tmp_path, monkeypatch):

@@ -125,11 +125,12 @@ def test_checkpoint_rebuilds_the_model_without_config(tmp_path, model):
 
 
 def test_checkpoint_specs_only_resolve_package_components():
+    from rails_lightning.errors import CheckpointError
     from rails_lightning.models.components import build_factory
 
-    with pytest.raises(ValueError, match="only classes of rails_lightning"):
+    with pytest.raises(CheckpointError, match="only classes of rails_lightning"):
         build_factory({"class_path": "some_unimported_module.Evil"})
-    with pytest.raises(ValueError, match="is not a Similarity"):
+    with pytest.raises(CheckpointError, match="is not a Similarity"):
         from rails_lightning.similarity import Similarity
 
         build_factory({"class_path": "rails_lightning.models.SASRecEncoder"}, Similarity)

@@ -14,7 +14,8 @@ the same metrics under ``val/approx/...``, ``val/approx_recall_vs_exact@100`` is
 overlap ``|approx top-100 & exact top-100| / |exact top-100|``, and the wall time of each
 search is logged as ``val/exact_search_seconds`` / ``val/approx_search_seconds``.
 
-``history`` keeps every validation epoch's metrics (the run record stores them).
+``history`` keeps every validation epoch's metrics and ``fit_seconds`` the time spent in ``fit``; both
+travel in checkpoints, so a resumed run's record holds the whole run (the run record stores them).
 """
 
 from __future__ import annotations
@@ -68,12 +69,44 @@ class CorpusEvaluation(Callback):
         self.retriever = None
         self.search_seconds = 0.0
         self.history: list[dict[str, float]] = []
+        self._fit_seconds_before = 0.0  # fit time of the run before a resume
+        self._fit_started: float | None = None
         self._warned_small_corpus = False
         # Only used when the model offers an approximate top-k.
         self.approx_metrics = RetrievalMetrics(self.ks)
         self.approx_recall = MeanMetric()
         self.approx_retriever = None
         self.approx_search_seconds = 0.0
+
+    # -- the run's history and fit time, kept across resumes
+    def on_fit_start(self, trainer, pl_module):
+        self._fit_started = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module):
+        self._fit_seconds_before, self._fit_started = self.fit_seconds, None
+
+    @property
+    def fit_seconds(self) -> float:
+        """Seconds spent in ``fit`` so far, over every resume of the run."""
+        running = 0.0 if self._fit_started is None else time.perf_counter() - self._fit_started
+        return self._fit_seconds_before + running
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "fit_seconds": self.fit_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self._fit_seconds_before = float(state_dict.get("fit_seconds", 0.0))
+
+    def metric_keys(self, pl_module: RetrievalModule, stages: Sequence[str] = ("val", "test")) -> set[str]:
+        """Every metric key this callback logs for ``pl_module`` (what a sweep or a checkpoint may monitor)."""
+        names = [f"{m}@{k}" for k in self.ks for m in ("hr", "recall", "ndcg")] + ["mrr"]
+        keys = {f"{stage}/{name}" for stage in stages for name in [*names, "index_seconds", "search_seconds"]}
+        if pl_module.similarity.has_approximate_retriever:
+            extra = [f"approx/{n}" for n in names] + [f"approx_recall_vs_exact@{RECALL_VS_EXACT_K}", "exact_search_seconds",
+                                                     "approx_search_seconds", "approx_index_seconds"]
+            keys |= {f"{stage}/{name}" for stage in stages for name in extra}
+        return keys
 
     # -- epoch start: corpus -> retriever
     def _start(self, pl_module: pl.LightningModule, approximate: bool = True) -> None:
@@ -166,8 +199,8 @@ class CorpusEvaluation(Callback):
                 for user, row, row_scores in zip(users.tolist(), ids.tolist(), scores.tolist()):
                     kept = [(i, s) for i, s in zip(row, row_scores) if i > 0]
                     record = {
-                        "user": int(datamodule.store.user_raw_ids[user]),
-                        "items": [int(datamodule.store.item_raw_ids[i]) for i, _ in kept],
+                        "user": datamodule.store.user_raw_ids[user].item(),  # an int or a text id
+                        "items": [datamodule.store.item_raw_ids[i].item() for i, _ in kept],
                         "titles": [datamodule.item_titles[i] for i, _ in kept[:10]],
                         "scores": [round(s, 5) for _, s in kept],
                     }

@@ -47,6 +47,21 @@ def integer_column(path: str, name: str, values: np.ndarray, header_lines: int |
         raise DataError(f"{path}: column '{name}' holds integers that do not fit in int64 ({err})") from err
 
 
+def id_column(path: str, name: str, values: np.ndarray, header_lines: int | None = 1) -> np.ndarray:
+    """User / item ids: integers as int64, text ids (``A9GJTPHWWG9KQ``) as strings; ids are remapped to
+    contiguous indices later, so any label works. Numbers with a fraction are refused (a wrong column)."""
+    if values.dtype.kind in "iuf":
+        return integer_column(path, name, values, header_lines)
+    text = values.astype(str)
+    negative = np.char.startswith(text, "-")
+    if np.char.isdigit(np.where(negative, np.char.replace(text, "-", "", count=1), text)).all():
+        return integer_column(path, name, text, header_lines)
+    empty = np.char.str_len(np.char.strip(text)) == 0
+    if empty.any():
+        raise DataError(f"{row_location(path, int(np.flatnonzero(empty)[0]), header_lines)}: column '{name}' is empty")
+    return text
+
+
 def order_column(path: str, name: str, values: np.ndarray, header_lines: int | None = 1) -> np.ndarray:
     """Numbers as they are; timestamps (datetime values or ISO 8601 strings) as int64 seconds."""
     if values.dtype.kind in "iuf":

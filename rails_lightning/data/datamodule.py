@@ -168,7 +168,7 @@ class InteractionDataModule(pl.LightningDataModule):
     def item_titles(self) -> list[str]:
         """Title of every contiguous item id (index 0 is padding)."""
         titles = (self._raw_log().item_titles or {})
-        return ["<pad>"] + [titles.get(int(r), f"item {r}") for r in self.store.item_raw_ids[1:]]
+        return ["<pad>"] + [titles.get(r, f"item {r}") for r in self.store.item_raw_ids[1:].tolist()]
 
     @cached_property
     def item_clusters(self) -> np.ndarray | None:
@@ -176,7 +176,7 @@ class InteractionDataModule(pl.LightningDataModule):
         clusters = self._raw_log().item_clusters
         if clusters is None:
             return None
-        return np.array([-1] + [clusters[int(r)] for r in self.store.item_raw_ids[1:]])
+        return np.array([-1] + [clusters[r] for r in self.store.item_raw_ids[1:].tolist()])
 
     @cached_property
     def genre_names(self) -> list[str]:

@@ -8,12 +8,13 @@ file and line (row for parquet) and what was expected there.
 from __future__ import annotations
 
 import glob
+import hashlib
 import zipfile
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from rails_lightning.data.columns import check_columns, integer_column, order_column, row_location
+from rails_lightning.data.columns import check_columns, id_column, order_column, row_location
 from rails_lightning.data.sequences import DataError, InteractionLog
 from rails_lightning.data.source import InteractionSource
 
@@ -65,6 +66,15 @@ class InteractionLogSource(InteractionSource):
                 return fmt
         raise DataError(f"{self.path}: cannot tell the file format from the name; set file_format")
 
+    def _fingerprint(self) -> str:
+        """BLAKE2 digest of the content of every file the path names (a glob: all of them, in order)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(glob.glob(self.path)) or [self.path]:
+            with open(name, "rb") as file:
+                while chunk := file.read(1 << 22):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
     def _read(self, fmt: str, options: dict[str, Any], as_text: bool = False) -> datasets.Dataset:
         """Build the file(s) with the ``datasets`` builder of ``fmt``; reader failures become DataError.
 
@@ -78,7 +88,9 @@ class InteractionLogSource(InteractionSource):
             options = {**options, "converters": dict.fromkeys(wanted, str)}
         datasets.disable_progress_bars()
         try:
-            builder = datasets.load_dataset_builder(fmt, data_files=self.path, **options)
+            # The cache is keyed by the files' content: a rewritten log is never served from a stale copy.
+            cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "rails_lightning" / self._fingerprint()
+            builder = datasets.load_dataset_builder(fmt, data_files=self.path, cache_dir=str(cache_dir), **options)
             builder.download_and_prepare()
         except Exception as err:  # datasets wraps the reader's errors in its own exception types
             cause = err.__cause__ or err
@@ -123,8 +135,8 @@ class InteractionLogSource(InteractionSource):
         columns = {c: arrow.column(c).to_numpy(zero_copy_only=False) for c in wanted}
         order = order_column(self.path, self.order_column, columns[self.order_column], header)
         return InteractionLog(
-            user_ids=integer_column(self.path, self.user_column, columns[self.user_column], header),
-            item_ids=integer_column(self.path, self.item_column, columns[self.item_column], header),
+            user_ids=id_column(self.path, self.user_column, columns[self.user_column], header),
+            item_ids=id_column(self.path, self.item_column, columns[self.item_column], header),
             order=order,
             timestamps=order,
             name=self.path,

@@ -18,6 +18,8 @@ import importlib
 import sys
 from typing import Any, Callable
 
+from rails_lightning.errors import CheckpointError
+
 ComponentSpec = dict[str, Any]
 
 
@@ -58,10 +60,10 @@ def describe(factory: Callable | ComponentSpec) -> ComponentSpec:
 def _resolve_class(class_path: str, base: type | None) -> type:
     module_name, _, name = class_path.rpartition(".")
     if module_name not in sys.modules and not module_name.split(".")[0] == "rails_lightning":
-        raise ValueError(f"{class_path}: only classes of rails_lightning or of modules already imported are loaded")
+        raise CheckpointError(f"{class_path}: only classes of rails_lightning or of modules already imported are loaded")
     cls = getattr(importlib.import_module(module_name), name, None)
     if not isinstance(cls, type) or (base is not None and not issubclass(cls, base)):
-        raise ValueError(f"{class_path} is not a {base.__name__ if base else 'class'}")
+        raise CheckpointError(f"{class_path} is not a {base.__name__ if base else 'class'}")
     return cls
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rails_lightning.errors import ConfigError
+
 
 class QueryEncoder(nn.Module):
     """Base class: ``forward(user_ids (B,), history (B, L, D), is_item (B, L)) -> (B, L, D)``."""
@@ -109,7 +111,7 @@ class SASRecEncoder(QueryEncoder):
     ) -> None:
         super().__init__(dim, num_users, max_seq_len)
         if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide the item dimension {dim}")
+            raise ConfigError(f"num_heads={num_heads} must divide the item dimension {dim} (--model.item_dim)")
         self.position_embedding = nn.Embedding(max_seq_len, dim)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
         self.input_dropout = nn.Dropout(dropout)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from rails_lightning.data.batches import QueryBatch, TrainBatch
 from rails_lightning.data.datamodule import InteractionDataModule
-from rails_lightning.errors import TrainingDiverged
+from rails_lightning.errors import ConfigError, TrainingDiverged
 from rails_lightning.losses import sampled_softmax_loss
 from rails_lightning.models.components import build_factory, describe
 from rails_lightning.models.encoders import QueryEncoder, SASRecEncoder
@@ -88,7 +88,7 @@ class RetrievalModule(pl.LightningModule):
         # (The factory defaults are partials, not bare classes: jsonargparse 4.53 drops a class_path that
         # equals a bare-class default when it comes from a config file.)
         if num_negatives + num_in_batch_negatives <= 0:
-            raise ValueError("need at least one negative: set num_negatives or num_in_batch_negatives > 0")
+            raise ConfigError("need at least one negative: set --model.num_negatives or --model.num_in_batch_negatives > 0")
         # The hyperparameters are the arguments, the two factories as plain class_path specs.
         self.save_hyperparameters(
             {

@@ -65,6 +65,11 @@ class Similarity(nn.Module, ABC):
     def exact_retriever(self, items: Any, options: SearchOptions) -> TopKRetriever:
         """Exact top-k over an encoded corpus (ids 1..N)."""
 
+    @property
+    def has_approximate_retriever(self) -> bool:
+        """Whether ``approximate_retriever`` returns a retriever (and its metrics are logged)."""
+        return False
+
     def approximate_retriever(self, items: Any, options: SearchOptions) -> TopKRetriever | None:
         """A fast approximate top-k, evaluated beside the exact one; None when the similarity has none."""
         return None

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rails_lightning.errors import ConfigError
+
 from rails_lightning.losses import entropy, load_balancing_loss
 from rails_lightning.retrieval import SearchOptions, TopKRetriever
 from rails_lightning.retrieval.mol_topk import MoLExactTopK
@@ -104,7 +106,7 @@ class MixtureOfLogits(Similarity):
     ) -> None:
         super().__init__(input_dim, num_users)
         if user_id_component and num_query_components < 2:
-            raise ValueError("user_id_component needs num_query_components >= 2 (one from the encoder, one user id)")
+            raise ConfigError("user_id_component needs num_query_components >= 2 (one from the encoder, one user id)")
         P_Q, P_X, D_P = num_query_components, num_item_components, component_dim
         self.num_query_components, self.num_item_components = P_Q, P_X
         self.num_components = P = P_Q * P_X
@@ -191,6 +193,10 @@ class MixtureOfLogits(Similarity):
 
     def exact_retriever(self, items: MoLItems, options: SearchOptions) -> TopKRetriever:
         return MoLExactTopK(self, items, options)
+
+    @property
+    def has_approximate_retriever(self) -> bool:
+        return self.approximate_topk is not None
 
     def approximate_retriever(self, items: MoLItems, options: SearchOptions) -> TopKRetriever | None:
         return None if self.approximate_topk is None else self.approximate_topk(self, items, options)
