@@ -1,5 +1,5 @@
-"""``python -m rails_lightning COMMAND``: ``sweep`` and ``report`` are plain commands, every other
-command is a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``).
+"""``python -m rails_lightning COMMAND``: ``sweep``, ``report``, ``index`` and ``retrieve`` are plain
+commands, every other command is a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``).
 
 Errors a user can fix (bad data, config, checkpoint; a diverged training; a failed sweep) are printed
 as one line and exit with status 1; ``--debug`` anywhere on the command line, or
@@ -25,6 +25,10 @@ def _run(argv: list[str], command_line: bool) -> int:
         from rails_lightning import report
 
         return report.main(argv[1:])
+    if argv and argv[0] in ("index", "retrieve"):
+        from rails_lightning.serving import commands
+
+        return (commands.index_main if argv[0] == "index" else commands.retrieve_main)(argv[1:])
     from rails_lightning import cli
 
     cli.main(None if command_line else argv)

@@ -210,6 +210,43 @@ def write_report(results: Sequence[ReportedRun], out_dir: str | Path, metric: st
     return markdown
 
 
+# ---------------------------------------------------------------------------------------- leaderboard
+LEADERBOARD_KEYS = ("hr@1", "hr@10", "ndcg@10", "mrr")
+HYPERPARAMETERS = ("learning_rate", "temperature", "num_negatives", "item_dim")
+
+
+def _checkpoint_mb(record: RunRecord) -> str:
+    path = Path(record.checkpoint) if record.checkpoint else None
+    return f"{path.stat().st_size / 2**20:.1f}" if path is not None and path.is_file() else ""
+
+
+def leaderboard_rows(runs: Sequence[ReportedRun], metric: str = DEFAULT_METRIC) -> tuple[list[str], list[list[Any]]]:
+    """Finished runs ranked by ``metric`` (best first): model, key hyperparameters, the metric, val and test
+    HR@1 / HR@10 / NDCG@10 / MRR of the best checkpoint, its size and date. Runs without the metric are left out."""
+    ranked = sorted((r for r in runs if r.ok and metric in r.record.metrics), key=lambda r: -r.record.metrics[metric])
+    stages = [stage for stage in ("val", "test") if any(f"{stage}/hr@10" in r.record.metrics for r in ranked)]
+    header = ["rank", "run", "model", *HYPERPARAMETERS, metric, *(f"{s}/{k}" for s in stages for k in LEADERBOARD_KEYS), "ckpt MB", "date"]
+    rows = []
+    for rank, run in enumerate(ranked, start=1):
+        model_config = run.record.config.get("model") or {}
+        params = [model_config.get(name, "") for name in HYPERPARAMETERS]
+        metrics = run.record.metrics
+        rows.append([rank, run.name, run.model, *params, metrics[metric],
+                     *(metrics.get(f"{s}/{k}", math.nan) for s in stages for k in LEADERBOARD_KEYS),
+                     _checkpoint_mb(run.record), run.record.created[:10]])
+    return header, rows
+
+
+def write_leaderboard(runs: Sequence[ReportedRun], out_dir: str | Path, metric: str = DEFAULT_METRIC) -> str:
+    """``leaderboard.md`` in ``out_dir``; returns the markdown."""
+    header, rows = leaderboard_rows(runs, metric)
+    markdown = f"## Leaderboard by {metric} ({len(rows)} of {len(runs)} runs finished with it)\n\n" + _markdown(header, rows) + "\n"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "leaderboard.md").write_text(markdown)
+    return markdown
+
+
 # ---------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -221,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("runs", nargs="+", help="run directories (with run.json), folders of them, or local sweep directories")
     parser.add_argument("--out", default=None, help="output folder (default: sweeps_out/report-<date-time>)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"headline metric of the tables (default {DEFAULT_METRIC})")
+    parser.add_argument("--leaderboard", action="store_true", help="rank every run by --metric instead (leaderboard.md)")
     return parser
 
 
@@ -228,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = collect_runs(args.runs)
     out = Path(args.out or f"sweeps_out/report-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.leaderboard:
+        print(write_leaderboard(results, out, args.metric))
+        print(f"[rails_lightning] leaderboard: {out / 'leaderboard.md'}", flush=True)
+        return 0
     print(write_report(results, out, args.metric, title=f"{len(results)} runs"))
     print(f"[rails_lightning] report: {out / 'summary.md'}, {out / 'hr_at_k.png'}", flush=True)
     return 0

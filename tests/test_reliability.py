@@ -261,6 +261,7 @@ def test_7_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypat
 _HAS_CREDENTIALS = "from rails_lightning.cli import _wandb_has_credentials; print(_wandb_has_credentials())"
 
 
+@pytest.mark.slow
 def test_9_wandb_credentials_for_the_host_wandb_uses(tmp_path):
     """A netrc entry for the host wandb logs in to counts (before, only one for api.wandb.ai did)."""
     from rails_lightning import cli

@@ -128,20 +128,27 @@ class BruteForceTopK(TopKRetriever):
         return best_scores, best_ids
 
 
-class FaissInnerProductTopK(TopKRetriever):
+class FaissIndexTopK(TopKRetriever):
+    """Search in any FAISS inner-product index over the corpus (row r = item id r + 1): flat, HNSW, IVF, ..."""
+
+    def __init__(self, index) -> None:
+        self.index, self.num_items = index, int(index.ntotal)
+
+    def fetch(self, queries, k, exclude=None):
+        scores, rows = self.index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+        ids = torch.from_numpy(rows).long() + 1  # FAISS row -1 ("none") -> id 0
+        scores = torch.from_numpy(scores).masked_fill(ids < 1, NEG_INF)
+        return scores.to(queries.device), ids.to(queries.device)
+
+
+class FaissInnerProductTopK(FaissIndexTopK):
     """Exact inner-product search with a FAISS flat index; on the GPU when FAISS sees one."""
 
     def __init__(self, item_vectors: Tensor, on_gpu: bool = False) -> None:  # (N, D)
         import faiss
 
-        self.num_items, dim = item_vectors.shape
-        index = faiss.IndexFlatIP(dim)
+        index = faiss.IndexFlatIP(item_vectors.shape[1])
         if on_gpu:
             index = faiss.index_cpu_to_all_gpus(index)
         index.add(item_vectors.detach().float().cpu().contiguous().numpy())
-        self.index = index
-
-    def fetch(self, queries, k, exclude=None):
-        scores, rows = self.index.search(queries.detach().float().cpu().contiguous().numpy(), k)
-        ids = torch.from_numpy(rows).long() + 1  # FAISS row -1 ("none") -> id 0
-        return torch.from_numpy(scores).to(queries.device), ids.to(queries.device)
+        super().__init__(index)

@@ -1,0 +1,88 @@
+"""``python -m rails_lightning index`` and ``python -m rails_lightning retrieve``.
+
+    python -m rails_lightning index --ckpt_path RUN/checkpoints/last.ckpt --out INDEX_DIR [--index HNSW32]
+    python -m rails_lightning retrieve --index INDEX_DIR --user 42 [-k 10] [--exclude-history] [--json]
+    python -m rails_lightning retrieve --index INDEX_DIR --history 1196,260,1210
+    python -m rails_lightning retrieve --index INDEX_DIR --interactive     # one query per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from rails_lightning.serving.index import Answer, ServingIndex, export_index
+
+
+def index_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rails_lightning index",
+        description="Export a trained model's item corpus for serving: item embeddings, a FAISS index (dot product) or "
+        "the data of the exact / RAILS MoL top-k, users' histories, raw ids and titles, and a manifest; "
+        "safetensors, FAISS and JSON files only (nothing is unpickled).",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint inside a run directory (RUN_DIR/checkpoints/*.ckpt)")
+    parser.add_argument("--out", required=True, help="folder to write the index into")
+    parser.add_argument("--index", default="Flat", help="FAISS factory string for dot-product models: Flat (exact, default), "
+                        "HNSW32, IVF1024,Flat, IVF1024,PQ16, ... (ignored for MoL)")
+    args = parser.parse_args(argv)
+    out = export_index(args.ckpt_path, args.out, args.index)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"[rails_lightning] {manifest['model']} index of {manifest['corpus_size']} items ({manifest['index']}): {out}", flush=True)
+    return 0
+
+
+def _table(answer: Answer, color: bool) -> str:
+    bold, dim, reset = ("\033[1m", "\033[2m", "\033[0m") if color else ("", "", "")
+    width = max([len(str(i)) for i in answer.item_ids] + [6])
+    lines = [f"{bold}{'rank':>4}  {'item':<{width}}  {'score':>8}  title{reset}"]
+    for rank, (item, title, score) in enumerate(zip(answer.item_ids, answer.titles, answer.scores), start=1):
+        lines.append(f"{rank:>4}  {item!s:<{width}}  {dim}{score:8.4f}{reset}  {title}")
+    lines.append(f"{dim}{len(answer.item_ids)} items in {answer.seconds * 1000:.1f} ms{reset}")
+    return "\n".join(lines)
+
+
+def _answer(index: ServingIndex, user: str | None, history: str | None, k: int, exclude: bool) -> Answer:
+    if user is not None:
+        return index.retrieve(index.query(index.user_history(user), user), k, exclude)
+    return index.retrieve(index.query(index.items_of(history.split(","))), k, exclude)
+
+
+def _show(answer: Answer, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"items": answer.item_ids, "titles": answer.titles, "scores": answer.scores,
+                          "latency_ms": round(answer.seconds * 1000, 3)}), flush=True)
+    else:
+        print(_table(answer, sys.stdout.isatty()), flush=True)
+
+
+def retrieve_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rails_lightning retrieve",
+        description="Show what a model retrieves for a user (from their stored history) or for a list of items, "
+        "from an index written by `python -m rails_lightning index`, with the query's latency.",
+        epilog="Interactive mode reads one query per line: `user RAW_ID` or comma-separated raw item ids; an empty line ends it.",
+    )
+    parser.add_argument("--index", required=True, help="the index folder")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("--user", help="a raw user id: the query is their whole stored history")
+    query.add_argument("--history", help="comma-separated raw item ids, oldest first")
+    query.add_argument("--interactive", action="store_true", help="read queries from standard input, one per line")
+    parser.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    parser.add_argument("--exclude-history", action="store_true", help="never return an item of the query's history")
+    parser.add_argument("--approximate", action="store_true", help="MoL: the RAILS approximate top-k instead of exact scoring")
+    parser.add_argument("--json", action="store_true", help="one JSON object per query instead of a table")
+    args = parser.parse_args(argv)
+    index = ServingIndex(args.index, approximate=args.approximate)
+    if not args.interactive:
+        _show(_answer(index, args.user, args.history, args.k, args.exclude_history), args.json)
+        return 0
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            break
+        user = line.split(None, 1)[1] if line.startswith("user ") else None
+        _show(_answer(index, user, None if user else line, args.k, args.exclude_history), args.json)
+    return 0
