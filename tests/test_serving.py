@@ -47,7 +47,7 @@ def test_index_files_are_plain_formats(exported):
     assert {"manifest.json", "index.safetensors", "ids.json"} <= names
     assert not any(name.endswith((".pt", ".pkl", ".ckpt")) for name in names)
     manifest = json.loads((index_dir / "manifest.json").read_text())
-    assert manifest["corpus_size"] == len(json.loads((index_dir / "ids.json").read_text())["items"])
+    assert manifest["corpus_size"] == len(json.loads((index_dir / "ids.json").read_text())["rows"])
     assert ("items.faiss" in names) == (manifest["model"] == "TwoTower")
 
 
@@ -61,7 +61,7 @@ def test_retrieve_prints_ten_items_with_scores_and_latency(exported, tmp_path):
     assert len(answer["items"]) == 10 and answer["latency_ms"] > 0
     assert answer["scores"] == sorted(answer["scores"], reverse=True)
     history = ServingIndex(index_dir).user_history(str(user))
-    raw_history = {json.loads((index_dir / "ids.json").read_text())["items"][i - 1] for i in history.tolist()}
+    raw_history = {json.loads((index_dir / "ids.json").read_text())["model_items"][i - 1] for i in history.tolist()}
     assert not set(answer["items"]) & raw_history
 
 
@@ -103,3 +103,43 @@ def test_leaderboard_ranks_a_sweeps_runs(tmp_path, capsys):
     assert "3 of 4 runs" in capsys.readouterr().out
     assert command_main(["report", "--leaderboard", str(sweep_dir), "--metric", "test/hr@10", "--out", str(tmp_path / "t")]) == 0
     assert "| 1 | 01-TwoTower-seed1 |" in (tmp_path / "t" / "leaderboard.md").read_text()
+
+
+@pytest.fixture(scope="module", params=["TwoTower", "MoL"])
+def catalogue_run(request, tmp_path_factory):
+    """A tiny fitted run over 1,500 items (so that 1,000 can arrive later)."""
+    root = tmp_path_factory.mktemp(f"catalogue-{request.param}")
+    run_dir = root / "run"
+    _run(["fit", *TINY_CLI_ARGS, "--data.source.init_args.num_items=1500", "--data.source.init_args.num_clusters=30",
+          "--data.source.init_args.num_users=2000",
+          *(SMALL_MOL if request.param == "MoL" else []), f"--run_dir={run_dir}"], root)
+    return root, RunRecord.read(run_dir)
+
+
+@pytest.mark.slow
+def test_1000_items_added_through_the_delta_answer_as_a_rebuild(catalogue_run):
+    root, record = catalogue_run
+    model_items = RunRecord.read(record.run_dir).datamodule().store.item_raw_ids[1:].tolist()
+    assert len(model_items) > 1200
+    first, later = model_items[:-1000], model_items[-1000:]
+    (root / "first.txt").write_text("\n".join(map(str, first)))
+    (root / "later.txt").write_text("\n".join(map(str, later)))
+    grown, rebuilt = root / "grown", root / "rebuilt"
+    _run(["index", f"--ckpt_path={record.checkpoint}", f"--out={grown}", f"--items=@{root / 'first.txt'}"], root)
+    _run(["index", "--add", f"--ckpt_path={record.checkpoint}", f"--out={grown}", f"--items=@{root / 'later.txt'}"], root)
+    _run(["index", f"--ckpt_path={record.checkpoint}", f"--out={rebuilt}"], root)
+    assert (grown / "delta.safetensors").is_file() and not (rebuilt / "delta.safetensors").exists()
+
+    def answers(index_dir):
+        serving = ServingIndex(index_dir)
+        users = json.loads((index_dir / "ids.json").read_text())["users"][:25]
+        return [serving.retrieve(serving.query(serving.user_history(str(u)), str(u)), 10, exclude).item_ids
+                for u in users for exclude in (False, True)]
+
+    expected = answers(rebuilt)
+    assert answers(grown) == expected
+    assert any(item in later for top in expected for item in top)  # the new items do come up
+    _run(["index", "--compact", f"--out={grown}"], root)
+    assert not (grown / "delta.safetensors").exists()
+    assert json.loads((grown / "manifest.json").read_text())["corpus_size"] == len(model_items)
+    assert answers(grown) == expected

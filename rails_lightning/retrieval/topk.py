@@ -92,7 +92,12 @@ class TopKRetriever(ABC):
     def search(self, queries: Any, k: int, exclude: Exclusion | None = None) -> tuple[Tensor, Tensor]:
         """Always (B, k): a corpus smaller than k leaves "no item" (id 0, score -inf) at the end."""
         extra = 0 if exclude is None else exclude.max_per_query()
-        scores, ids = self.fetch(queries, min(k + extra, self.num_items), exclude)
+        fetch = min(k + extra, self.num_items)
+        if fetch == 0:  # an empty corpus: nothing but "no item"
+            num_queries = len(queries) if isinstance(queries, Tensor) else len(queries[0])
+            empty = torch.empty(num_queries, 0)
+            return keep_allowed(empty, empty.long(), k, None, self.num_items)
+        scores, ids = self.fetch(queries, fetch, exclude)
         return keep_allowed(scores, ids, k, exclude, self.num_items)
 
 

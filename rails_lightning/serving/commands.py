@@ -1,6 +1,8 @@
 """``python -m rails_lightning index`` and ``python -m rails_lightning retrieve``.
 
-    python -m rails_lightning index --ckpt_path RUN/checkpoints/last.ckpt --out INDEX_DIR [--index HNSW32]
+    python -m rails_lightning index --ckpt_path RUN/checkpoints/last.ckpt --out INDEX_DIR [--index HNSW32] [--items @ids.txt]
+    python -m rails_lightning index --add --ckpt_path NEWER.ckpt --items 2001,2002 --out INDEX_DIR   # a delta, no rebuild
+    python -m rails_lightning index --compact --out INDEX_DIR                                          # fold the delta in
     python -m rails_lightning retrieve --index INDEX_DIR --user 42 [-k 10] [--exclude-history] [--json]
     python -m rails_lightning retrieve --index INDEX_DIR --history 1196,260,1210
     python -m rails_lightning retrieve --index INDEX_DIR --interactive     # one query per line
@@ -11,9 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from rails_lightning.serving.index import Answer, ServingIndex, export_index
+from rails_lightning.serving.index import Answer, ServingIndex, add_items, compact, export_index
+
+
+def _item_list(text: str | None) -> list[str] | None:
+    """``a,b,c`` or ``@file`` (one id per line) -> raw ids (as text; matched to int ids where the ids are ints)."""
+    if text is None:
+        return None
+    if text.startswith("@"):
+        return [line.strip() for line in Path(text[1:]).read_text().splitlines() if line.strip()]
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def index_main(argv: Sequence[str]) -> int:
@@ -21,14 +33,32 @@ def index_main(argv: Sequence[str]) -> int:
         prog="python -m rails_lightning index",
         description="Export a trained model's item corpus for serving: item embeddings, a FAISS index (dot product) or "
         "the data of the exact / RAILS MoL top-k, users' histories, raw ids and titles, and a manifest; "
-        "safetensors, FAISS and JSON files only (nothing is unpickled).",
+        "safetensors, FAISS and JSON files only (nothing is unpickled). With --add, encode new items into a delta "
+        "next to the main index (no rebuild); with --compact, fold the delta into the main index.",
     )
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint inside a run directory (RUN_DIR/checkpoints/*.ckpt)")
-    parser.add_argument("--out", required=True, help="folder to write the index into")
+    parser.add_argument("--ckpt_path", help="a checkpoint inside a run directory (RUN_DIR/checkpoints/*.ckpt)")
+    parser.add_argument("--out", required=True, help="the index folder")
     parser.add_argument("--index", default="Flat", help="FAISS factory string for dot-product models: Flat (exact, default), "
                         "HNSW32, IVF1024,Flat, IVF1024,PQ16, ... (ignored for MoL)")
+    parser.add_argument("--items", help="raw item ids, `a,b,c` or `@file` with one per line: the corpus to export "
+                        "(default: every item of the run), or with --add the items to add")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--add", action="store_true", help="add --items, encoded by --ckpt_path's item tower, to the index's delta")
+    mode.add_argument("--compact", action="store_true", help="fold the delta into the main index")
     args = parser.parse_args(argv)
-    out = export_index(args.ckpt_path, args.out, args.index)
+    if args.compact:
+        size = compact(args.out)
+        print(f"[rails_lightning] compacted: {size} items in the main index of {args.out}", flush=True)
+        return 0
+    if not args.ckpt_path:
+        parser.error("--ckpt_path is required (except with --compact)")
+    if args.add:
+        if not args.items:
+            parser.error("--add needs --items")
+        size = add_items(args.out, args.ckpt_path, _item_list(args.items))
+        print(f"[rails_lightning] delta of {args.out}: {size} items", flush=True)
+        return 0
+    out = export_index(args.ckpt_path, args.out, args.index, _item_list(args.items))
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"[rails_lightning] {manifest['model']} index of {manifest['corpus_size']} items ({manifest['index']}): {out}", flush=True)
     return 0

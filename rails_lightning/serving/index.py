@@ -1,20 +1,24 @@
-"""A trained model's corpus, exported for serving, and the queries answered from it.
+"""A trained model's corpus, exported for serving, grown without rebuilds, and the queries answered from it.
 
 ``export_index(checkpoint, out_dir)`` writes, in formats that are never unpickled:
 
 * ``index.safetensors``: the model's weights (``model.*``), the encoded corpus (``items.*``: the dot
   product's vectors (N, D); MoL's component embeddings (N, P_X, D_P) and gate logits (N, P)) and every
-  user's history (``history.offsets`` (U + 1,), ``history.items`` (M,), contiguous ids);
+  user's history (``history.offsets`` (U + 1,), ``history.items`` (M,), the model's item ids);
 * ``items.faiss`` (dot product only): a FAISS index of the item vectors, of the FAISS factory type asked
   for (``Flat`` exact; ``HNSW32``, ``IVF1024,Flat`` ... approximate), in FAISS's own file format;
-* ``ids.json``: raw user ids, raw item ids and item titles (row r is item id r + 1);
+* ``ids.json``: raw user ids, the raw id of every model item id, and the raw ids and titles of the
+  corpus rows (row r holds the r-th item of ``rows``; an export may hold a subset of the model's items);
 * ``manifest.json``: model name and hyperparameters (plain data: the model is rebuilt from them),
   corpus size, index type, source checkpoint, date.
 
-``ServingIndex(out_dir)`` loads it back: it encodes a query from a user's stored history or from a list
-of raw item ids, and retrieves with FAISS (dot product) or the exact / RAILS approximate MoL top-k.
+``add_items(out_dir, checkpoint, raw_ids)`` encodes new items with a checkpoint's item tower into a
+*delta* (``delta.safetensors``, ``delta.json``) without touching the main index; ``ServingIndex`` searches
+main and delta and merges the two top-k lists by score (exact: each list holds its part's best k
+allowed items). ``compact(out_dir)`` folds the delta into the main index (FAISS rebuilt from the stored
+vectors).
 
-Shape legend: B queries, L history length, N corpus, K results.
+Shape legend: B queries, L history length, N corpus rows, K results.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -32,11 +36,12 @@ from torch import Tensor
 from rails_lightning.data.batches import QueryBatch
 from rails_lightning.errors import CheckpointError, UserError
 from rails_lightning.models import RetrievalModule
-from rails_lightning.retrieval import SearchOptions, TopKRetriever
-from rails_lightning.retrieval.topk import Exclusion, FaissIndexTopK
+from rails_lightning.retrieval import SearchOptions, TopKRetriever, inner_product_retriever
+from rails_lightning.retrieval.topk import NEG_INF, Exclusion, FaissIndexTopK
 from rails_lightning.runs import RunRecord
 
 MANIFEST, TENSORS, FAISS_INDEX, ID_MAP = "manifest.json", "index.safetensors", "items.faiss", "ids.json"
+DELTA_TENSORS, DELTA_IDS = "delta.safetensors", "delta.json"
 
 
 def _run_config(checkpoint: Path) -> RunRecord:
@@ -52,46 +57,143 @@ def _run_config(checkpoint: Path) -> RunRecord:
     return record
 
 
-def export_index(checkpoint: str | Path, out_dir: str | Path, factory: str = "Flat") -> Path:
-    """Export the model of ``checkpoint`` and its run's corpus to ``out_dir`` (see the module docstring)."""
-    from safetensors.torch import save_file
-
-    checkpoint, out = Path(checkpoint), Path(out_dir)
+def _load_model(checkpoint: str | Path):
+    checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: checkpoint not found")
     model = RetrievalModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
-    data = _run_config(checkpoint).datamodule()
-    store = data.store
-    with torch.no_grad():
-        items = model.encode_corpus()
+    return model, _run_config(checkpoint).datamodule()
+
+
+def _model_ids(raw_ids: Sequence[Any], item_raw_ids: list[Any], what: str) -> np.ndarray:
+    """Raw item ids -> the model's contiguous item ids (1..N); unknown ones are an error."""
+    index = {raw: i + 1 for i, raw in enumerate(item_raw_ids)}
+    found = [index.get(raw, index.get(_as_int(raw))) for raw in raw_ids]
+    unknown = [raw for raw, f in zip(raw_ids, found) if f is None]
+    if unknown:
+        raise UserError(f"{len(unknown)} item ids unknown to {what}, e.g. {unknown[:5]}")
+    return np.array(found, dtype=np.int64)
+
+
+def _as_int(raw: Any) -> Any:
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return raw
+
+
+def _fields(items: Any) -> dict[str, Tensor]:
+    return {"vectors": items} if isinstance(items, Tensor) else dict(zip(items._fields, items))
+
+
+def _faiss_index(vectors: Tensor, factory: str, path: Path) -> None:
+    import faiss
+
+    array = vectors.float().numpy()
+    index = faiss.index_factory(array.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(array)
+    index.add(array)
+    faiss.write_index(index, str(path))
+
+
+@torch.no_grad()
+def export_index(checkpoint: str | Path, out_dir: str | Path, factory: str = "Flat", item_ids: Sequence[Any] | None = None) -> Path:
+    """Export the model of ``checkpoint`` and its run's corpus (or the raw ``item_ids`` of it) to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    model, data = _load_model(checkpoint)
+    store, out = data.store, Path(out_dir)
+    model_raw_ids = store.item_raw_ids[1:].tolist()
+    rows = _model_ids(item_ids, model_raw_ids, "the model") if item_ids is not None else np.arange(1, model.num_items + 1)
+    parts = [model.encode_items(chunk) for chunk in torch.from_numpy(rows).split(65536)]
+    items = torch.cat(parts) if isinstance(parts[0], Tensor) else type(parts[0])(*(torch.cat(f) for f in zip(*parts)))
+    fields = _fields(items)
     tensors = {f"model.{name}": value.contiguous() for name, value in model.state_dict().items()}
-    fields = {"vectors": items} if isinstance(items, Tensor) else dict(zip(items._fields, items))
     tensors |= {f"items.{name}": value.contiguous() for name, value in fields.items()}
     tensors["history.offsets"] = torch.from_numpy(store.offsets)
     tensors["history.items"] = torch.from_numpy(store.items)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in (DELTA_TENSORS, DELTA_IDS, FAISS_INDEX):
+        (out / stale).unlink(missing_ok=True)
     save_file(tensors, str(out / TENSORS))
     index_type = "exact MoL scoring (RAILS approximate top-k on request)"
     if isinstance(items, Tensor):
-        import faiss
-
-        vectors = items.float().numpy()
-        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            index.train(vectors)
-        index.add(vectors)
-        faiss.write_index(index, str(out / FAISS_INDEX))
+        _faiss_index(items, factory, out / FAISS_INDEX)
         index_type = f"FAISS {factory}"
     titles = data.item_titles
-    ids = {"users": store.user_raw_ids.tolist(), "items": store.item_raw_ids[1:].tolist(), "titles": titles[1:]}
+    ids = {
+        "users": store.user_raw_ids.tolist(), "model_items": model_raw_ids,
+        "rows": [model_raw_ids[i - 1] for i in rows.tolist()], "titles": [titles[i] for i in rows.tolist()],
+    }
     (out / ID_MAP).write_text(json.dumps(ids))
     manifest = {
-        "model": model.model_name, "hparams": dict(model.hparams), "item_fields": list(fields),
-        "corpus_size": model.num_items, "index": index_type, "checkpoint": str(checkpoint.resolve()),
+        "model": model.model_name, "hparams": dict(model.hparams), "item_fields": list(fields), "corpus_size": len(rows),
+        "index": index_type, "faiss_factory": factory, "checkpoint": str(Path(checkpoint).resolve()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def _read_ids(directory: Path) -> tuple[dict, dict]:
+    ids = json.loads((directory / ID_MAP).read_text())
+    delta = json.loads((directory / DELTA_IDS).read_text()) if (directory / DELTA_IDS).is_file() else {"rows": [], "titles": []}
+    return ids, delta
+
+
+@torch.no_grad()
+def add_items(index_dir: str | Path, checkpoint: str | Path, item_ids: Sequence[Any]) -> int:
+    """Encode the raw ``item_ids`` with ``checkpoint``'s item tower into the index's delta; returns its size."""
+    from safetensors.torch import load_file, save_file
+
+    index_dir = Path(index_dir)
+    manifest = json.loads((index_dir / MANIFEST).read_text())
+    ids, delta = _read_ids(index_dir)
+    present = set(ids["rows"]) | set(delta["rows"])
+    model, data = _load_model(checkpoint)
+    model_raw_ids = data.store.item_raw_ids[1:].tolist()
+    new = [raw for raw in item_ids if raw not in present and _as_int(raw) not in present]
+    if len(new) != len(item_ids):
+        raise UserError(f"{len(item_ids) - len(new)} of the items are in the index already")
+    new_ids = _model_ids(new, model_raw_ids, f"the model of {checkpoint}")
+    fields = _fields(model.encode_items(torch.from_numpy(new_ids)))
+    if list(fields) != manifest["item_fields"]:
+        raise UserError(f"{checkpoint} is a {model.model_name} model; this index holds {manifest['model']} items")
+    if (index_dir / DELTA_TENSORS).is_file():
+        old = load_file(str(index_dir / DELTA_TENSORS))
+        fields = {name: torch.cat([old[f"items.{name}"], value]) for name, value in fields.items()}
+    save_file({f"items.{name}": value.contiguous() for name, value in fields.items()}, str(index_dir / DELTA_TENSORS))
+    titles = data.item_titles
+    delta = {"rows": delta["rows"] + [model_raw_ids[i - 1] for i in new_ids.tolist()],
+             "titles": delta["titles"] + [titles[i] for i in new_ids.tolist()]}
+    (index_dir / DELTA_IDS).write_text(json.dumps(delta))
+    return len(delta["rows"])
+
+
+def compact(index_dir: str | Path) -> int:
+    """Fold the delta into the main index (FAISS rebuilt from the stored vectors); returns the corpus size."""
+    from safetensors.torch import load_file, save_file
+
+    index_dir = Path(index_dir)
+    if not (index_dir / DELTA_TENSORS).is_file():
+        return json.loads((index_dir / MANIFEST).read_text())["corpus_size"]
+    manifest = json.loads((index_dir / MANIFEST).read_text())
+    tensors, delta_tensors = load_file(str(index_dir / TENSORS)), load_file(str(index_dir / DELTA_TENSORS))
+    for name in manifest["item_fields"]:
+        tensors[f"items.{name}"] = torch.cat([tensors[f"items.{name}"], delta_tensors[f"items.{name}"]]).contiguous()
+    ids, delta = _read_ids(index_dir)
+    ids["rows"] += delta["rows"]
+    ids["titles"] += delta["titles"]
+    save_file(tensors, str(index_dir / TENSORS))
+    if (index_dir / FAISS_INDEX).is_file():
+        _faiss_index(tensors["items.vectors"], manifest["faiss_factory"], index_dir / FAISS_INDEX)
+    (index_dir / ID_MAP).write_text(json.dumps(ids))
+    manifest["corpus_size"] = len(ids["rows"])
+    (index_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (index_dir / DELTA_TENSORS).unlink()
+    (index_dir / DELTA_IDS).unlink()
+    return manifest["corpus_size"]
 
 
 @dataclass
@@ -105,10 +207,10 @@ class Answer:
 
 
 class ServingIndex:
-    """An exported index, ready to answer queries.
+    """An exported index (main rows, then any delta rows), ready to answer queries.
 
     Args:
-        directory: what ``export_index`` wrote.
+        directory: what ``export_index`` (and ``add_items``) wrote.
         approximate: for MoL, search with the model's RAILS approximate top-k (its ``approximate_topk``
             option) instead of exact scoring.
     """
@@ -123,78 +225,102 @@ class ServingIndex:
         tensors = load_file(str(directory / TENSORS))
         self.model = RetrievalModule(**self.manifest["hparams"]).eval()
         self.model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-        fields = [tensors[f"items.{name}"] for name in self.manifest["item_fields"]]
-        if self.manifest["item_fields"] == ["vectors"]:
-            self.items = fields[0]
-        else:
-            probe = self.model.encode_items(torch.tensor([1]))  # the representation's type
-            self.items = type(probe)(*fields)
         self.history_offsets = tensors["history.offsets"].numpy()
         self.history_items = tensors["history.items"].numpy()
-        ids = json.loads((directory / ID_MAP).read_text())
+        ids, delta = _read_ids(directory)
         self.user_index = {raw: i for i, raw in enumerate(ids["users"])}
-        self.item_raw_ids, self.titles = ids["items"], ids["titles"]
-        self.item_index = {raw: i + 1 for i, raw in enumerate(self.item_raw_ids)}
-        self.retriever = self._retriever(directory, approximate)
+        self.model_items = ids["model_items"]  # raw id of each model item id - 1
+        self.model_item_index = {raw: i + 1 for i, raw in enumerate(self.model_items)}
+        self.row_raw_ids, self.titles = ids["rows"] + delta["rows"], ids["titles"] + delta["titles"]
+        self.num_main = len(ids["rows"])
+        self.row_index = {raw: r + 1 for r, raw in enumerate(self.row_raw_ids)}  # raw id -> 1-based row
+        self.main = self._retriever(directory, self._items(tensors), approximate, FAISS_INDEX)
+        self.delta = None
+        if (directory / DELTA_TENSORS).is_file():
+            self.delta = self._retriever(directory, self._items(load_file(str(directory / DELTA_TENSORS))), approximate, None)
 
-    def _retriever(self, directory: Path, approximate: bool) -> TopKRetriever:
-        if (directory / FAISS_INDEX).is_file():
+    def _items(self, tensors: dict[str, Tensor]) -> Any:
+        fields = [tensors[f"items.{name}"] for name in self.manifest["item_fields"]]
+        if self.manifest["item_fields"] == ["vectors"]:
+            return fields[0]
+        probe = self.model.encode_items(torch.tensor([1]))  # the representation's type
+        return type(probe)(*fields)
+
+    def _retriever(self, directory: Path, items: Any, approximate: bool, faiss_file: str | None) -> TopKRetriever:
+        if faiss_file is not None and (directory / faiss_file).is_file():
             import faiss
 
-            return FaissIndexTopK(faiss.read_index(str(directory / FAISS_INDEX)))
+            return FaissIndexTopK(faiss.read_index(str(directory / faiss_file)))
+        if isinstance(items, Tensor):  # the delta of a dot-product index: small, searched exactly
+            return inner_product_retriever(items, SearchOptions())
         if approximate:
-            retriever = self.model.approximate_retriever(self.items, SearchOptions())
+            retriever = self.model.approximate_retriever(items, SearchOptions())
             if retriever is None:
                 raise UserError("this model has no approximate top-k (set the similarity's approximate_topk when training)")
             return retriever
-        return self.model.exact_retriever(self.items, SearchOptions())
+        return self.model.exact_retriever(items, SearchOptions())
 
     # ------------------------------------------------------------------ queries
-    def _raw_id(self, text: str, known: dict) -> Any:
-        """A raw id as the log had it: the int when the ids are ints, else the text."""
-        if text in known:
+    @staticmethod
+    def _lookup(text: str, index: dict) -> Any:
+        """A raw id as the log had it: the int when the ids are ints, else the text; None when unknown."""
+        if text in index:
             return text
-        try:
-            return int(text) if int(text) in known else None
-        except ValueError:
-            return None
+        number = _as_int(text)
+        return number if number in index else None
 
     def user_history(self, raw_user: str) -> np.ndarray:
-        user = self._raw_id(str(raw_user), self.user_index)
+        """The user's stored history, as the model's item ids."""
+        user = self._lookup(str(raw_user), self.user_index)
         if user is None:
             raise UserError(f"user {raw_user!r} is not in this index ({len(self.user_index)} users)")
         u = self.user_index[user]
         return self.history_items[self.history_offsets[u] : self.history_offsets[u + 1]]
 
     def items_of(self, raw_items: list[str]) -> np.ndarray:
-        found = [self._raw_id(str(raw).strip(), self.item_index) for raw in raw_items if str(raw).strip()]
+        """Raw item ids -> the model's item ids (a history the model can encode)."""
+        raw_items = [str(raw).strip() for raw in raw_items if str(raw).strip()]
+        found = [self._lookup(raw, self.model_item_index) for raw in raw_items]
         unknown = [raw for raw, f in zip(raw_items, found) if f is None]
         if unknown or not found:
-            raise UserError(f"item ids not in this index: {unknown or raw_items}")
-        return np.array([self.item_index[f] for f in found], dtype=np.int64)
+            raise UserError(f"item ids the model does not know: {unknown or raw_items}")
+        return np.array([self.model_item_index[f] for f in found], dtype=np.int64)
 
     def query(self, history: np.ndarray, user: str | None = None) -> QueryBatch:
-        """One query: the last ``max_seq_len`` items of ``history`` (contiguous ids), left-padded."""
+        """One query from ``history`` (the model's item ids, oldest first): its last ``max_seq_len`` items, left-padded;
+        the whole history is what ``--exclude-history`` excludes. Without a user, user index 0 stands in."""
         length = self.model.hparams.max_seq_len
         window = np.zeros(length, dtype=np.int64)
         recent = history[-length:]
         window[length - len(recent) :] = recent
-        user_index = 0 if user is None else self.user_index[self._raw_id(str(user), self.user_index)]
+        user_index = 0 if user is None else self.user_index[self._lookup(str(user), self.user_index)]
         return QueryBatch(
             user_ids=torch.tensor([user_index]), input_ids=torch.from_numpy(window)[None],
             targets=torch.zeros(1, 1, dtype=torch.long),
             exclude_offsets=torch.tensor([0, len(history)]), exclude_items=torch.from_numpy(np.asarray(history, dtype=np.int64)),
         )
 
+    def _row_exclusion(self, batch: QueryBatch) -> tuple[Exclusion, Exclusion]:
+        """The history (model item ids) as 1-based rows of the main part and of the delta part."""
+        rows = [self.row_index.get(self.model_items[i - 1]) for i in batch.exclude_items.tolist()]
+        main = torch.tensor(sorted({r for r in rows if r is not None and r <= self.num_main}), dtype=torch.long)
+        delta = torch.tensor(sorted({r - self.num_main for r in rows if r is not None and r > self.num_main}), dtype=torch.long)
+        return Exclusion(torch.tensor([0, len(main)]), main), Exclusion(torch.tensor([0, len(delta)]), delta)
+
     @torch.no_grad()
     def retrieve(self, batch: QueryBatch, k: int = 10, exclude_history: bool = False) -> Answer:
         started = time.perf_counter()
         queries = self.model.encode_queries(batch)
-        exclude = Exclusion(batch.exclude_offsets, batch.exclude_items) if exclude_history else None
-        scores, ids = self.retriever.search(queries, k, exclude)
+        main_exclusion, delta_exclusion = self._row_exclusion(batch) if exclude_history else (None, None)
+        scores, rows = self.main.search(queries, k, main_exclusion)
+        if self.delta is not None:
+            delta_scores, delta_rows = self.delta.search(queries, k, delta_exclusion)
+            delta_rows = torch.where(delta_rows > 0, delta_rows + self.num_main, 0)
+            scores, pick = torch.cat([scores, delta_scores], 1).topk(k, dim=1)
+            rows = torch.cat([rows, delta_rows], 1).gather(1, pick)
         seconds = time.perf_counter() - started
-        kept = [(int(i), float(s)) for i, s in zip(ids[0].tolist(), scores[0].tolist()) if i > 0]
+        kept = [(int(r), float(s)) for r, s in zip(rows[0].tolist(), scores[0].tolist()) if r > 0 and s != NEG_INF]
         return Answer(
-            item_ids=[self.item_raw_ids[i - 1] for i, _ in kept], titles=[self.titles[i - 1] for i, _ in kept],
+            item_ids=[self.row_raw_ids[r - 1] for r, _ in kept], titles=[self.titles[r - 1] for r, _ in kept],
             scores=[s for _, s in kept], seconds=seconds,
         )
