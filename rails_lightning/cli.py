@@ -37,14 +37,19 @@ STARTED_RUN_DIRS: list[Path] = []  # this process's run directories, for clean-u
 
 
 def _wandb_has_credentials() -> bool:
-    """Whether W&B has credentials for the host it logs in to, asked through wandb's own login (no prompt,
-    no server round trip): whatever that host is, and wherever the key is kept."""
+    """Whether W&B has credentials for the host it logs in to (its settings' ``base_url``, whatever that is),
+    read through wandb's own credential readers in wandb's order: the environment, the session, the netrc
+    entry for that host, wandb's settings. Nothing goes over the network (``wandb.login`` can wait on it)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    import wandb
-
     try:
-        return bool(wandb.login(prompt=False, verify=False))
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+
+        settings = wandb_setup.singleton().settings
+        if isinstance(wbauth.session_credentials(host=settings.base_url), wbauth.AuthApiKey):
+            return True
+        return bool(wbauth.read_netrc_auth(host=settings.base_url) or settings.api_key)
     except Exception:  # noqa: BLE001 - a broken W&B set-up means no credentials, not a failed run
         return False
 
