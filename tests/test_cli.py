@@ -2,7 +2,6 @@
 ready-made models, the run record and a self-describing checkpoint of a CLI run."""
 
 import csv
-import json
 import os
 import subprocess
 import sys

@@ -7,7 +7,6 @@ import functools
 import http.server
 import logging
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -19,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CLI_ARGS, LossRecorder, cpu_trainer, make_tiny_data, make_tiny_model
+from conftest import TINY_CLI_ARGS, cpu_trainer, make_tiny_data, make_tiny_model
 from rails_lightning.callbacks import AtomicCheckpointIO, CorpusEvaluation
-from rails_lightning.data import DataError, InteractionDataModule, InteractionLogSource, SyntheticSource
+from rails_lightning.data import DataError, InteractionDataModule, InteractionLogSource
 from rails_lightning.data.sequences import InteractionLog
 from rails_lightning.data.source import InteractionSource
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule
