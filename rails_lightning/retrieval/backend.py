@@ -36,7 +36,7 @@ def _faiss_gpus() -> int | None:
         import faiss
     except ImportError:
         return None
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return faiss.get_num_gpus()
 
 
 def uses_faiss(backend: Backend, device: torch.device) -> bool:

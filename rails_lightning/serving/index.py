@@ -65,14 +65,12 @@ def _load_model(checkpoint: str | Path):
     return model, _run_config(checkpoint).datamodule()
 
 
-def _model_ids(raw_ids: Sequence[Any], item_raw_ids: list[Any], what: str) -> np.ndarray:
-    """Raw item ids -> the model's contiguous item ids (1..N); unknown ones are an error."""
-    index = {raw: i + 1 for i, raw in enumerate(item_raw_ids)}
-    found = [index.get(raw, index.get(_as_int(raw))) for raw in raw_ids]
-    unknown = [raw for raw, f in zip(raw_ids, found) if f is None]
-    if unknown:
-        raise UserError(f"{len(unknown)} item ids unknown to {what}, e.g. {unknown[:5]}")
-    return np.array(found, dtype=np.int64)
+def _lookup(raw: Any, index: dict) -> Any:
+    """A raw id as the log had it: the int when the ids are ints, else the text; None when ``index`` lacks it."""
+    if raw in index:
+        return raw
+    number = _as_int(raw)
+    return number if number in index else None
 
 
 def _as_int(raw: Any) -> Any:
@@ -80,6 +78,16 @@ def _as_int(raw: Any) -> Any:
         return int(raw)
     except (TypeError, ValueError):
         return raw
+
+
+def _model_ids(raw_ids: Sequence[Any], item_raw_ids: list[Any], what: str) -> np.ndarray:
+    """Raw item ids -> the model's contiguous item ids (1..N); unknown ones are an error."""
+    index = {raw: i + 1 for i, raw in enumerate(item_raw_ids)}
+    found = [_lookup(raw, index) for raw in raw_ids]
+    unknown = [raw for raw, f in zip(raw_ids, found) if f is None]
+    if unknown:
+        raise UserError(f"{len(unknown)} item ids unknown to {what}, e.g. {unknown[:5]}")
+    return np.array([index[f] for f in found], dtype=np.int64)
 
 
 def _fields(items: Any) -> dict[str, Tensor]:
@@ -150,10 +158,10 @@ def add_items(index_dir: str | Path, checkpoint: str | Path, item_ids: Sequence[
     index_dir = Path(index_dir)
     manifest = json.loads((index_dir / MANIFEST).read_text())
     ids, delta = _read_ids(index_dir)
-    present = set(ids["rows"]) | set(delta["rows"])
+    present = dict.fromkeys(ids["rows"] + delta["rows"])
     model, data = _load_model(checkpoint)
     model_raw_ids = data.store.item_raw_ids[1:].tolist()
-    new = [raw for raw in item_ids if raw not in present and _as_int(raw) not in present]
+    new = [raw for raw in item_ids if _lookup(raw, present) is None]
     if len(new) != len(item_ids):
         raise UserError(f"{len(item_ids) - len(new)} of the items are in the index already")
     new_ids = _model_ids(new, model_raw_ids, f"the model of {checkpoint}")
@@ -261,17 +269,9 @@ class ServingIndex:
         return self.model.exact_retriever(items, SearchOptions())
 
     # ------------------------------------------------------------------ queries
-    @staticmethod
-    def _lookup(text: str, index: dict) -> Any:
-        """A raw id as the log had it: the int when the ids are ints, else the text; None when unknown."""
-        if text in index:
-            return text
-        number = _as_int(text)
-        return number if number in index else None
-
     def user_history(self, raw_user: str) -> np.ndarray:
         """The user's stored history, as the model's item ids."""
-        user = self._lookup(str(raw_user), self.user_index)
+        user = _lookup(str(raw_user), self.user_index)
         if user is None:
             raise UserError(f"user {raw_user!r} is not in this index ({len(self.user_index)} users)")
         u = self.user_index[user]
@@ -280,7 +280,7 @@ class ServingIndex:
     def items_of(self, raw_items: list[str]) -> np.ndarray:
         """Raw item ids -> the model's item ids (a history the model can encode)."""
         raw_items = [str(raw).strip() for raw in raw_items if str(raw).strip()]
-        found = [self._lookup(raw, self.model_item_index) for raw in raw_items]
+        found = [_lookup(raw, self.model_item_index) for raw in raw_items]
         unknown = [raw for raw, f in zip(raw_items, found) if f is None]
         if unknown or not found:
             raise UserError(f"item ids the model does not know: {unknown or raw_items}")
@@ -293,7 +293,7 @@ class ServingIndex:
         window = np.zeros(length, dtype=np.int64)
         recent = history[-length:]
         window[length - len(recent) :] = recent
-        user_index = 0 if user is None else self.user_index[self._lookup(str(user), self.user_index)]
+        user_index = 0 if user is None else self.user_index[_lookup(str(user), self.user_index)]
         return QueryBatch(
             user_ids=torch.tensor([user_index]), input_ids=torch.from_numpy(window)[None],
             targets=torch.zeros(1, 1, dtype=torch.long),
