@@ -33,6 +33,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 MODEL_PRESETS = {path.stem: path for path in (Path(__file__).parent / "configs" / "models").glob("*.yaml")}
 REPORT_KEYS = ("hr@10", "ndcg@10", "mrr")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+RUN_DIR_ENV = "RAILS_LIGHTNING_RUN_DIR"  # the run directory, handed to the processes of a DDP launch
 STARTED_RUN_DIRS: list[Path] = []  # this process's run directories, for clean-up after a failure
 
 
@@ -128,12 +129,18 @@ class RailsCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        run_dir = config.get("run_dir")
+        # A process Lightning's DDP launcher started (LOCAL_RANK > 0) re-runs this command line: it joins the
+        # run directory its first process chose. Other launchers (torchrun, SLURM) start every process at once.
+        launched = int(os.environ.get("LOCAL_RANK", "0")) > 0 and RUN_DIR_ENV in os.environ
+        run_dir = config.get("run_dir") or (os.environ[RUN_DIR_ENV] if launched else None)
+        if not run_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("a multi-process run started by an external launcher needs --run_dir, the same for every process")
         if not run_dir:
             root = Path(config.trainer.default_root_dir or ".")
             model_name = build_factory({"class_path": str(config.model.similarity.class_path)}, Similarity).func.model_name
             run_dir = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}-{os.getpid()}"
         self.run_dir = Path(run_dir).resolve()
+        os.environ[RUN_DIR_ENV] = str(self.run_dir)  # for the processes a DDP launch starts from this one
         config.run_dir = str(self.run_dir)
         config.trainer.default_root_dir = str(self.run_dir)
         # Loggers and callbacks are config entries here ({class_path, init_args}), or a bool for `logger`.
@@ -147,7 +154,7 @@ class RailsCLI(LightningCLI):
         # answer from the server -> offline (sync later with `wandb sync`).
         if "WANDB_MODE" not in os.environ and not (_wandb_has_credentials() and _wandb_reachable()):
             os.environ["WANDB_MODE"] = "offline"
-        if self.subcommand == "fit" and not config.get("ckpt_path") and _holds_a_run(self.run_dir):
+        if self.subcommand == "fit" and not config.get("ckpt_path") and not launched and _holds_a_run(self.run_dir):
             raise ConfigError(
                 f"{self.run_dir} already holds a run; resume it with --ckpt_path={self.run_dir / 'checkpoints' / 'last.ckpt'} "
                 "or choose another --run_dir"

@@ -194,15 +194,16 @@ def test_fit_logs_losses_and_exact_and_approximate_metrics(tmp_path):
     metrics = trainer.callback_metrics
     for key in (
         "train/softmax_loss", "train/load_balancing_loss", "train/load_balancing", "train/gate_entropy",
-        "train/gate_usage_max", "val/hr@10", "val/ndcg@10", "val/mrr", "val/approx/hr@10", "val/approx/mrr",
-        "val/approx_recall_vs_exact@100", "val/exact_search_seconds", "val/approx_search_seconds",
+        "train/gate_usage_max", "val/hr@10", "val/ndcg@10", "val/mrr", "val/index/hr@10", "val/index/mrr",
+        "val/index_recall@100", "val/encode_seconds", "val/search_seconds", "val/index_build_seconds",
+        "val/index_search_seconds",
     ):
         assert key in metrics, key
         assert torch.isfinite(metrics[key]), key
-    assert 0.0 <= float(metrics["val/approx_recall_vs_exact@100"]) <= 1.0
+    assert 0.0 <= float(metrics["val/index_recall@100"]) <= 1.0
     # CombinedTopK with 8 x 8 + 32 candidates out of 300 items: close to exact, not guaranteed equal.
-    assert float(metrics["val/approx_recall_vs_exact@100"]) > 0.3
-    assert float(metrics["val/approx/hr@50"]) <= float(metrics["val/hr@50"]) + 0.05
+    assert float(metrics["val/index_recall@100"]) > 0.3
+    assert float(metrics["val/index/hr@50"]) <= float(metrics["val/hr@50"]) + 0.05
 
 
 @pytest.mark.parametrize("config", ["configs/synthetic/mol.yaml", "configs/ml-1m/mol.yaml"])

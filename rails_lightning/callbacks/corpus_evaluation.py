@@ -8,11 +8,20 @@ representations are searched, the user's history excluded, and the top-K ids fee
 ``RetrievalMetrics`` whose sum states synchronise under DDP. Metrics are logged as
 ``val/hr@10``, ``test/ndcg@10``, ``val/mrr``, ...
 
-When the model also offers an approximate top-k (``approximate_retriever``, e.g. a
-RAILS algorithm for MoL), every batch is searched with both: the approximate results get
-the same metrics under ``val/approx/...``, ``val/approx_recall_vs_exact@100`` is the mean
-overlap ``|approx top-100 & exact top-100| / |exact top-100|``, and the wall time of each
-search is logged as ``val/exact_search_seconds`` / ``val/approx_search_seconds``.
+Distributed runs (DDP): each process encodes its 1/W share of the corpus and the shares are
+all-gathered, so every process holds the whole encoded corpus and searches it for its own queries
+(the DataModule gives each process its own slice of them); the metric states are summed across
+processes, so the figures equal a one-process evaluation's.
+
+An approximate index is searched beside the exact one when the model offers it: a FAISS index of
+any factory type for the dot product (``index="IVF4096,Flat"``, ``"HNSW32"``, ``"IVF4096,PQ32"``, with
+``index_search="nprobe=64"``), rebuilt from the re-encoded corpus each epoch, or the similarity's own
+(the RAILS algorithms for MoL). Its results get the same metrics under ``val/index/...``;
+``val/index_recall@100`` is the mean overlap ``|index top-100 & exact top-100| / |exact top-100|``.
+
+Timings: ``val/encode_seconds`` (re-encoding the corpus, gathering included), ``val/search_seconds``
+(building the exact index and searching every query), ``val/index_build_seconds`` and
+``val/index_search_seconds`` (the approximate index).
 
 ``history`` keeps every validation epoch's metrics and ``fit_seconds`` the time spent in ``fit``; both
 travel in checkpoints, so a resumed run's record holds the whole run (the run record stores them).
@@ -32,10 +41,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
+from rails_lightning.errors import ConfigError
 from rails_lightning.metrics import RetrievalMetrics
 from rails_lightning.models.retrieval_module import RetrievalModule
 from rails_lightning.retrieval import SearchOptions
 from rails_lightning.retrieval.backend import Backend
+from rails_lightning.similarity import DotProduct
 
 RECALL_VS_EXACT_K = 100
 
@@ -51,6 +62,10 @@ class CorpusEvaluation(Callback):
             top-k on the model's device otherwise).
         score_block_elements: exact torch scoring holds at most this many (query, item[, component])
             values at once (bounds its memory, ~20 bytes each).
+        index: FAISS factory string of an approximate index searched beside the exact one, dot product
+            only (``IVF4096,Flat``, ``HNSW32``, ``IVF4096,PQ32``, ...); None for none.
+        index_search: the index's search parameters (FAISS ``ParameterSpace``), e.g. ``nprobe=64``, ``efSearch=128``.
+        index_train_size: corpus vectors (a random sample) that train the index each epoch.
     """
 
     def __init__(
@@ -60,11 +75,14 @@ class CorpusEvaluation(Callback):
         encode_batch_size: int = 65536,
         backend: Backend = "auto",
         score_block_elements: int = 1 << 22,
+        index: str | None = None,
+        index_search: str = "",
+        index_train_size: int = 1 << 18,
     ) -> None:
         self.ks = tuple(ks)
         self.exclude_history = exclude_history
         self.encode_batch_size = encode_batch_size
-        self.options = SearchOptions(backend, score_block_elements)
+        self.options = SearchOptions(backend, score_block_elements, index, index_search, index_train_size)
         self.metrics = RetrievalMetrics(self.ks)
         self.retriever = None
         self.search_seconds = 0.0
@@ -73,10 +91,10 @@ class CorpusEvaluation(Callback):
         self._fit_started: float | None = None
         self._warned_small_corpus = False
         # Only used when the model offers an approximate top-k.
-        self.approx_metrics = RetrievalMetrics(self.ks)
-        self.approx_recall = MeanMetric()
-        self.approx_retriever = None
-        self.approx_search_seconds = 0.0
+        self.index_metrics = RetrievalMetrics(self.ks)
+        self.index_recall = MeanMetric()
+        self.index_retriever = None
+        self.index_search_seconds = 0.0
 
     # -- the run's history and fit time, kept across resumes
     def on_fit_start(self, trainer, pl_module):
@@ -101,17 +119,21 @@ class CorpusEvaluation(Callback):
     def metric_keys(self, pl_module: RetrievalModule, stages: Sequence[str] = ("val", "test")) -> set[str]:
         """Every metric key this callback logs for ``pl_module`` (what a sweep or a checkpoint may monitor)."""
         names = [f"{m}@{k}" for k in self.ks for m in ("hr", "recall", "ndcg")] + ["mrr"]
-        keys = {f"{stage}/{name}" for stage in stages for name in [*names, "index_seconds", "search_seconds"]}
-        if pl_module.similarity.has_approximate_retriever:
-            extra = [f"approx/{n}" for n in names] + [f"approx_recall_vs_exact@{RECALL_VS_EXACT_K}", "exact_search_seconds",
-                                                     "approx_search_seconds", "approx_index_seconds"]
+        keys = {f"{stage}/{name}" for stage in stages for name in [*names, "encode_seconds", "search_seconds"]}
+        if pl_module.similarity.offers_approximate_retriever(self.options):
+            extra = [f"index/{n}" for n in names] + [f"index_recall@{RECALL_VS_EXACT_K}", "index_build_seconds", "index_search_seconds"]
             keys |= {f"{stage}/{name}" for stage in stages for name in extra}
         return keys
 
     # -- epoch start: corpus -> retriever
-    def _start(self, pl_module: pl.LightningModule, approximate: bool = True) -> None:
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, approximate: bool = True) -> None:
         if not isinstance(pl_module, RetrievalModule):
             raise TypeError(f"CorpusEvaluation evaluates a RetrievalModule, not {type(pl_module).__name__}")
+        if self.options.index is not None and not isinstance(pl_module.similarity, DotProduct):
+            raise ConfigError(
+                f"CorpusEvaluation(index={self.options.index!r}) is an inner-product index, for the dot product; "
+                f"{pl_module.model_name} chooses its approximate top-k in --model.similarity.init_args.approximate_topk"
+            )
         if max(self.ks) > pl_module.num_items and not self._warned_small_corpus:
             self._warned_small_corpus = True
             rank_zero_warn(
@@ -120,40 +142,54 @@ class CorpusEvaluation(Callback):
             )
         started = time.perf_counter()
         with torch.no_grad():
-            items = pl_module.encode_corpus(self.encode_batch_size)
-            self.retriever = pl_module.exact_retriever(items, self.options)
-            self.index_seconds = time.perf_counter() - started
+            items = self._encode_corpus(trainer, pl_module)
+            self.encode_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            self.approx_retriever = pl_module.approximate_retriever(items, self.options) if approximate else None
-            self.approx_index_seconds = time.perf_counter() - started
-        self.search_seconds = self.approx_search_seconds = 0.0
-        self.metrics, self.approx_metrics = self.metrics.to(pl_module.device), self.approx_metrics.to(pl_module.device)
-        self.approx_recall = self.approx_recall.to(pl_module.device)
-        for metric in (self.metrics, self.approx_metrics, self.approx_recall):
+            self.retriever = pl_module.exact_retriever(items, self.options)
+            self.search_seconds = time.perf_counter() - started  # the exact index's build counts as search
+            started = time.perf_counter()
+            self.index_retriever = pl_module.approximate_retriever(items, self.options) if approximate else None
+            self.index_build_seconds = time.perf_counter() - started
+        self.index_search_seconds = 0.0
+        self.metrics, self.index_metrics = self.metrics.to(pl_module.device), self.index_metrics.to(pl_module.device)
+        self.index_recall = self.index_recall.to(pl_module.device)
+        for metric in (self.metrics, self.index_metrics, self.index_recall):
             metric.reset()
 
+    def _encode_corpus(self, trainer: pl.Trainer, pl_module: RetrievalModule) -> Any:
+        """The whole encoded corpus; under DDP each process encodes its share and the shares are all-gathered."""
+        world_size = trainer.world_size
+        if world_size == 1:
+            return pl_module.encode_corpus(self.encode_batch_size)
+        share = -(-pl_module.num_items // world_size)  # rows per process; the last share is padded to it
+        part = pl_module.encode_corpus(self.encode_batch_size, start=trainer.global_rank * share, count=share)
+        def gather(rows: torch.Tensor) -> torch.Tensor:  # (share, ...) in every process -> (N, ...)
+            return trainer.strategy.all_gather(rows).flatten(0, 1)[: pl_module.num_items]
+
+        return gather(part) if isinstance(part, torch.Tensor) else type(part)(*(gather(field) for field in part))
+
     def on_validation_epoch_start(self, trainer, pl_module):
-        self._start(pl_module)
+        self._start(trainer, pl_module)
 
     def on_test_epoch_start(self, trainer, pl_module):
-        self._start(pl_module)
+        self._start(trainer, pl_module)
 
     # -- every batch: search and accumulate
     def _batch(self, batch: Any, queries: Any) -> None:
         started = time.perf_counter()
         exclude = batch.exclusion if self.exclude_history else None
-        k = max(self.ks) if self.approx_retriever is None else max(*self.ks, RECALL_VS_EXACT_K)
+        k = max(self.ks) if self.index_retriever is None else max(*self.ks, RECALL_VS_EXACT_K)
         _, ids = self.retriever.search(queries, k, exclude)
         self.search_seconds += time.perf_counter() - started
         self.metrics.update(ids.to(batch.targets.device), batch.targets)
-        if self.approx_retriever is not None:
+        if self.index_retriever is not None:
             started = time.perf_counter()
-            _, approx_ids = self.approx_retriever.search(queries, k, exclude)
-            self.approx_search_seconds += time.perf_counter() - started
-            self.approx_metrics.update(approx_ids.to(batch.targets.device), batch.targets)
-            exact, approx = ids[:, :RECALL_VS_EXACT_K], approx_ids[:, :RECALL_VS_EXACT_K].to(ids.device)
+            _, index_ids = self.index_retriever.search(queries, k, exclude)
+            self.index_search_seconds += time.perf_counter() - started
+            self.index_metrics.update(index_ids.to(batch.targets.device), batch.targets)
+            exact, approx = ids[:, :RECALL_VS_EXACT_K], index_ids[:, :RECALL_VS_EXACT_K].to(ids.device)
             found = (exact[:, :, None] == approx[:, None, :]).any(-1) & (exact > 0)  # (B, 100)
-            self.approx_recall.update(found.sum(1) / (exact > 0).sum(1).clamp_min(1))
+            self.index_recall.update(found.sum(1) / (exact > 0).sum(1).clamp_min(1))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._batch(batch, outputs)
@@ -164,25 +200,26 @@ class CorpusEvaluation(Callback):
     # -- epoch end: log
     def _end(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         values = {f"{stage}/{name}": value for name, value in self.metrics.compute().items()}
-        values[f"{stage}/index_seconds"] = torch.tensor(self.index_seconds)
+        values[f"{stage}/encode_seconds"] = torch.tensor(self.encode_seconds)
         values[f"{stage}/search_seconds"] = torch.tensor(self.search_seconds)
-        if self.approx_retriever is not None:
-            values.update({f"{stage}/approx/{name}": value for name, value in self.approx_metrics.compute().items()})
-            values[f"{stage}/approx_recall_vs_exact@{RECALL_VS_EXACT_K}"] = self.approx_recall.compute()
-            values[f"{stage}/exact_search_seconds"] = torch.tensor(self.search_seconds)
-            values[f"{stage}/approx_search_seconds"] = torch.tensor(self.approx_search_seconds)
-            values[f"{stage}/approx_index_seconds"] = torch.tensor(self.approx_index_seconds)
-        # Already reduced across processes by the metric's sum states. Headline numbers go to the progress bar.
+        if self.index_retriever is not None:
+            values.update({f"{stage}/index/{name}": value for name, value in self.index_metrics.compute().items()})
+            values[f"{stage}/index_recall@{RECALL_VS_EXACT_K}"] = self.index_recall.compute()
+            values[f"{stage}/index_build_seconds"] = torch.tensor(self.index_build_seconds)
+            values[f"{stage}/index_search_seconds"] = torch.tensor(self.index_search_seconds)
+        # The metrics are already reduced across processes by their sum states, so the mean over processes
+        # (sync_dist) leaves them as they are; for the timings it is the mean process's. Headline numbers go to
+        # the progress bar.
         headline = {k: values.pop(k) for k in (f"{stage}/hr@10", f"{stage}/ndcg@10") if k in values}
-        pl_module.log_dict(headline, prog_bar=True, sync_dist=False)
-        pl_module.log_dict(values, sync_dist=False)
+        pl_module.log_dict(headline, prog_bar=True, sync_dist=True)
+        pl_module.log_dict(values, sync_dist=True)
         if stage == "val" and trainer.state.fn == TrainerFn.FITTING:  # the epochs of training, not a later validate
             self.history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in {**headline, **values}.items()}})
-        self.retriever = self.approx_retriever = None  # free the indexes between epochs
+        self.retriever = self.index_retriever = None  # free the indexes between epochs
 
     # -- predict: write every query's top-K recommendations next to the run
     def on_predict_epoch_start(self, trainer, pl_module):
-        self._start(pl_module, approximate=False)
+        self._start(trainer, pl_module, approximate=False)
         self.predictions = []
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
@@ -192,7 +229,9 @@ class CorpusEvaluation(Callback):
 
     def on_predict_epoch_end(self, trainer, pl_module):
         datamodule = trainer.datamodule
-        path = Path(trainer.default_root_dir) / "predictions.jsonl"
+        # Under DDP each process writes the users it answered.
+        name = "predictions.jsonl" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.jsonl"
+        path = Path(trainer.default_root_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as out:
             for users, ids, scores in self.predictions:

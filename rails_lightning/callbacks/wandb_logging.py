@@ -26,7 +26,7 @@ def hit_rate_rows(metrics: dict, stage: str) -> tuple[list[str], list[list[float
     pattern = re.compile(rf"^{re.escape(stage)}/hr@(\d+)$")
     ks = sorted(int(m.group(1)) for m in map(pattern.match, metrics) if m)
     columns = ["K", "HR@K"]
-    optional = {"NDCG@K": f"{stage}/ndcg@{{k}}", "Recall@K": f"{stage}/recall@{{k}}", "approx HR@K": f"{stage}/approx/hr@{{k}}"}
+    optional = {"NDCG@K": f"{stage}/ndcg@{{k}}", "Recall@K": f"{stage}/recall@{{k}}", "index HR@K": f"{stage}/index/hr@{{k}}"}
     present = {name: key for name, key in optional.items() if ks and key.format(k=ks[0]) in metrics}
     columns += list(present)
     rows = [[k, float(metrics[f"{stage}/hr@{k}"])] + [float(metrics[key.format(k=k)]) for key in present.values()] for k in ks]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import cached_property
 from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from rails_lightning.data.batches import QueryBatch, TrainBatch
 from rails_lightning.data.sequences import (
@@ -80,11 +81,50 @@ class _Queries(Dataset):
         )
 
 
-def _batched_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
-    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+class _ShardedBatches(DistributedSampler):
+    """Whole batches of indices (lists) for one process of a distributed run.
+
+    Training (``shuffle``): one permutation shared by every process (seeded by the run's seed and the
+    epoch, so reproducible), cut into batches dealt round-robin; the list of batches is padded with its
+    first ones to a multiple of the world size, so every process takes the same number of steps (DDP
+    needs that). Evaluation: each process takes a contiguous slice of the queries, no padding, so the
+    summed metrics equal one process's exactly.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.batch_size = batch_size
+
+    def _batches(self) -> list[list[int]]:
+        n, world, rank = len(self.dataset), self.num_replicas, self.rank
+        if not self.shuffle:
+            share = -(-n // world)
+            indices = list(range(rank * share, min(n, (rank + 1) * share)))
+            return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        batches += batches[: (-len(batches)) % world]
+        return batches[rank::world]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def _batched_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, trainer: pl.Trainer | None = None
+) -> DataLoader:
+    if trainer is not None and trainer.world_size > 1:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything, the same in every process
+        sampler = _ShardedBatches(dataset, batch_size, trainer.world_size, trainer.global_rank, shuffle, seed)
+    else:
+        order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+        sampler = BatchSampler(order, batch_size=batch_size, drop_last=False)
     return DataLoader(
         dataset,
-        sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=False),
+        sampler=sampler,
         batch_size=None,  # the dataset builds whole batches
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
@@ -97,8 +137,8 @@ class InteractionDataModule(pl.LightningDataModule):
     Args:
         source: where interactions come from (``class_path`` in YAML).
         max_seq_len: history length the query encoder sees (the last items).
-        batch_size: training sequences per batch.
-        eval_batch_size: queries per validation / test batch.
+        batch_size: training sequences per batch (per process under DDP: the global batch is W times it).
+        eval_batch_size: queries per validation / test batch (under DDP each process takes its slice of the queries).
         min_interactions: users with fewer interactions are dropped.
         split: ``leave_one_out`` (last item test, second-to-last validation) or ``temporal``
             (one global clock; the latest fractions of events are validation / test targets).
@@ -254,17 +294,20 @@ class InteractionDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = _TrainSequences(self.store, self.split.train_end, self.max_seq_len)
-        return _batched_loader(dataset, self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return _batched_loader(dataset, self.batch_size, shuffle=True, num_workers=self.num_workers, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:
-        return self._queries_loader(self.split.val)
+        return self.query_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._queries_loader(self.split.test)
+        return self.query_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._queries_loader(self.split.test)
+        return self.query_loader("test")
 
-    def _queries_loader(self, queries: QuerySet) -> DataLoader:
+    def query_loader(self, stage: str, sharded: bool = True) -> DataLoader:
+        """The "val" or "test" queries; under DDP (``sharded``) only this process's slice of them."""
+        queries = self.split.val if stage == "val" else self.split.test
         dataset = _Queries(self.store, queries, self.max_seq_len)
-        return _batched_loader(dataset, self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+        trainer = self.trainer if sharded else None
+        return _batched_loader(dataset, self.eval_batch_size, shuffle=False, num_workers=self.num_workers, trainer=trainer)

@@ -20,6 +20,7 @@ rebuilds the exact model without a config file.
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 from typing import Any, Callable
 
@@ -140,9 +141,13 @@ class RetrievalModule(pl.LightningModule):
         """Item ids (...,) -> the similarity's item representations."""
         return self.similarity.item_representation(self.item_vectors(item_ids))
 
-    def encode_corpus(self, batch_size: int = 65536) -> Any:
-        """Item representations of the whole corpus (ids 1..N), encoded ``batch_size`` items at a time."""
-        ids = torch.arange(1, self.num_items + 1, device=self.device)
+    def encode_corpus(self, batch_size: int = 65536, start: int = 0, count: int | None = None) -> Any:
+        """Item representations of the corpus rows ``start .. start + count`` (item ids ``start + 1 ..``; by default
+        the whole corpus), ``batch_size`` items at a time. Rows past the corpus (a distributed run's last share,
+        padded to equal size) are encoded as padding id 0."""
+        count = self.num_items - start if count is None else count
+        ids = torch.arange(start + 1, start + count + 1, device=self.device)
+        ids = ids.masked_fill(ids > self.num_items, 0)
         parts = [self.encode_items(chunk) for chunk in ids.split(batch_size)]
         if isinstance(parts[0], Tensor):
             return torch.cat(parts)
@@ -163,6 +168,12 @@ class RetrievalModule(pl.LightningModule):
         features = datamodule.item_features if isinstance(datamodule, InteractionDataModule) else None
         if features is not None and features.shape == self.item_features.shape:
             self.item_features.copy_(features)
+
+    def on_train_start(self) -> None:
+        # Under DDP every process starts from the same seed (so the same initial weights); from here on each
+        # draws its own negatives and dropout masks, reproducibly: the seed is (run seed, rank, step).
+        if self.trainer.world_size > 1:
+            torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + 1_000_003 * self.global_rank + self.global_step)
 
     def sample_negatives(self, positive_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Negatives shared by the batch and the log of their expected counts: (R,), (R,)."""

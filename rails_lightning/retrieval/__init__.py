@@ -1,10 +1,16 @@
 """Top-k over the full corpus: one interface (``TopKRetriever``), one backend choice (``backend``),
 one exclusion / over-fetch path (``TopKRetriever.search``), and the retrievers built on them."""
 
-from rails_lightning.retrieval.backend import SearchOptions, inner_product_retriever, uses_faiss
+from rails_lightning.retrieval.backend import (
+    SearchOptions,
+    approximate_inner_product_retriever,
+    build_faiss_index,
+    inner_product_retriever,
+    uses_faiss,
+)
 from rails_lightning.retrieval.topk import BruteForceTopK, Exclusion, FaissInnerProductTopK, TopKRetriever
 
 __all__ = [
-    "SearchOptions", "inner_product_retriever", "uses_faiss",
+    "SearchOptions", "inner_product_retriever", "approximate_inner_product_retriever", "build_faiss_index", "uses_faiss",
     "TopKRetriever", "BruteForceTopK", "FaissInnerProductTopK", "Exclusion",
 ]

@@ -1,5 +1,6 @@
 """The one place that picks how inner-product top-k runs: FAISS (CPU, or GPU when FAISS sees one)
-or the exact chunked torch top-k on the tensors' own device, and the knobs every search shares."""
+or the exact chunked torch top-k on the tensors' own device, the knobs every search shares, and the
+approximate FAISS indexes (any factory string: ``IVF4096,Flat``, ``HNSW32``, ``IVF4096,PQ32``, ...)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rails_lightning.retrieval.topk import BruteForceTopK, FaissInnerProductTopK, TopKRetriever
+from rails_lightning.errors import ConfigError
+
+from rails_lightning.retrieval.topk import BruteForceTopK, FaissIndexTopK, FaissInnerProductTopK, TopKRetriever
 
 Backend = Literal["auto", "faiss", "torch"]
 
@@ -24,10 +27,19 @@ class SearchOptions:
             FAISS installed); ``faiss`` / ``torch`` force one.
         score_block_elements: exact torch scoring and MoL re-ranking hold at most this many
             (query, item[, component]) values at once (bounds their memory, ~20 bytes per value).
+        index: a FAISS factory string (``IVF4096,Flat``, ``HNSW32``, ``IVF4096,PQ32``, ...) of an approximate
+            inner-product index searched beside the exact one (dot product only); None for none.
+        index_search: its search parameters in FAISS's ``ParameterSpace`` syntax, e.g. ``nprobe=64`` or
+            ``efSearch=128`` ("" keeps FAISS's defaults).
+        index_train_size: at most this many corpus vectors (a random sample) train the index (IVF centroids,
+            PQ codebooks); FAISS wants at least 39 per IVF list.
     """
 
     backend: Backend = "auto"
     score_block_elements: int = 1 << 22
+    index: str | None = None
+    index_search: str = ""
+    index_train_size: int = 1 << 18
 
 
 def _faiss_gpus() -> int | None:
@@ -37,6 +49,11 @@ def _faiss_gpus() -> int | None:
     except ImportError:
         return None
     return faiss.get_num_gpus()
+
+
+def faiss_gpus() -> int:
+    """Number of GPUs FAISS sees (0 without FAISS-GPU or without FAISS)."""
+    return _faiss_gpus() or 0
 
 
 def uses_faiss(backend: Backend, device: torch.device) -> bool:
@@ -59,3 +76,54 @@ def inner_product_retriever(vectors: Tensor, options: SearchOptions) -> TopKRetr
         return FaissInnerProductTopK(vectors, on_gpu=bool(_faiss_gpus()))
     vectors = vectors.contiguous()
     return BruteForceTopK(lambda queries, start, end: queries @ vectors[start:end].T, len(vectors), options.score_block_elements)
+
+
+def build_faiss_index(vectors: Tensor, factory: str, search: str = "", train_size: int = 1 << 18, on_gpu: bool = False):
+    """A FAISS inner-product index of ``factory`` type over (N, D) vectors (row r = item id r + 1): trained on a
+    random sample of at most ``train_size`` rows when it needs training, filled, its ``search`` parameters set.
+
+    ``on_gpu``: the index goes to every GPU FAISS sees, sharded across several (``IndexShards``, each GPU
+    holds 1/G of the corpus); types FAISS cannot run on a GPU (HNSW) stay on the CPU.
+    """
+    import faiss
+    import numpy as np
+
+    array = np.ascontiguousarray(vectors.detach().float().cpu().numpy())
+    try:
+        index = faiss.index_factory(array.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise ConfigError(f"{factory!r} is not a FAISS index factory string ({str(error).strip().splitlines()[-1][:160]})") from error
+    if on_gpu:
+        try:
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = True
+            index = faiss.index_cpu_to_all_gpus(index, options)
+        except (RuntimeError, AttributeError):  # no GPU version of this index type: search it on the CPU
+            on_gpu = False
+    if not index.is_trained:
+        sample = array
+        if len(array) > train_size:
+            sample = array[np.sort(np.random.default_rng(0).choice(len(array), train_size, replace=False))]
+        try:
+            index.train(sample)
+        except RuntimeError as error:  # e.g. fewer vectors than IVF lists
+            raise ConfigError(f"cannot train a FAISS {factory!r} index on {len(sample)} vectors "
+                              f"({str(error).strip().splitlines()[-1][:160]}); pick a smaller index for this corpus") from error
+    index.add(array)
+    if search:
+        space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
+        try:
+            space.set_index_parameters(index, search)
+        except RuntimeError as error:
+            raise ConfigError(f"index search parameters {search!r} do not apply to a {factory!r} index "
+                             f"({str(error).strip().splitlines()[-1][:160]})") from error
+    return index
+
+
+def approximate_inner_product_retriever(vectors: Tensor, options: SearchOptions) -> TopKRetriever | None:
+    """The approximate FAISS index of ``options.index`` over (N, D) vectors, or None when no index is asked for."""
+    if options.index is None:
+        return None
+    # On the GPU(s) whenever FAISS has any, as the exact flat index.
+    index = build_faiss_index(vectors, options.index, options.index_search, options.index_train_size, on_gpu=faiss_gpus() > 0)
+    return FaissIndexTopK(index)

@@ -45,9 +45,8 @@ def popularity_baseline(datamodule, stage: str = "val", ks: Iterable[int] = (1, 
     """Full-corpus metrics of the popularity baseline on the DataModule's val or test queries."""
     datamodule.setup("validate" if stage == "val" else "test")
     retriever = PopularityTopK(datamodule.visible_item_counts(stage))
-    metric = RetrievalMetrics(ks)
-    loader = datamodule.val_dataloader() if stage == "val" else datamodule.test_dataloader()
-    for batch in loader:
+    metric = RetrievalMetrics(ks, sync_on_compute=False)  # every query, in this process
+    for batch in datamodule.query_loader(stage, sharded=False):
         _, ids = retriever.search(batch.targets, max(ks), batch.exclusion if exclude_history else None)
         metric.update(ids, batch.targets)
     return {f"{stage}/{name}": float(value) for name, value in metric.compute().items()}

@@ -37,6 +37,7 @@ from rails_lightning.data.batches import QueryBatch
 from rails_lightning.errors import CheckpointError, UserError
 from rails_lightning.models import RetrievalModule
 from rails_lightning.retrieval import SearchOptions, TopKRetriever, inner_product_retriever
+from rails_lightning.retrieval.backend import build_faiss_index
 from rails_lightning.retrieval.topk import NEG_INF, Exclusion, FaissIndexTopK
 from rails_lightning.runs import RunRecord
 
@@ -97,12 +98,7 @@ def _fields(items: Any) -> dict[str, Tensor]:
 def _faiss_index(vectors: Tensor, factory: str, path: Path) -> None:
     import faiss
 
-    array = vectors.float().numpy()
-    index = faiss.index_factory(array.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(array)
-    index.add(array)
-    faiss.write_index(index, str(path))
+    faiss.write_index(build_faiss_index(vectors, factory, train_size=len(vectors)), str(path))
 
 
 @torch.no_grad()

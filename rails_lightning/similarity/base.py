@@ -65,9 +65,8 @@ class Similarity(nn.Module, ABC):
     def exact_retriever(self, items: Any, options: SearchOptions) -> TopKRetriever:
         """Exact top-k over an encoded corpus (ids 1..N)."""
 
-    @property
-    def has_approximate_retriever(self) -> bool:
-        """Whether ``approximate_retriever`` returns a retriever (and its metrics are logged)."""
+    def offers_approximate_retriever(self, options: SearchOptions) -> bool:
+        """Whether ``approximate_retriever(items, options)`` returns a retriever (and its metrics are logged)."""
         return False
 
     def approximate_retriever(self, items: Any, options: SearchOptions) -> TopKRetriever | None:

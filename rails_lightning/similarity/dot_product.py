@@ -8,7 +8,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from rails_lightning.retrieval import SearchOptions, TopKRetriever, inner_product_retriever
+from rails_lightning.retrieval import (
+    SearchOptions,
+    TopKRetriever,
+    approximate_inner_product_retriever,
+    inner_product_retriever,
+)
 from rails_lightning.similarity.base import Auxiliary, Similarity
 
 
@@ -41,3 +46,10 @@ class DotProduct(Similarity):
 
     def exact_retriever(self, items: Tensor, options: SearchOptions) -> TopKRetriever:  # items: (N, D)
         return inner_product_retriever(items, options)
+
+    def offers_approximate_retriever(self, options: SearchOptions) -> bool:
+        return options.index is not None
+
+    def approximate_retriever(self, items: Tensor, options: SearchOptions) -> TopKRetriever | None:
+        """The approximate FAISS index of ``options.index`` (e.g. ``IVF4096,Flat``, ``HNSW32``), trained on ``items``."""
+        return approximate_inner_product_retriever(items, options)

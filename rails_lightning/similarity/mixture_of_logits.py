@@ -194,8 +194,7 @@ class MixtureOfLogits(Similarity):
     def exact_retriever(self, items: MoLItems, options: SearchOptions) -> TopKRetriever:
         return MoLExactTopK(self, items, options)
 
-    @property
-    def has_approximate_retriever(self) -> bool:
+    def offers_approximate_retriever(self, options: SearchOptions) -> bool:
         return self.approximate_topk is not None
 
     def approximate_retriever(self, items: MoLItems, options: SearchOptions) -> TopKRetriever | None:
