@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rails_lightning.retrieval import SearchOptions, inner_product_retriever
+from rails_lightning.errors import ConfigError
+from rails_lightning.retrieval import SearchOptions, approximate_inner_product_retriever, inner_product_retriever
 from rails_lightning.retrieval.popularity import PopularityTopK
 from rails_lightning.retrieval.topk import BruteForceTopK, Exclusion, FaissInnerProductTopK, keep_allowed, unique_ids
 
@@ -108,3 +109,49 @@ def test_popularity_ranks_by_count_minus_history():
     counts = np.array([0, 5, 50, 20, 1])  # item 2 most popular, then 3, then 1
     _, ids = PopularityTopK(counts).search(torch.zeros(2), 3, _csr([[], [2]]))
     assert ids.tolist() == [[2, 3, 1], [3, 1, 4]]
+
+
+# ---------------------------------------------------------------- approximate FAISS indexes (factory strings)
+@pytest.mark.parametrize(("factory", "search"), [("IVF16,Flat", "nprobe=16"), ("HNSW16", "efSearch=256"), ("Flat", "")])
+def test_factory_index_with_exhaustive_search_parameters_is_exact(factory, search):
+    torch.manual_seed(0)
+    items, queries = torch.randn(2000, 16), torch.randn(30, 16)
+    exclude = _csr([[1, 2, 3]] * 30)
+    options = SearchOptions(index=factory, index_search=search)
+    index = approximate_inner_product_retriever(items, options)
+    exact = inner_product_retriever(items, SearchOptions())
+    _, index_ids = index.search(queries, 10, exclude)
+    _, exact_ids = exact.search(queries, 10, exclude)
+    overlap = (index_ids[:, :, None] == exact_ids[:, None, :]).any(-1).float().mean()
+    assert overlap >= (1.0 if factory != "HNSW16" else 0.97)  # IVF probing every list and Flat are exact
+
+
+def test_factory_index_errors_name_the_problem():
+    items = torch.randn(50, 8)
+    with pytest.raises(ConfigError, match="not a FAISS index factory string"):
+        approximate_inner_product_retriever(items, SearchOptions(index="NotAnIndex"))
+    with pytest.raises(ConfigError, match="cannot train a FAISS 'IVF4096,Flat' index on 50 vectors"):
+        approximate_inner_product_retriever(items, SearchOptions(index="IVF4096,Flat"))
+    with pytest.raises(ConfigError, match="do not apply"):
+        approximate_inner_product_retriever(items, SearchOptions(index="Flat", index_search="nprobe=4"))
+
+
+@pytest.mark.parametrize("model", ["TwoTower", "MoL"])
+def test_callback_logs_index_recall_every_epoch(tmp_path, model):
+    from conftest import cpu_trainer, make_tiny_data, make_tiny_model
+    from rails_lightning.callbacks import CorpusEvaluation
+
+    data = make_tiny_data()
+    evaluation = CorpusEvaluation(ks=(1, 10), index="IVF8,Flat", index_search="nprobe=8")
+    trainer = cpu_trainer(tmp_path, 2, [evaluation], limit_train_batches=2)
+    if model == "MoL":  # an inner-product index is for the dot product: a clear error, before any search
+        with pytest.raises(ConfigError, match="for the dot product"):
+            trainer.fit(make_tiny_model(data, "MoL"), datamodule=data)
+        return
+    trainer.fit(make_tiny_model(data, "TwoTower"), datamodule=data)
+    assert [row["epoch"] for row in evaluation.history] == [0, 1]
+    for row in evaluation.history:
+        assert row["val/index_recall@100"] == pytest.approx(1.0)  # every list probed: exact
+        assert row["val/index/hr@10"] == pytest.approx(row["val/hr@10"])
+        assert row["val/index_build_seconds"] >= 0 and row["val/index_search_seconds"] >= 0
+    assert evaluation.metric_keys(trainer.lightning_module) >= {"val/index_recall@100", "test/index/ndcg@10"}

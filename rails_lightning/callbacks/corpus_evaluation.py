@@ -125,15 +125,18 @@ class CorpusEvaluation(Callback):
             keys |= {f"{stage}/{name}" for stage in stages for name in extra}
         return keys
 
-    # -- epoch start: corpus -> retriever
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, approximate: bool = True) -> None:
-        if not isinstance(pl_module, RetrievalModule):
-            raise TypeError(f"CorpusEvaluation evaluates a RetrievalModule, not {type(pl_module).__name__}")
-        if self.options.index is not None and not isinstance(pl_module.similarity, DotProduct):
+    def setup(self, trainer, pl_module, stage):
+        # Before any training: an inner-product index with a similarity that is not an inner product.
+        if self.options.index is not None and isinstance(pl_module, RetrievalModule) and not isinstance(pl_module.similarity, DotProduct):
             raise ConfigError(
                 f"CorpusEvaluation(index={self.options.index!r}) is an inner-product index, for the dot product; "
                 f"{pl_module.model_name} chooses its approximate top-k in --model.similarity.init_args.approximate_topk"
             )
+
+    # -- epoch start: corpus -> retriever
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, approximate: bool = True) -> None:
+        if not isinstance(pl_module, RetrievalModule):
+            raise TypeError(f"CorpusEvaluation evaluates a RetrievalModule, not {type(pl_module).__name__}")
         if max(self.ks) > pl_module.num_items and not self._warned_small_corpus:
             self._warned_small_corpus = True
             rank_zero_warn(
