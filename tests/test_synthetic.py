@@ -171,3 +171,16 @@ def test_large_size_runs():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         SyntheticSource(**kwargs).generate()
+
+
+def test_include_unseen_items_puts_the_whole_catalogue_in_the_corpus():
+    from rails_lightning.data import InteractionDataModule
+
+    options = dict(num_users=50, num_items=5000, num_clusters=10, mean_sequence_length=10)
+    seen = InteractionDataModule(SyntheticSource(**options))
+    every = InteractionDataModule(SyntheticSource(**options, include_unseen_items=True))
+    assert seen.num_items < 5000 and every.num_items == 5000
+    assert every.store.num_interactions == seen.store.num_interactions
+    # The same sequences, in raw ids: only the id mapping grew.
+    np.testing.assert_array_equal(every.store.item_raw_ids[every.store.items], seen.store.item_raw_ids[seen.store.items])
+    assert every.item_titles[1].startswith("item 0 (cluster ") and len(every.item_clusters) == 5001

@@ -216,6 +216,8 @@ class InteractionDataModule(pl.LightningDataModule):
         clusters = self._raw_log().item_clusters
         if clusters is None:
             return None
+        if isinstance(clusters, np.ndarray):  # indexed by raw id
+            return np.concatenate([[-1], clusters[self.store.item_raw_ids[1:]]])
         return np.array([-1] + [clusters[r] for r in self.store.item_raw_ids[1:].tolist()])
 
     @cached_property

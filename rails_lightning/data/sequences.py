@@ -15,6 +15,8 @@ user's time-ordered sequence.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import logging
 from dataclasses import dataclass
 
@@ -37,6 +39,8 @@ class InteractionLog:
     ``order`` sorts each user's events in time (a timestamp or a position);
     ``timestamps`` (optional) places events on one global clock for the temporal split.
     ``item_titles`` / ``item_genres`` map raw item ids to metadata when the source has it.
+    ``catalogue`` (optional) lists every item of the corpus, also those nobody interacted with (a
+    catalogue larger than its log); without it the corpus is the items of the log.
     """
 
     user_ids: np.ndarray  # (M,) int64 raw ids
@@ -44,9 +48,10 @@ class InteractionLog:
     order: np.ndarray  # (M,) sortable numbers
     name: str
     timestamps: np.ndarray | None = None  # (M,) or None
-    item_titles: dict[int, str] | None = None
+    item_titles: Mapping[int, str] | None = None
     item_genres: dict[int, list[str]] | None = None
-    item_clusters: dict[int, int] | None = None
+    item_clusters: Mapping[int, int] | np.ndarray | None = None  # indexed by raw item id
+    catalogue: np.ndarray | None = None  # (N,) raw item ids, or None
 
 
 @dataclass
@@ -114,7 +119,11 @@ def build_sequences(log: InteractionLog, min_interactions: int, drop_consecutive
     new_user_index = np.cumsum(keep_user) - 1
     row_kept = keep_user[user_index]
     users = new_user_index[user_index[row_kept]]
-    raw_items, items = np.unique(item_ids[row_kept], return_inverse=True)
+    if log.catalogue is None:
+        raw_items, items = np.unique(item_ids[row_kept], return_inverse=True)
+    else:  # every catalogue item is in the corpus, consumed or not
+        raw_items = np.union1d(log.catalogue, item_ids[row_kept])
+        items = np.searchsorted(raw_items, item_ids[row_kept])
     items = items.astype(np.int64) + 1  # 0 is padding
     order = order[row_kept]
     # lexsort is stable: ties in `order` keep the file's row order.

@@ -59,6 +59,7 @@ a count-based item-to-next-item transition model 0.48. Generating 1M items x 100
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +124,9 @@ class SyntheticSource(InteractionSource):
             ring from the user's last item in that interest (the sequential signal).
         popularity_exponent: Zipf exponent of the item popularity inside a cluster.
         seed: generator seed; the same options give the same log.
+        include_unseen_items: the corpus is every one of the ``num_items`` items, also those no user
+            consumed (a catalogue larger than its log, e.g. a 1M-item corpus from a small log); by
+            default it is the consumed items.
     """
 
     def __init__(
@@ -137,7 +141,9 @@ class SyntheticSource(InteractionSource):
         local_probability: float = 0.5,
         popularity_exponent: float = 1.0,
         seed: int = 0,
+        include_unseen_items: bool = False,
     ) -> None:
+        self.include_unseen_items = include_unseen_items
         self.options = dict(
             num_users=num_users,
             num_items=num_items,
@@ -153,7 +159,8 @@ class SyntheticSource(InteractionSource):
 
     @property
     def description(self) -> str:
-        return "synthetic(" + ", ".join(f"{k}={v}" for k, v in self.options.items()) + ")"
+        unseen = ", include_unseen_items=True" if self.include_unseen_items else ""
+        return "synthetic(" + ", ".join(f"{k}={v}" for k, v in self.options.items()) + unseen + ")"
 
     def generate(self) -> SyntheticInteractions:
         """The raw generator output: ids, positions and the cluster of every item."""
@@ -166,9 +173,29 @@ class SyntheticSource(InteractionSource):
             item_ids=data.item_ids,
             order=data.positions,
             name=self.description,
-            item_titles={i: f"item {i} (cluster {c})" for i, c in enumerate(data.item_cluster.tolist())},
-            item_clusters=dict(enumerate(data.item_cluster.tolist())),
+            item_titles=_ItemTitles(data.item_cluster),
+            item_clusters=data.item_cluster,
+            catalogue=np.arange(len(data.item_cluster)) if self.include_unseen_items else None,
         )
+
+
+class _ItemTitles(Mapping):
+    """``item i (cluster c)`` for every raw item id, made when asked for: a dict of them would hold
+    millions of strings for a million-item corpus."""
+
+    def __init__(self, item_cluster: np.ndarray) -> None:
+        self.item_cluster = item_cluster
+
+    def __getitem__(self, item: int) -> str:
+        if not 0 <= item < len(self.item_cluster):
+            raise KeyError(item)
+        return f"item {item} (cluster {self.item_cluster[item]})"
+
+    def __iter__(self):
+        return iter(range(len(self.item_cluster)))
+
+    def __len__(self) -> int:
+        return len(self.item_cluster)
 
 
 def _as_int(name: str, value) -> int:
