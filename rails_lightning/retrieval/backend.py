@@ -5,7 +5,8 @@ approximate FAISS indexes (any factory string: ``IVF4096,Flat``, ``HNSW32``, ``I
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from functools import partial
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -73,17 +74,35 @@ def inner_product_retriever(vectors: Tensor, options: SearchOptions) -> TopKRetr
     if uses_faiss(options.backend, vectors.device):
         # Only hand the index to a GPU when FAISS has one: without a GPU,
         # index_cpu_to_all_gpus silently returns an empty index.
-        return FaissInnerProductTopK(vectors, on_gpu=bool(_faiss_gpus()))
+        return FaissInnerProductTopK(vectors, partial(faiss_to_gpus, device=vectors.device) if _faiss_gpus() else None)
     vectors = vectors.contiguous()
     return BruteForceTopK(lambda queries, start, end: queries @ vectors[start:end].T, len(vectors), options.score_block_elements)
+
+
+_GPU_RESOURCES: dict[int, Any] = {}  # one FAISS resource object per GPU, alive as long as the process
+
+
+def faiss_to_gpus(index, device: torch.device):
+    """A CPU FAISS index -> the same on GPUs: on ``device``'s GPU when the vectors are on one (one process per
+    GPU, as under DDP), otherwise sharded across every GPU FAISS sees (``IndexShards``: each holds 1/G of the
+    corpus; a single GPU gets the plain GPU index)."""
+    import faiss
+
+    if device.type == "cuda":
+        gpu = device.index or 0
+        resources = _GPU_RESOURCES.setdefault(gpu, faiss.StandardGpuResources())
+        return faiss.index_cpu_to_gpu(resources, gpu, index)
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    return faiss.index_cpu_to_all_gpus(index, options)
 
 
 def build_faiss_index(vectors: Tensor, factory: str, search: str = "", train_size: int = 1 << 18, on_gpu: bool = False):
     """A FAISS inner-product index of ``factory`` type over (N, D) vectors (row r = item id r + 1): trained on a
     random sample of at most ``train_size`` rows when it needs training, filled, its ``search`` parameters set.
 
-    ``on_gpu``: the index goes to every GPU FAISS sees, sharded across several (``IndexShards``, each GPU
-    holds 1/G of the corpus); types FAISS cannot run on a GPU (HNSW) stay on the CPU.
+    ``on_gpu``: the index goes to the GPU(s) (``faiss_to_gpus``); types FAISS cannot run on a GPU (HNSW) stay
+    on the CPU.
     """
     import faiss
     import numpy as np
@@ -95,9 +114,7 @@ def build_faiss_index(vectors: Tensor, factory: str, search: str = "", train_siz
         raise ConfigError(f"{factory!r} is not a FAISS index factory string ({str(error).strip().splitlines()[-1][:160]})") from error
     if on_gpu:
         try:
-            options = faiss.GpuMultipleClonerOptions()
-            options.shard = True
-            index = faiss.index_cpu_to_all_gpus(index, options)
+            index = faiss_to_gpus(index, vectors.device)
         except (RuntimeError, AttributeError):  # no GPU version of this index type: search it on the CPU
             on_gpu = False
     if not index.is_trained:

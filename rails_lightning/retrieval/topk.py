@@ -147,13 +147,13 @@ class FaissIndexTopK(TopKRetriever):
 
 
 class FaissInnerProductTopK(FaissIndexTopK):
-    """Exact inner-product search with a FAISS flat index; on the GPU when FAISS sees one."""
+    """Exact inner-product search with a FAISS flat index; ``to_gpu`` (a CPU index -> a GPU one) puts it on GPUs."""
 
-    def __init__(self, item_vectors: Tensor, on_gpu: bool = False) -> None:  # (N, D)
+    def __init__(self, item_vectors: Tensor, to_gpu: Callable[[Any], Any] | None = None) -> None:  # (N, D)
         import faiss
 
         index = faiss.IndexFlatIP(item_vectors.shape[1])
-        if on_gpu:
-            index = faiss.index_cpu_to_all_gpus(index)
+        if to_gpu is not None:
+            index = to_gpu(index)
         index.add(item_vectors.detach().float().cpu().contiguous().numpy())
         super().__init__(index)
