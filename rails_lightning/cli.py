@@ -26,7 +26,7 @@ from rails_lightning.errors import CheckpointError, ConfigError
 from rails_lightning.models.components import build_factory
 from rails_lightning.models.retrieval_module import RetrievalModule
 from rails_lightning.retrieval.popularity import popularity_baseline
-from rails_lightning.runs import RECORD_FILE, RunRecord
+from rails_lightning.runs import RECORD_FILE, RunRecord, hardware_description
 from rails_lightning.similarity import Similarity
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -264,7 +264,8 @@ class RailsCLI(LightningCLI):
     def _record(self, **fields) -> RunRecord:
         return RunRecord(
             run_dir=str(self.run_dir), model=self.model.model_name, config=self._resolved_config(),
-            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            hardware=hardware_description(self.trainer.strategy.root_device, self.trainer.world_size), **fields,
         )
 
     def _write_evaluation(self, stage: str, status: str) -> None:

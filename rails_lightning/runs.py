@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class RunRecord:
         data: facts of the data (users, items, interactions, ...).
         checkpoint: the checkpoint the val/test metrics come from (the best one for a fit).
         created: when the record was written (ISO 8601).
+        hardware: what the run ran on (``hardware_description``); ``?`` in records written before it was kept.
     """
 
     run_dir: str
@@ -57,6 +59,7 @@ class RunRecord:
     data: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     created: str = ""
+    hardware: str = "?"
     schema_version: int = SCHEMA_VERSION
 
     # ------------------------------------------------------------------ derived
@@ -121,6 +124,32 @@ class RunRecord:
         parser.add_class_arguments(InteractionDataModule, "data")
         config = parser.parse_object({"data": self.config.get("data") or {}})
         return parser.instantiate_classes(config).data
+
+
+def hardware_description(device, processes: int = 1) -> str:
+    """What a run on ``device`` (a ``torch.device``) ran on, for the record: the GPU's name
+    (``NVIDIA H100 80GB HBM3``) for CUDA, else the CPU's model and the cores this process may use;
+    ``N x`` in front for N processes (DDP)."""
+    if device.type == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "mps":
+        name = "Apple GPU (MPS)"
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        name = f"{_cpu_model()}, {cores} cores"
+    return f"{processes} x {name}" if processes > 1 else name
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine() or "CPU"
 
 
 def _finite(value: Any) -> Any:
