@@ -2,19 +2,29 @@
 
     python -m rails_lightning report runs/A runs/B ... [--out DIR] [--metric val/hr@10]
     python -m rails_lightning report sweeps_out/mol_vs_dot-20260101-120000     # a local sweep
+    python -m rails_lightning report --table RUNS... [--readme README.md]     # the reproduction table
 
 A run is a run directory of ``python -m rails_lightning fit`` (its run record, ``run.json``);
 a local sweep directory (``sweep.json``) stands for all of its trials. Numbers are those of the
 run records: the best-on-validation checkpoint on val and test, and the most-popular baseline on
 the same split. Runs are grouped by model (``TwoTower``, ``MoL``); each group reports mean ± std
 over its runs (seeds).
+
+``--table`` writes the reproduction table instead (``results_table.md``): one row per config, that is
+the runs that differ only by seed and by their own paths, labelled by dataset, query encoder and
+similarity model (``ml-1m SASRec TwoTower``); test HR@1/10/50/200, NDCG@10 and MRR as mean ± std
+over the seeds, epochs, mean fit time, the hardware of the run records, and the published figure
+for that dataset and model where one is known. ``--readme README.md`` also puts the table between
+the file's ``<!-- results-table:start -->`` and ``<!-- results-table:end -->`` lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import shlex
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -247,25 +257,248 @@ def write_leaderboard(runs: Sequence[ReportedRun], out_dir: str | Path, metric: 
     return markdown
 
 
+# ---------------------------------------------------------------------------------------- reproduction table
+TABLE_TEST_METRICS = {"HR@1": "test/hr@1", "HR@10": "test/hr@10", "HR@50": "test/hr@50", "HR@200": "test/hr@200",
+                      "NDCG@10": "test/ndcg@10", "MRR": "test/mrr"}
+RESULTS_TABLE_START = "<!-- results-table:start -->"
+RESULTS_TABLE_END = "<!-- results-table:end -->"
+RESULTS_TABLE_FILE = "results_table.md"
+
+
+@dataclass(frozen=True)
+class PublishedFigure:
+    """A published test HR@10 (and NDCG@10) for one dataset, query encoder and similarity model."""
+
+    dataset: str
+    encoder: str
+    model: str
+    hr10: float
+    ndcg10: float | None
+    source: str
+    encoder_layers: int | None = None  # the figure is only about encoders of this depth (None: any depth)
+
+
+# Full-corpus leave-one-out test figures on MovieLens-1M, as published.
+PUBLISHED_FIGURES = (
+    # The ML-1M table of the generative-recommenders README (github.com/meta-recsys/generative-recommenders):
+    # its HSTU row uses SASRec's settings (2 blocks), HSTU-large 8 blocks (configs/ml-1m/hstu.yaml here).
+    PublishedFigure("ml-1m", "SASRec", "TwoTower", 0.2853, 0.1603, "SASRec, generative-recommenders README"),
+    PublishedFigure("ml-1m", "HSTU", "TwoTower", 0.3097, 0.1720, "HSTU, generative-recommenders README", encoder_layers=2),
+    PublishedFigure("ml-1m", "HSTU", "TwoTower", 0.3294, 0.1893, "HSTU-large, generative-recommenders README", encoder_layers=8),
+    # The RAILS repository (Retrieval with Learned Similarities, Ding et al.): its hstu-mol ML-1M result.
+    PublishedFigure("ml-1m", "HSTU", "MoL", 0.3474, 0.2000, "hstu-mol, RAILS repository"),
+    # Zhai et al., Revisiting Neural Retrieval on Accelerators, KDD'23 (arXiv 2306.04039): SASRec with MoL.
+    PublishedFigure("ml-1m", "SASRec", "MoL", 0.3079, None, "SASRec + MoL, KDD'23"),
+)
+
+
+def _short_class_name(entry: Any) -> str:
+    class_path = entry.get("class_path", "") if isinstance(entry, dict) else ""
+    return str(class_path).rsplit(".", 1)[-1] or "?"
+
+
+def dataset_name(config: dict[str, Any]) -> str:
+    """A short name of a run's data: the MovieLens variant, ``synthetic``, a log file's stem, else the source's class."""
+    source = (config.get("data") or {}).get("source") or {}
+    class_name, options = _short_class_name(source), source.get("init_args") or {}
+    if class_name == "MovieLensSource":
+        return str(options.get("variant", "ml-1m"))
+    if class_name == "SyntheticSource":
+        return "synthetic"
+    if options.get("path"):
+        name = Path(str(options["path"])).name
+        return Path(name.removesuffix(".gz").removesuffix(".bz2")).stem
+    return class_name
+
+
+def encoder_name(config: dict[str, Any]) -> str:
+    """The query encoder's class without its ``Encoder`` suffix: ``SASRec``, ``HSTU``, ``MeanPool``."""
+    return _short_class_name((config.get("model") or {}).get("query_encoder")).removesuffix("Encoder")
+
+
+def _encoder_layers(config: dict[str, Any]) -> int | None:
+    encoder = (config.get("model") or {}).get("query_encoder") or {}
+    return (encoder.get("init_args") or {}).get("num_layers") if isinstance(encoder, dict) else None
+
+
+def experiment_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config less what differs between the seeds of one experiment: the seed and the run's own
+    paths (run directory, default root, logger save_dir, checkpoint dirpath, ckpt_path)."""
+    config = copy.deepcopy(config)
+    for key in ("seed_everything", "run_dir", "ckpt_path"):
+        config.pop(key, None)
+    trainer = config.get("trainer") or {}
+    trainer.pop("default_root_dir", None)
+    loggers = trainer.get("logger")
+    for entry in [*(loggers if isinstance(loggers, list) else [loggers]), *(trainer.get("callbacks") or [])]:
+        if isinstance(entry, dict) and isinstance(entry.get("init_args"), dict):
+            entry["init_args"].pop("save_dir", None)
+            entry["init_args"].pop("dirpath", None)
+    return config
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"model.similarity.init_args.x": value}`` (list items by index)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+    if items is None:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+@dataclass
+class ConfigRow:
+    """The finished runs of one config (they differ only by seed and paths): one row of the reproduction table."""
+
+    label: str
+    config: dict[str, Any]
+    runs: list[ReportedRun] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return self.runs[0].model
+
+    def published(self) -> PublishedFigure | None:
+        dataset, encoder, layers = dataset_name(self.config), encoder_name(self.config), _encoder_layers(self.config)
+        return next((figure for figure in PUBLISHED_FIGURES if (figure.dataset, figure.encoder, figure.model) == (dataset, encoder, self.model)
+                     and figure.encoder_layers in (None, layers)), None)
+
+
+def group_by_config(runs: Sequence[ReportedRun]) -> list[ConfigRow]:
+    """Finished runs -> one row per config (seeds together), by dataset and encoder, the dot product before MoL.
+    Rows that share a label
+    (configs that differ elsewhere, e.g. in the learning rate) have the differing settings appended."""
+    rows: dict[str, ConfigRow] = {}
+    for run in runs:
+        if not run.ok:
+            continue
+        config = experiment_config(run.record.config)
+        key = json.dumps([run.model, config], sort_keys=True, default=str)
+        label = f"{dataset_name(config)} {encoder_name(config)} {run.model}"
+        rows.setdefault(key, ConfigRow(label, config)).runs.append(run)
+    by_label: dict[str, list[ConfigRow]] = {}
+    for row in rows.values():
+        by_label.setdefault(row.label, []).append(row)
+    for namesakes in by_label.values():
+        if len(namesakes) > 1:
+            flats = [_flat(row.config) for row in namesakes]
+            differing = sorted(k for k in set().union(*flats) if len({json.dumps(f.get(k), default=str) for f in flats}) > 1)
+            for row, flat in zip(namesakes, flats):
+                row.label += " (" + ", ".join(f"{k}={_param(flat.get(k))}" for k in differing[:3]) + (", ..." if len(differing) > 3 else "") + ")"
+    model_order = {"TwoTower": 0, "MoL": 1}
+    return sorted(rows.values(), key=lambda row: (dataset_name(row.config), encoder_name(row.config),
+                                                  model_order.get(row.model, 2), row.label))
+
+
+def _mean_pm_std(values: Sequence[float]) -> str:
+    """``mean ± std`` (sample std over seeds), ``mean ±—`` for a single run, ``—`` for none."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.4f} ±—"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _epochs(runs: Sequence[ReportedRun]) -> str:
+    epochs = sorted({r.record.epochs for r in runs if r.record.epochs is not None})
+    return "?" if not epochs else str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}"
+
+
+def _published_cell(figure: PublishedFigure | None) -> str:
+    if figure is None:
+        return "—"
+    ndcg = "—" if figure.ndcg10 is None else f"{figure.ndcg10:.4f}"
+    return f"{figure.hr10:.4f} / {ndcg} ({figure.source})"
+
+
+def results_table(runs: Sequence[ReportedRun], command: str | None = None) -> str:
+    """The reproduction table: per config, test HR@1/10/50/200, NDCG@10 and MRR of the best-on-validation
+    checkpoint as mean ± std over its seeds, epochs, mean fit time, hardware and the published figure."""
+    header = ["config", "seeds", *(f"test {name}" for name in TABLE_TEST_METRICS), "epochs", "fit time", "hardware",
+              "published test HR@10 / NDCG@10"]
+    rows = []
+    for row in group_by_config(runs):
+        metrics = [_mean_pm_std([r.record.metrics[key] for r in row.runs if r.record.metrics.get(key) is not None])
+                   for key in TABLE_TEST_METRICS.values()]
+        seconds = [float(r.record.fit_seconds) for r in row.runs if r.record.fit_seconds is not None]
+        hardware = "; ".join(sorted({r.record.hardware for r in row.runs}))
+        rows.append([row.label, len(row.runs), *metrics, _epochs(row.runs), _duration(statistics.fmean(seconds)) if seconds else "?",
+                     hardware, _published_cell(row.published())])
+    lines = ["Test metrics of the best-on-validation checkpoint, full corpus; mean ± sample std over seeds (±— for one run). "
+             "Fit time: mean wall time of `fit` (training and per-epoch evaluation).", "", _markdown(header, rows)]
+    left_out = [r for r in runs if not r.ok]
+    if left_out:
+        lines += ["", f"Left out, not finished: {', '.join(f'{r.name} ({r.shown_status})' for r in left_out)}."]
+    if command:
+        lines += ["", f"Regenerate: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def replace_marked_region(path: str | Path, content: str) -> Path:
+    """Put ``content`` between the results-table markers of ``path`` (a README), leaving the rest of the file as it was."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file to put the results table in")
+    text = path.read_text()
+    if text.count(RESULTS_TABLE_START) != 1 or text.count(RESULTS_TABLE_END) != 1 or text.index(RESULTS_TABLE_END) < text.index(RESULTS_TABLE_START):
+        raise UserError(f"{path}: needs one '{RESULTS_TABLE_START}' line and, after it, one '{RESULTS_TABLE_END}' line to put the table between")
+    before, rest = text.split(RESULTS_TABLE_START)
+    after = rest.split(RESULTS_TABLE_END)[1]
+    path.write_text(f"{before}{RESULTS_TABLE_START}\n{content.strip()}\n{RESULTS_TABLE_END}{after}")
+    return path
+
+
+def write_results_table(runs: Sequence[ReportedRun], out_dir: str | Path, readme: str | Path | None = None,
+                        command: str | None = None) -> str:
+    """``results_table.md`` in ``out_dir`` and, with ``readme``, the same table between that file's markers."""
+    markdown = results_table(runs, command)
+    if readme is not None:
+        replace_marked_region(readme, markdown)  # before anything is written: a README without markers changes nothing
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULTS_TABLE_FILE).write_text(markdown)
+    return markdown
+
+
 # ---------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rails_lightning report",
         description="Turn finished runs (run directories of `fit`, or local sweep directories) into a markdown "
         "comparison table (summary.md: the metric per run, mean ± std per model beside the most-popular baseline) "
-        "and a PNG of HR@K against K per model (hr_at_k.png).",
+        "and a PNG of HR@K against K per model (hr_at_k.png); --leaderboard ranks the runs, --table writes the "
+        "reproduction table (one row per config, mean ± std over seeds, next to the published figure).",
     )
     parser.add_argument("runs", nargs="+", help="run directories (with run.json), folders of them, or local sweep directories")
     parser.add_argument("--out", default=None, help="output folder (default: sweeps_out/report-<date-time>)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"headline metric of the tables (default {DEFAULT_METRIC})")
-    parser.add_argument("--leaderboard", action="store_true", help="rank every run by --metric instead (leaderboard.md)")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--leaderboard", action="store_true", help="rank every run by --metric instead (leaderboard.md)")
+    kind.add_argument("--table", action="store_true", help="the reproduction table instead (results_table.md): one row per "
+                      "config (its seeds together), test HR@1/10/50/200, NDCG@10, MRR as mean ± std, epochs, fit time, "
+                      "hardware, the published figure")
+    parser.add_argument("--readme", default=None, help=f"with --table: also put the table between the {RESULTS_TABLE_START} "
+                        f"and {RESULTS_TABLE_END} lines of this file (e.g. README.md)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.readme and not args.table:
+        raise UserError("--readme needs --table (it puts the reproduction table into the file)")
     results = collect_runs(args.runs)
     out = Path(args.out or f"sweeps_out/report-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.table:
+        command = shlex.join(["python", "-m", "rails_lightning", "report", "--table", *args.runs, *(["--readme", args.readme] if args.readme else [])])
+        print(write_results_table(results, out, args.readme, command))
+        print(f"[rails_lightning] results table: {out / RESULTS_TABLE_FILE}" + (f", {args.readme}" if args.readme else ""), flush=True)
+        return 0
     if args.leaderboard:
         print(write_leaderboard(results, out, args.metric))
         print(f"[rails_lightning] leaderboard: {out / 'leaderboard.md'}", flush=True)

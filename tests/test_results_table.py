@@ -1,0 +1,164 @@
+"""``report --table``: the reproduction table (one row per config, its seeds together) and its place in a README.
+
+Fast tests build run records in memory (grouping, labels, published figures, old records); the slow
+ones make three tiny real fits through the CLI in-process (TwoTower seeds 0 and 1, MoL seed 0) and
+run ``python -m rails_lightning report --table`` over them.
+"""
+
+import json
+import math
+
+import pytest
+
+from conftest import TINY_CLI_ARGS
+from rails_lightning.__main__ import main as command_main
+from rails_lightning.report import (
+    RESULTS_TABLE_END, RESULTS_TABLE_START, ReportedRun, build_parser, group_by_config, results_table,
+)
+from rails_lightning.runs import RECORD_FILE, SCHEMA_VERSION, RunRecord
+
+SMALL_MOL = ["--model=MoL", *(f"--model.similarity.init_args.{k}={v}" for k, v in
+                              (("num_query_components", 2), ("num_item_components", 2), ("component_dim", 16)))]
+METRIC_COLUMNS = ("test/hr@1", "test/hr@10", "test/hr@50", "test/hr@200", "test/ndcg@10", "test/mrr")
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    """The body rows of the markdown table, as lists of cells."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[1:]]
+
+
+# ---------------------------------------------------------------------------------------- in memory
+def _config(dataset="ml-1m", encoder="SASRecEncoder", layers=2, similarity="DotProduct", seed=0, run_dir="/runs/a", **model):
+    source = ({"class_path": "rails_lightning.data.SyntheticSource", "init_args": {"num_users": 150}} if dataset == "synthetic"
+              else {"class_path": "rails_lightning.data.MovieLensSource", "init_args": {"variant": dataset, "data_dir": "x"}})
+    return {
+        "seed_everything": seed, "run_dir": run_dir, "ckpt_path": None,
+        "data": {"source": source, "max_seq_len": 200},
+        "model": {"query_encoder": {"class_path": f"rails_lightning.models.{encoder}", "init_args": {"num_layers": layers}},
+                  "similarity": {"class_path": f"rails_lightning.similarity.{similarity}"}, "learning_rate": 0.001, **model},
+        "trainer": {"default_root_dir": run_dir, "max_epochs": 3,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": run_dir}},
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": f"{run_dir}/checkpoints", "monitor": "val/hr@10"}}]},
+    }
+
+
+def _run(name, config, hr10=0.3, status="finished"):
+    model = "MoL" if config["model"]["similarity"]["class_path"].endswith("MixtureOfLogits") else "TwoTower"
+    record = RunRecord(run_dir=f"/runs/{name}", status=status, model=model, config=config, val={"val/hr@10": hr10},
+                       test={"test/hr@10": hr10, "test/ndcg@10": hr10 / 2}, epochs=3, fit_seconds=200.0, hardware="NVIDIA H100")
+    return ReportedRun(record, name)
+
+
+def test_seeds_and_paths_make_one_row_other_settings_another():
+    runs = [
+        _run("a", _config(seed=0, run_dir="/runs/a")),
+        _run("b", _config(seed=1, run_dir="/elsewhere/b")),
+        _run("c", _config(seed=0, run_dir="/runs/c", learning_rate=0.01)),
+        _run("d", _config(dataset="synthetic", similarity="MixtureOfLogits")),
+        _run("e", _config(seed=2, run_dir="/runs/e"), status="failed"),
+    ]
+    rows = group_by_config(runs)
+    assert [(row.label, [r.name for r in row.runs]) for row in rows] == [
+        ("ml-1m SASRec TwoTower (model.learning_rate=0.001)", ["a", "b"]),
+        ("ml-1m SASRec TwoTower (model.learning_rate=0.01)", ["c"]),
+        ("synthetic SASRec MoL", ["d"]),
+    ]
+    markdown = results_table(runs)
+    assert "Left out, not finished: e (failed)" in markdown
+    cells = _table_rows(markdown)
+    assert cells[0][:4] == ["ml-1m SASRec TwoTower (model.learning_rate=0.001)", "2", "—", "0.3000 ± 0.0000"]
+    assert cells[1][3] == "0.3000 ±—" and cells[1][-4:-1] == ["3", "3.3 min", "NVIDIA H100"]
+
+
+@pytest.mark.parametrize("encoder, layers, similarity, published", [
+    ("SASRecEncoder", 2, "DotProduct", "0.2853 / 0.1603 (SASRec, generative-recommenders README)"),
+    ("HSTUEncoder", 2, "DotProduct", "0.3097 / 0.1720 (HSTU, generative-recommenders README)"),
+    ("HSTUEncoder", 8, "DotProduct", "0.3294 / 0.1893 (HSTU-large, generative-recommenders README)"),
+    ("HSTUEncoder", 4, "DotProduct", "—"),  # neither published depth
+    ("HSTUEncoder", 8, "MixtureOfLogits", "0.3474 / 0.2000 (hstu-mol, RAILS repository)"),
+    ("SASRecEncoder", 2, "MixtureOfLogits", "0.3079 / — (SASRec + MoL, KDD'23)"),
+    ("MeanPoolEncoder", 2, "DotProduct", "—"),
+])
+def test_published_figure_only_for_its_dataset_encoder_and_model(encoder, layers, similarity, published):
+    (row,) = _table_rows(results_table([_run("a", _config(encoder=encoder, layers=layers, similarity=similarity))]))
+    assert row[-1] == published
+    (row,) = _table_rows(results_table([_run("a", _config(dataset="ml-100k", encoder=encoder, layers=layers, similarity=similarity))]))
+    assert row[-1] == "—"
+
+
+def test_old_record_without_hardware_reads_as_unknown(tmp_path):
+    (tmp_path / RECORD_FILE).write_text(json.dumps({"run_dir": str(tmp_path), "status": "finished", "model": "TwoTower",
+                                                    "val": {"val/hr@10": 0.5}, "schema_version": SCHEMA_VERSION}))
+    record = RunRecord.read(tmp_path)
+    assert record.ok and record.hardware == "?"
+
+
+def test_help_names_table_and_readme():
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines
+    assert "--table" in text and "--readme" in text and "results_table.md" in text
+
+
+# ---------------------------------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory):
+    """Tiny real fits through the CLI, in this process: TwoTower seeds 0 and 1, MoL seed 0."""
+    from rails_lightning.cli import main
+
+    root = tmp_path_factory.mktemp("table_runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "disabled")
+        for name, extra in (("dot-seed0", ["--seed_everything=0"]), ("dot-seed1", ["--seed_everything=1"]),
+                            ("mol-seed0", ["--seed_everything=0", *SMALL_MOL])):
+            main(["fit", *TINY_CLI_ARGS, *extra, f"--run_dir={root / name}"])
+    return root
+
+
+def _by_hand(values):
+    """Mean and sample standard deviation, written out."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+@pytest.mark.slow
+def test_table_over_real_runs_has_a_row_per_config_with_mean_and_std(three_runs, tmp_path):
+    runs = [three_runs / "dot-seed0", three_runs / "dot-seed1", three_runs / "mol-seed0"]
+    records = [RunRecord.read(run) for run in runs]
+    assert all(record.ok and record.hardware not in ("", "?") for record in records)
+    assert command_main(["report", "--table", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    markdown = (tmp_path / "out" / "results_table.md").read_text()
+    dot, mol = _table_rows(markdown)
+    assert dot[:2] == ["synthetic SASRec TwoTower", "2"] and mol[:2] == ["synthetic SASRec MoL", "1"]
+    for column, key in enumerate(METRIC_COLUMNS, start=2):
+        mean, std = _by_hand([records[0].test[key], records[1].test[key]])
+        assert dot[column] == f"{mean:.4f} ± {std:.4f}", key
+        assert mol[column] == f"{records[2].test[key]:.4f} ±—", key
+    assert dot[8] == mol[8] == "2"  # epochs
+    assert dot[10] == records[0].hardware and dot[11] == mol[11] == "—"  # synthetic data: no published figure
+    # The folder of the three runs gives the same table.
+    assert command_main(["report", "--table", str(three_runs), "--out", str(tmp_path / "again")]) == 0
+    assert _table_rows((tmp_path / "again" / "results_table.md").read_text()) == [dot, mol]
+
+
+@pytest.mark.slow
+def test_readme_gets_the_table_between_its_markers_only(three_runs, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    before, after = "# Title\n\n## Measured so far\n\n| a | b |\n|---|---|\n\n", "\nMore text.\n"
+    readme.write_text(f"{before}{RESULTS_TABLE_START}\n(regenerate: ...)\n{RESULTS_TABLE_END}{after}")
+    args = ["report", "--table", str(three_runs), "--out", str(tmp_path / "out"), "--readme", str(readme)]
+    assert command_main(args) == 0
+    table = (tmp_path / "out" / "results_table.md").read_text()
+    assert readme.read_text() == f"{before}{RESULTS_TABLE_START}\n{table}{RESULTS_TABLE_END}{after}"
+    assert "Regenerate: `python -m rails_lightning report --table" in table
+    assert command_main(args) == 0  # regenerating leaves the same file
+    assert readme.read_text() == f"{before}{RESULTS_TABLE_START}\n{table}{RESULTS_TABLE_END}{after}"
+    capsys.readouterr()
+
+    unmarked = tmp_path / "UNMARKED.md"
+    unmarked.write_text(before + after)
+    out = tmp_path / "not-written"
+    assert command_main(["report", "--table", str(three_runs), "--out", str(out), "--readme", str(unmarked)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and RESULTS_TABLE_START in error and str(unmarked) in error
+    assert unmarked.read_text() == before + after and not out.exists()
