@@ -430,8 +430,9 @@ def results_table(runs: Sequence[ReportedRun], command: str | None = None) -> st
         hardware = "; ".join(sorted({r.record.hardware for r in row.runs}))
         rows.append([row.label, len(row.runs), *metrics, _epochs(row.runs), _duration(statistics.fmean(seconds)) if seconds else "?",
                      hardware, _published_cell(row.published())])
-    lines = ["Test metrics of the best-on-validation checkpoint, full corpus; mean ± sample std over seeds (±— for one run). "
-             "Fit time: mean wall time of `fit` (training and per-epoch evaluation).", "", _markdown(header, rows)]
+    explanation = ("Test metrics of the best-on-validation checkpoint, full corpus; mean ± sample std over seeds (±— for one run). "
+                   "Fit time: mean wall time of `fit` (training and per-epoch evaluation).")
+    lines = [explanation, "", _markdown(header, rows)]
     left_out = [r for r in runs if not r.ok]
     if left_out:
         lines += ["", f"Left out, not finished: {', '.join(f'{r.name} ({r.shown_status})' for r in left_out)}."]

@@ -17,6 +17,8 @@ from rails_lightning.report import (
 )
 from rails_lightning.runs import RECORD_FILE, SCHEMA_VERSION, RunRecord
 
+# In-process fits pass their own args (LightningCLI warns about pytest's) and share W&B's one disabled run.
+pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter"), pytest.mark.filterwarnings("ignore:There is a wandb run")]
 SMALL_MOL = ["--model=MoL", *(f"--model.similarity.init_args.{k}={v}" for k, v in
                               (("num_query_components", 2), ("num_item_components", 2), ("component_dim", 16)))]
 METRIC_COLUMNS = ("test/hr@1", "test/hr@10", "test/hr@50", "test/hr@200", "test/ndcg@10", "test/mrr")
