@@ -368,8 +368,8 @@ class ConfigRow:
 
 def group_by_config(runs: Sequence[ReportedRun]) -> list[ConfigRow]:
     """Finished runs -> one row per config (seeds together), by dataset and encoder, the dot product before MoL.
-    Rows that share a label
-    (configs that differ elsewhere, e.g. in the learning rate) have the differing settings appended."""
+    Rows that share a label (configs that differ elsewhere, e.g. in the learning rate) have the differing
+    settings appended to it."""
     rows: dict[str, ConfigRow] = {}
     for run in runs:
         if not run.ok:

@@ -97,9 +97,11 @@ def test_old_record_without_hardware_reads_as_unknown(tmp_path):
     assert record.ok and record.hardware == "?"
 
 
-def test_help_names_table_and_readme():
+def test_help_names_table_and_readme(tmp_path, capsys):
     text = " ".join(build_parser().format_help().split())  # argparse wraps lines
     assert "--table" in text and "--readme" in text and "results_table.md" in text
+    assert command_main(["report", str(tmp_path), "--readme", "README.md"]) == 1
+    assert "--readme needs --table" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------- real runs
