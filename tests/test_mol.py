@@ -221,3 +221,50 @@ def test_configs_instantiate(config, tmp_path, monkeypatch):
     assert isinstance(similarity, MixtureOfLogits) and cli.model.model_name == "MoL"
     assert similarity.num_components == 32 and cli.model.hparams.similarity["init_args"]["num_query_components"] == 8
     assert similarity.approximate_topk is not None
+
+
+@torch.no_grad()
+def test_separable_gate_scores_without_the_pair_tensor_equal_the_mixture():
+    """gate_sees_logits=False: the two-matmul scores are the softmax(a + b) mixture of the component logits."""
+    torch.manual_seed(0)
+    mol = MoL(component_dim=8, gate_sees_logits=False).eval()
+    assert mol.similarity.logit_gate is None and mol.similarity.logit_scale is None
+    _, query = _batches()
+    queries, items = mol.encode_queries(query), mol.encode_corpus()
+    mixture, gates = mol.similarity.cross(queries, items)  # (B, N), (B, N, P) materialised
+    expected_gates = torch.softmax(queries.gate_logits[:, None] + items.gate_logits[None], dim=-1)
+    torch.testing.assert_close(gates, expected_gates)
+    torch.testing.assert_close(mol.similarity.separable_cross_scores(queries, items), mixture)
+    torch.testing.assert_close(mol.similarity.scores(queries, items), mixture)
+    bf16 = MoL(component_dim=8, gate_sees_logits=False, bf16_scores=True).eval()
+    bf16.load_state_dict(mol.state_dict())
+    torch.testing.assert_close(bf16.similarity.separable_cross_scores(queries, items), mixture, atol=2e-2, rtol=0)
+
+
+def test_separable_gate_trains_and_balances_a_subset_of_negatives():
+    torch.manual_seed(0)
+    mol = _quiet(MoL(component_dim=8, gate_sees_logits=False, load_balancing_negatives=5, num_negatives=20))
+    train, _ = _batches()
+    has_target = train.target_ids > 0
+    states = mol.encode_sequence(train.user_ids, train.input_ids)[has_target]
+    queries = mol.similarity.query_representation(states, train.user_ids[:, None].expand_as(train.target_ids)[has_target])
+    items = mol.encode_items(torch.arange(1, 21))
+    _, aux = mol.similarity.cross_scores(queries, items)
+    gates = torch.softmax(queries.gate_logits[:, None] + items.gate_logits[None, :5], dim=-1)  # the first 5 negatives
+    from rails_lightning.losses import load_balancing_loss
+
+    torch.testing.assert_close(aux.statistics["load_balancing"], load_balancing_loss(gates).detach())
+    assert "gate_logit_scale" not in aux.statistics
+    loss = mol.training_step(train, 0)
+    loss.backward()
+    for name in ("similarity.query_gate", "similarity.item_gate", "similarity.query_components", "item_embedding"):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mol.get_submodule(name).parameters()), name
+
+
+def test_separable_options_are_checked():
+    from rails_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="separable"):
+        MixtureOfLogits(D, NUM_USERS, bf16_scores=True)
+    with pytest.raises(ConfigError, match="load_balancing_negatives"):
+        MixtureOfLogits(D, NUM_USERS, load_balancing_negatives=-1)

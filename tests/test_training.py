@@ -65,6 +65,23 @@ def test_in_batch_negatives_with_logq(tmp_path):
         make_tiny_model(data, num_negatives=0, num_in_batch_negatives=0)
 
 
+def test_target_fraction_scores_a_random_share_of_the_positions():
+    torch.manual_seed(0)
+    data = make_tiny_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    has_target = batch.target_ids > 0
+    module = make_tiny_model(data, target_fraction=0.25)
+    kept = module.training_positions(batch.target_ids)
+    assert not (kept & ~has_target).any()  # only positions with a target
+    assert int(kept.sum()) == round(0.25 * int(has_target.sum()))
+    assert torch.equal(make_tiny_model(data).training_positions(batch.target_ids), has_target)  # the default: all
+    module.log = lambda *args, **kwargs: None
+    assert torch.isfinite(module.training_step(batch, 0))
+    with pytest.raises(ValueError, match="target_fraction"):
+        make_tiny_model(data, target_fraction=0.0)
+
+
 def first_losses(tmp_path, model: str, **options) -> list[float]:
     torch.manual_seed(123)
     data = make_tiny_data()

@@ -56,6 +56,10 @@ class RetrievalModule(pl.LightningModule):
             (the two-tower model) or ``MixtureOfLogits`` (MoL); in Python as ``query_encoder``.
         num_negatives: negatives drawn uniformly from the corpus, shared by the whole batch.
         num_in_batch_negatives: negatives drawn from the batch's own positives (popularity-distributed), shared.
+        target_fraction: the share of the batch's target positions, drawn at random every step,
+            that enter the loss (each scored against its positive and the shared negatives); 1 for
+            all. Below 1 it cuts the cost of a similarity that is expensive per (position,
+            negative) pair, such as MoL, at the price of fewer training targets per step.
         logq_correction: subtract the log expected count of each negative (needed for in-batch negatives).
         temperature: softmax temperature applied to the scores.
         learn_temperature: learn the temperature (initialised at ``temperature``).
@@ -77,6 +81,7 @@ class RetrievalModule(pl.LightningModule):
         similarity: SimilarityFactory = partial(DotProduct),
         num_negatives: int = 128,
         num_in_batch_negatives: int = 0,
+        target_fraction: float = 1.0,
         logq_correction: bool = True,
         temperature: float = 0.05,
         learn_temperature: bool = False,
@@ -90,6 +95,8 @@ class RetrievalModule(pl.LightningModule):
         # equals a bare-class default when it comes from a config file.)
         if num_negatives + num_in_batch_negatives <= 0:
             raise ConfigError("need at least one negative: set --model.num_negatives or --model.num_in_batch_negatives > 0")
+        if not 0.0 < target_fraction <= 1.0:
+            raise ConfigError(f"target_fraction must be in (0, 1], got {target_fraction}")
         # The hyperparameters are the arguments, the two factories as plain class_path specs.
         self.save_hyperparameters(
             {
@@ -97,6 +104,7 @@ class RetrievalModule(pl.LightningModule):
                 "num_item_features": num_item_features, "item_dim": item_dim,
                 "query_encoder": describe(query_encoder), "similarity": describe(similarity),
                 "num_negatives": num_negatives, "num_in_batch_negatives": num_in_batch_negatives,
+                "target_fraction": target_fraction,
                 "logq_correction": logq_correction, "temperature": temperature, "learn_temperature": learn_temperature,
                 "learning_rate": learning_rate, "weight_decay": weight_decay,
                 "decay_all_parameters": decay_all_parameters, "betas": list(betas),
@@ -190,9 +198,22 @@ class RetrievalModule(pl.LightningModule):
             log_counts.append(torch.log(frequency * hp.num_in_batch_negatives))
         return torch.cat(ids), torch.cat(log_counts)
 
+    def training_positions(self, target_ids: Tensor) -> Tensor:
+        """(B, L) target ids -> (B, L) mask of the positions that enter this step's loss.
+
+        Every position with a target, or with ``target_fraction`` < 1 a random share of them (at least one).
+        """
+        has_target = target_ids > 0  # (B, L)
+        fraction = self.hparams.get("target_fraction", 1.0)
+        if fraction >= 1.0:
+            return has_target
+        positions = has_target.flatten().nonzero().squeeze(1)  # (M,)
+        kept = positions[torch.randperm(positions.numel(), device=positions.device)[: max(1, round(fraction * positions.numel()))]]
+        return torch.zeros_like(has_target).flatten().index_fill_(0, kept, True).view_as(has_target)
+
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         states = self.encode_sequence(batch.user_ids, batch.input_ids)  # (B, L, D)
-        has_target = batch.target_ids > 0  # (B, L)
+        has_target = self.training_positions(batch.target_ids)  # (B, L), M positions
         user_ids = batch.user_ids[:, None].expand_as(batch.target_ids)[has_target]  # (M,)
         queries = self.similarity.query_representation(states[has_target], user_ids)  # M queries
         positive_ids = batch.target_ids[has_target]  # (M,)

@@ -45,6 +45,8 @@ class MixtureScorer(Protocol):
 
     def cross(self, queries: Any, items: Any) -> tuple[Tensor, Tensor]: ...  # (B,..) x (n,..) -> (B, n), gates
 
+    def scores(self, queries: Any, items: Any) -> Tensor: ...  # (B,..) x (n,..) -> (B, n), without the gates
+
     def gathered(self, queries: Any, items: Any) -> tuple[Tensor, Tensor]: ...  # (B,..) x (B, C,..) -> (B, C), gates
 
 
@@ -66,7 +68,7 @@ class MoLExactTopK(TopKRetriever):
 
     def score_block(self, queries: Any, start: int, end: int) -> Tensor:
         """(B, end - start) MoL scores of the queries against corpus rows start:end."""
-        return self.similarity.cross(queries, select_items(self.items, slice(start, end)))[0]
+        return self.similarity.scores(queries, select_items(self.items, slice(start, end)))
 
     def fetch(self, queries, k, exclude=None):
         return self.exact.fetch(queries, k)

@@ -21,9 +21,19 @@ apart at initialisation.
   logits + a learned scale times the logits), with dropout on the probabilities while training.
   The query and item parts are computed once per query / item; only the component-logit MLP
   runs per (query, item) pair.
-* Load balancing: ``-H(mean_batch pi) + mean_batch H(pi)`` over the (query, negative) gates,
-  weighted and added to the loss as ``load_balancing_loss``; logged with the gate entropy
-  and the per-component usage.
+* Separable gate (``gate_sees_logits=False``): softmax over P of (query gate logits a + item
+  gate logits b) only. Then, with l_p = <f_i, g_j>,
+
+      s(q, x) = sum_p e^(a_p + b_p) l_p / sum_p e^(a_p + b_p) = <u(q), v(x)> / <e^a, e^b>,
+      u(q)_(i,j) = e^(a_ij) f_i(q),   v(x)_(i,j) = e^(b_ij) g_j(x)      ((P * D_P)-vectors)
+
+  so M queries x R items score with two matmuls and no (M, R, P) tensor: on a CPU the per-pair
+  gate network and the (M, R, P) temporaries are nearly all of MoL's training cost. Dropout then
+  drops (query, component) weights of the numerator, shared by the query's R items.
+* Load balancing: ``-H(mean_batch pi) + mean_batch H(pi)`` over the (query, negative) gates
+  (optionally over the first ``load_balancing_negatives`` negatives only, a random subset since
+  the negatives are drawn at random), weighted and added to the loss as ``load_balancing_loss``;
+  logged with the gate entropy and the per-component usage.
 """
 
 from __future__ import annotations
@@ -82,6 +92,16 @@ class MixtureOfLogits(Similarity):
             logits (a soft max over components, as multi-interest retrieval does), 0 starts it
             uniform (an average of the component dot products).
         load_balancing_weight: weight of the mutual-information load-balancing loss.
+        gate_sees_logits: the gate also takes each pair's component logits (the MLP ``logit_gate``
+            and the learned scale above, run for every (query, item) pair). False: the separable
+            gate of the module docstring, query and item parts only; the training scores and the
+            exact top-k then need no (M, R, P) tensor (several times cheaper on a CPU), and
+            ``gate_logit_scale`` is unused.
+        load_balancing_negatives: the load-balancing loss and the gate statistics use the gates of
+            the first this-many of the R shared negatives (drawn at random, so a random subset);
+            0 for all R. With the separable gate only these (M, this, P) gates are computed.
+        bf16_scores: with the separable gate, compute the (P * D_P)-wide score matmul in bfloat16
+            (float32 accumulation; the gate weights and the division stay float32).
         approximate_topk: a RAILS approximate top-k (``class_path`` of a class in
             ``rails_lightning.retrieval.mol_topk`` with its ``k_prime``), evaluated next to the
             exact top-k; None for exact only.
@@ -102,6 +122,9 @@ class MixtureOfLogits(Similarity):
         gate_dropout: float = 0.2,
         gate_logit_scale: float = 0.0,
         load_balancing_weight: float = 1e-3,
+        gate_sees_logits: bool = True,
+        load_balancing_negatives: int = 0,
+        bf16_scores: bool = False,
         approximate_topk: ApproximateTopK | None = None,
     ) -> None:
         super().__init__(input_dim, num_users)
@@ -111,15 +134,23 @@ class MixtureOfLogits(Similarity):
         self.num_query_components, self.num_item_components = P_Q, P_X
         self.num_components = P = P_Q * P_X
         self.num_encoded_components = P_Q - 1 if user_id_component else P_Q
+        if load_balancing_negatives < 0:
+            raise ConfigError(f"load_balancing_negatives must be >= 0 (0 for all negatives), got {load_balancing_negatives}")
+        if bf16_scores and gate_sees_logits:
+            raise ConfigError("bf16_scores needs the separable gate (gate_sees_logits: false)")
         self.load_balancing_weight = load_balancing_weight
+        self.gate_sees_logits = gate_sees_logits
+        self.load_balancing_negatives = load_balancing_negatives
+        self.bf16_scores = bf16_scores
         self.approximate_topk = approximate_topk
         self.query_components = _mlp(input_dim, component_hidden_dim, self.num_encoded_components * D_P)
         self.user_component = nn.Embedding(num_users, D_P) if user_id_component else None
         self.item_components = _mlp(input_dim, component_hidden_dim, P_X * D_P)
         self.query_gate = _mlp(input_dim, gate_hidden_dim, P)
         self.item_gate = _mlp(input_dim, gate_hidden_dim, P)
-        self.logit_gate = _mlp(P, gate_hidden_dim, P)
-        self.logit_scale = nn.Parameter(torch.tensor(float(gate_logit_scale)))
+        # The per-pair part of the gate (None with the separable gate).
+        self.logit_gate = _mlp(P, gate_hidden_dim, P) if gate_sees_logits else None
+        self.logit_scale = nn.Parameter(torch.tensor(float(gate_logit_scale))) if gate_sees_logits else None
         self.gate_dropout = nn.Dropout(gate_dropout)
 
     # ------------------------------------------------------------------ representations
@@ -144,6 +175,9 @@ class MixtureOfLogits(Similarity):
     # ------------------------------------------------------------------ mixture
     def mix(self, logits: Tensor, query_gate_logits: Tensor, item_gate_logits: Tensor) -> tuple[Tensor, Tensor]:
         """Component logits (..., P) and broadcastable gate logits -> scores (...), gate probabilities (..., P)."""
+        if not self.gate_sees_logits:
+            gates = torch.softmax(query_gate_logits + item_gate_logits, dim=-1)  # (..., P)
+            return torch.linalg.vecdot(self.gate_dropout(gates), logits), gates
         if not torch.is_grad_enabled():  # retrieval: the same arithmetic in place, (..., P) buffers are large
             gate_logits = self.logit_gate(logits).add_(logits, alpha=float(self.logit_scale))
             gates = torch.softmax(gate_logits.add_(query_gate_logits).add_(item_gate_logits), dim=-1)  # (..., P)
@@ -159,6 +193,30 @@ class MixtureOfLogits(Similarity):
         logits = queries.components.reshape(M * P_Q, D_P) @ items.components.reshape(R * P_X, D_P).T
         logits = logits.view(M, P_Q, R, P_X).permute(0, 2, 1, 3).reshape(M, R, P_Q * P_X)  # (M, R, P)
         return self.mix(logits, queries.gate_logits[:, None, :], items.gate_logits[None, :, :])
+
+    # exp(gate logit - its max) is kept >= e^-40, so that a product of a query and an item weight
+    # (>= e^-80) stays a normal float32 and the denominator never underflows to 0.
+    _MIN_LOG_WEIGHT = -40.0
+
+    def _gate_weights(self, gate_logits: Tensor) -> Tensor:
+        """Gate logits (..., P) -> e^(logit - max logit) (..., P), in (e^-40, 1]."""
+        return (gate_logits - gate_logits.detach().amax(-1, keepdim=True)).clamp_min(self._MIN_LOG_WEIGHT).exp()
+
+    def separable_cross_scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
+        """M queries x R items -> scores (M, R) under the separable gate, with no (M, R, P) tensor."""
+        (M, P_Q), R, P_X = queries.components.shape[:2], items.components.shape[0], self.num_item_components
+        query_weights = self._gate_weights(queries.gate_logits)  # (M, P)
+        item_weights = self._gate_weights(items.gate_logits)  # (R, P)
+        # The numerator's query weights carry the gate dropout (the denominator normalises the undropped gate,
+        # as dropout on the probabilities does).
+        dropped = self.gate_dropout(query_weights).view(M, P_Q, P_X, 1)
+        u = (dropped * queries.components[:, :, None, :]).reshape(M, -1)  # (M, P * D_P), u_(i,j) = w_ij f_i
+        v = (item_weights.view(R, P_Q, P_X, 1) * items.components[:, None, :, :]).reshape(R, -1)  # (R, P * D_P)
+        if self.bf16_scores:
+            numerator = (u.bfloat16() @ v.bfloat16().T).float()  # (M, R)
+        else:
+            numerator = u @ v.T  # (M, R)
+        return numerator / (query_weights @ item_weights.T)  # (M, R)
 
     def pairs(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
         """M queries x their own M items -> scores (M,), gates (M, P)."""
@@ -177,7 +235,13 @@ class MixtureOfLogits(Similarity):
         return self.pairs(queries, items)[0]  # (M,)
 
     def cross_scores(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Auxiliary]:
-        scores, gates = self.cross(queries, items)  # (M, R), (M, R, P)
+        balanced = slice(0, self.load_balancing_negatives or None)  # the negatives whose gates are balanced
+        if self.gate_sees_logits:
+            scores, gates = self.cross(queries, items)  # (M, R), (M, R, P)
+            gates = gates[:, balanced]  # (M, R_b, P)
+        else:
+            scores = self.separable_cross_scores(queries, items)  # (M, R)
+            gates = torch.softmax(queries.gate_logits[:, None, :] + items.gate_logits[None, balanced, :], dim=-1)  # (M, R_b, P)
         balance = load_balancing_loss(gates)  # -H(usage) + mean H(pi)
         usage = gates.detach().reshape(-1, gates.shape[-1]).mean(0)  # (P,) share of the gate mass of each component
         statistics = {
@@ -187,9 +251,14 @@ class MixtureOfLogits(Similarity):
             "gate_effective_components": entropy(usage).exp(),
             "gate_usage_max": usage.max(),
             "gate_usage_min": usage.min(),
-            "gate_logit_scale": self.logit_scale.detach(),
         }
+        if self.logit_scale is not None:
+            statistics["gate_logit_scale"] = self.logit_scale.detach()
         return scores, Auxiliary(losses={"load_balancing_loss": self.load_balancing_weight * balance}, statistics=statistics)
+
+    def scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
+        """M queries x R items -> scores (M, R) only, the cheapest way (the exact top-k's scoring)."""
+        return self.cross(queries, items)[0] if self.gate_sees_logits else self.separable_cross_scores(queries, items)
 
     def exact_retriever(self, items: MoLItems, options: SearchOptions) -> TopKRetriever:
         return MoLExactTopK(self, items, options)
