@@ -29,11 +29,13 @@ import threading
 import time
 from pathlib import Path
 
-# (factory, search parameters) per corpus size: IVF lists grow like 4 sqrt(N).
+# Per corpus size: FAISS factory string -> the search parameters tried on it (IVF lists grow like 4 sqrt(N)).
 INDEXES = {
-    100_000: [("IVF1024,Flat", "nprobe=32"), ("HNSW32", "efSearch=128"), ("IVF1024,PQ32", "nprobe=32")],
-    1_000_000: [("IVF4096,Flat", "nprobe=64"), ("HNSW32", "efSearch=128"), ("IVF4096,PQ32", "nprobe=64")],
-    10_000_000: [("IVF16384,Flat", "nprobe=128"), ("IVF16384,PQ32", "nprobe=128")],
+    100_000: {"IVF1024,Flat": ["nprobe=8", "nprobe=32", "nprobe=128"], "HNSW32": ["efSearch=64", "efSearch=256"],
+              "IVF1024,PQ32x4fs": ["nprobe=32"]},
+    1_000_000: {"IVF4096,Flat": ["nprobe=16", "nprobe=64", "nprobe=256"], "HNSW32": ["efSearch=64", "efSearch=256"],
+                "IVF4096,PQ32x4fs": ["nprobe=64"]},
+    10_000_000: {"IVF16384,Flat": ["nprobe=32", "nprobe=128"], "IVF16384,PQ32x4fs": ["nprobe=128"]},
 }
 
 
@@ -62,7 +64,8 @@ def _rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
-def measure(num_items: int, num_queries: int, train_steps: int, eval_batch_size: int = 1000) -> dict:
+def measure(num_items: int, num_queries: int, train_steps: int, checkpoint: str | None = None, eval_batch_size: int = 1000) -> dict:
+    import faiss
     import lightning.pytorch as pl
     import torch
 
@@ -75,8 +78,12 @@ def measure(num_items: int, num_queries: int, train_steps: int, eval_batch_size:
     started = time.perf_counter()
     source = SyntheticSource(num_users=max(20_000, num_queries), num_items=num_items, num_clusters=1000, include_unseen_items=True)
     data = InteractionDataModule(source, eval_batch_size=eval_batch_size)
-    model = RetrievalModule(data.num_items, data.num_users, data.max_seq_len, num_negatives=512)
-    result = {"items": data.num_items, "queries": num_queries, "train_steps": train_steps,
+    if checkpoint:  # a model trained on this same data (e.g. by configs/synthetic/million_items_ivf.yaml)
+        model = RetrievalModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+        train_steps = 0
+    else:
+        model = RetrievalModule(data.num_items, data.num_users, data.max_seq_len, num_negatives=512)
+    result = {"items": data.num_items, "queries": num_queries, "train_steps": train_steps, "checkpoint": checkpoint,
               "data_seconds": time.perf_counter() - started}
     quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu", "devices": 1}
     if train_steps:
@@ -106,20 +113,22 @@ def measure(num_items: int, num_queries: int, train_steps: int, eval_batch_size:
         result["exact_top100_seconds"] = time.perf_counter() - started
         del exact
         result["indexes"] = []
-        for factory, search in INDEXES.get(num_items, INDEXES[1_000_000]):
+        for factory, searches in INDEXES.get(num_items, INDEXES[1_000_000]).items():
             with PeakMemory() as memory:
                 started = time.perf_counter()
-                index = approximate_inner_product_retriever(items, SearchOptions(index=factory, index_search=search))
+                index = approximate_inner_product_retriever(items, SearchOptions(index=factory, index_search=searches[0]))
                 built = time.perf_counter() - started
-                started = time.perf_counter()
-                found = [index.search(q, 100, e)[1] for q, e in query_batches]
-                searched = time.perf_counter() - started
+                for search in searches:
+                    faiss.ParameterSpace().set_index_parameters(index.index, search)
+                    started = time.perf_counter()
+                    found = [index.search(q, 100, e)[1] for q, e in query_batches]
+                    searched = time.perf_counter() - started
+                    hits = sum(int(((f[:, :, None] == x[:, None, :]).any(-1) & (x > 0)).sum()) for f, x in zip(found, exact_ids))
+                    result["indexes"].append({
+                        "index": factory, "search": search, "build_seconds": built, "search_seconds": searched,
+                        "recall@100": hits / sum(int((x > 0).sum()) for x in exact_ids), "peak_gb": memory.peak,
+                    })
                 del index
-            hits = sum(int(((f[:, :, None] == x[:, None, :]).any(-1) & (x > 0)).sum()) for f, x in zip(found, exact_ids))
-            result["indexes"].append({
-                "index": factory, "search": search, "build_seconds": built, "search_seconds": searched,
-                "recall@100": hits / sum(int((x > 0).sum()) for x in exact_ids), "peak_gb": memory.peak,
-            })
     return result
 
 
@@ -146,17 +155,25 @@ def main() -> None:
     parser.add_argument("--untrained_from", type=int, default=10_000_000,
                         help="corpora of this size or more are evaluated untrained (training 10M embeddings "
                              "with AdamW needs ~12 GB and hours on 2 cores)")
+    parser.add_argument("--checkpoints", nargs="*", default=[],
+                        help="trained checkpoints of the same synthetic data (num_users 20000, 1000 clusters, "
+                             "include_unseen_items), used for the corpus size they were trained on instead of --train_steps")
     parser.add_argument("--out", default="benchmarks/figures/corpus_eval.json", help="where the raw results go (JSON)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size in this process
     args = parser.parse_args()
     if args.one:
+        import torch
+
+        trained = [c for c in args.checkpoints
+                   if torch.load(c, map_location="cpu", weights_only=True)["hyper_parameters"]["num_items"] == args.one]
         steps = 0 if args.one >= args.untrained_from else args.train_steps
-        print(json.dumps(measure(args.one, args.queries, steps)))
+        print(json.dumps(measure(args.one, args.queries, steps, trained[0] if trained else None)))
         return
     results = []
     for size in args.sizes:  # one process per size, so that each peak memory is its own
         command = [sys.executable, __file__, "--one", str(size), "--queries", str(args.queries),
-                   "--train_steps", str(args.train_steps), "--untrained_from", str(args.untrained_from)]
+                   "--train_steps", str(args.train_steps), "--untrained_from", str(args.untrained_from),
+                   "--checkpoints", *args.checkpoints]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)
