@@ -56,7 +56,7 @@ from functools import cached_property
 
 import numpy as np
 
-from rails_lightning.data.sequences import InteractionLog
+from rails_lightning.data.sequences import InteractionLog, gather_ranges
 from rails_lightning.data.source import InteractionSource
 from rails_lightning.data.synthetic import _ItemTitles
 
@@ -377,9 +377,7 @@ def query_truth(datamodule, stage: str = "test") -> QueryTruth:
     store, queries = datamodule.store, (datamodule.split.val if stage == "val" else datamodule.split.test)
     if queries.max_targets != 1:
         raise ValueError("query_truth needs one target per query (the leave-one-out split)")
-    starts = store.offsets[queries.users]
-    history_offsets = np.concatenate([[0], np.cumsum(queries.history_end - starts)])
-    history = np.concatenate([store.items[s:e] for s, e in zip(starts, queries.history_end)])
+    history_offsets, history = gather_ranges(store.items, store.offsets[queries.users], queries.history_end)
     raw_users = store.user_raw_ids[queries.users]
     raw_probabilities = source.world.next_item_probabilities(raw_users, history_offsets, store.item_raw_ids[history])
     probabilities = np.zeros((len(queries), store.num_items + 1))
