@@ -34,7 +34,10 @@ INDEXES = {
     100_000: {"IVF1024,Flat": ["nprobe=8", "nprobe=32", "nprobe=128"], "HNSW32": ["efSearch=64", "efSearch=256"],
               "IVF1024,PQ32x4fs": ["nprobe=32"]},
     1_000_000: {"IVF4096,Flat": ["nprobe=16", "nprobe=64", "nprobe=128", "nprobe=160", "nprobe=256"], "HNSW32": ["efSearch=64", "efSearch=256"],
-                "IVF16384,Flat": ["nprobe=256", "nprobe=512"], "IVF4096,PQ32x4fs": ["nprobe=64"]},
+                "IVF16384,Flat": ["nprobe=256", "nprobe=512"], "IVF4096,PQ32x4fs": ["nprobe=64"],
+                # 4-bit fast-scan PQ finds candidates cheaply, the exact vectors re-rank k_factor x k of them.
+                "IVF4096,PQ32x4fs,RFlat": ["nprobe=128,k_factor_rf=8", "nprobe=160,k_factor_rf=8", "nprobe=256,k_factor_rf=8",
+                                           "nprobe=256,k_factor_rf=16"]},
     # 10M: 4096 lists, not 4 sqrt(N): assigning 10M vectors to 16384 lists takes too long on 2 cores.
     10_000_000: {"IVF4096,Flat": ["nprobe=16", "nprobe=64"]},
 }
