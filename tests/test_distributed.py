@@ -58,6 +58,7 @@ def _sampled(dataset_size, batch_size, world, shuffle, epoch=0, seed=0):
         sampler = _ShardedBatches(dataset, batch_size, world, rank, shuffle, seed)
         sampler.set_epoch(epoch)
         shards.append(list(sampler))
+        assert len(sampler) == len(shards[-1])
     return shards
 
 

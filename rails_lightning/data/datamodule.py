@@ -110,7 +110,11 @@ class _ShardedBatches(DistributedSampler):
         return iter(self._batches())
 
     def __len__(self) -> int:
-        return len(self._batches())
+        n, world = len(self.dataset), self.num_replicas
+        if not self.shuffle:
+            share = -(-n // world)
+            return -(-max(0, min(n, (self.rank + 1) * share) - self.rank * share) // self.batch_size)
+        return -(-(-(-n // self.batch_size)) // world)  # every process: ceil(batches / W)
 
 
 def _batched_loader(

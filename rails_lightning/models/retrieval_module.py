@@ -204,7 +204,7 @@ class RetrievalModule(pl.LightningModule):
         Every position with a target, or with ``target_fraction`` < 1 a random share of them (at least one).
         """
         has_target = target_ids > 0  # (B, L)
-        fraction = self.hparams.get("target_fraction", 1.0)
+        fraction = self.hparams.target_fraction
         if fraction >= 1.0:
             return has_target
         positions = has_target.flatten().nonzero().squeeze(1)  # (M,)

@@ -52,11 +52,6 @@ def _faiss_gpus() -> int | None:
     return faiss.get_num_gpus()
 
 
-def faiss_gpus() -> int:
-    """Number of GPUs FAISS sees (0 without FAISS-GPU or without FAISS)."""
-    return _faiss_gpus() or 0
-
-
 def uses_faiss(backend: Backend, device: torch.device) -> bool:
     """Whether an inner-product search over tensors on ``device`` runs in FAISS."""
     gpus = _faiss_gpus()
@@ -142,5 +137,5 @@ def approximate_inner_product_retriever(vectors: Tensor, options: SearchOptions)
     if options.index is None:
         return None
     # On the GPU(s) whenever FAISS has any, as the exact flat index.
-    index = build_faiss_index(vectors, options.index, options.index_search, options.index_train_size, on_gpu=faiss_gpus() > 0)
+    index = build_faiss_index(vectors, options.index, options.index_search, options.index_train_size, on_gpu=bool(_faiss_gpus()))
     return FaissIndexTopK(index)
