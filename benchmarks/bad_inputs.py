@@ -111,7 +111,7 @@ def cases(work: Path, url: str) -> list[tuple]:
         ("--config file missing", ["fit", "--config", "nope.yaml"]),
         ("--config YAML syntax error", ["fit", "--config", str(work / "bad.yaml")]),
         ("unknown class for a class_path", ["fit", "--data.source=NoSuchSource"]),
-        ("no negatives", ["fit", "--model.num_negatives=0", *TINY]),
+        ("no negatives", ["fit", "--model.objective.init_args.num_negatives=0", *TINY]),
         ("attention heads do not divide the dimension", ["fit", "--model.query_encoder.init_args.num_heads=3", *TINY]),
         ("negative max_epochs", ["fit", "--trainer.max_epochs=-5"]),
         ("log file not found", ["fit", *src(work / "nope.csv")]),

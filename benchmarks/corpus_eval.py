@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 # Per corpus size: FAISS factory string -> the search parameters tried on it (IVF lists grow like 4 sqrt(N)).
@@ -77,6 +78,7 @@ def measure(num_items: int, num_queries: int, train_steps: int, checkpoint: str 
     from rails_lightning.callbacks import CorpusEvaluation
     from rails_lightning.data import InteractionDataModule, SyntheticSource
     from rails_lightning.models import RetrievalModule
+    from rails_lightning.objectives import SharedNegatives
     from rails_lightning.retrieval import SearchOptions, approximate_inner_product_retriever, inner_product_retriever
 
     pl.seed_everything(0, verbose=False)
@@ -87,7 +89,7 @@ def measure(num_items: int, num_queries: int, train_steps: int, checkpoint: str 
         model = RetrievalModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
         train_steps = 0
     else:
-        model = RetrievalModule(data.num_items, data.num_users, data.max_seq_len, num_negatives=512)
+        model = RetrievalModule(data.num_items, data.num_users, data.max_seq_len, objective=partial(SharedNegatives, num_negatives=512))
     result = {"items": data.num_items, "queries": num_queries, "train_steps": train_steps, "checkpoint": checkpoint,
               "data_seconds": time.perf_counter() - started}
     quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu", "devices": 1}

@@ -37,6 +37,7 @@ def run_setting(setting: str, interests: int, seed: int, args) -> dict:
     from rails_lightning.data import InteractionDataModule, KnownTruthSource
     from rails_lightning.data.known_truth import bayes_optimal_hit_rate, bayes_optimal_ranking, expected_hit_rate, query_truth
     from rails_lightning.models import MeanPoolEncoder, RetrievalModule
+    from rails_lightning.objectives import SharedNegatives
     from rails_lightning.retrieval.popularity import PopularityTopK, popularity_baseline
     from rails_lightning.similarity import DotProduct, MixtureOfLogits
 
@@ -81,7 +82,7 @@ def run_setting(setting: str, interests: int, seed: int, args) -> dict:
         model = RetrievalModule(
             data.num_items, data.num_users, data.max_seq_len, item_dim=args.item_dim,
             query_encoder=functools.partial(MeanPoolEncoder), similarity=similarity,
-            num_negatives=args.num_negatives, learning_rate=args.learning_rate,
+            objective=functools.partial(SharedNegatives, num_negatives=args.num_negatives), learning_rate=args.learning_rate,
         )
         evaluation = TopKRecorder(ks=(10,))
         trainer = pl.Trainer(

@@ -22,6 +22,7 @@ import torch
 from rails_lightning.data import InteractionDataModule, MovieLensSource
 from rails_lightning.losses import sampled_softmax_loss
 from rails_lightning.models import RetrievalModule, SASRecEncoder
+from rails_lightning.objectives import SharedNegatives
 from rails_lightning.similarity import DotProduct
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def build(data: InteractionDataModule, negatives: int) -> RetrievalModule:
     return RetrievalModule(
         data.num_items, data.num_users, data.max_seq_len, item_dim=50,
         query_encoder=partial(SASRecEncoder, num_layers=2, num_heads=1, dropout=0.2),
-        similarity=DotProduct, num_negatives=negatives, weight_decay=0.0,
+        similarity=DotProduct, objective=partial(SharedNegatives, num_negatives=negatives), weight_decay=0.0,
     )
 
 

@@ -14,10 +14,10 @@ def sampled_softmax_loss(
     positive_logits: Tensor,  # (M,)
     negative_logits: Tensor,  # (M, R)
     positive_ids: Tensor,  # (M,)
-    negative_ids: Tensor,  # (R,)
-    log_expected_counts: Tensor | None = None,  # (R,)
+    negative_ids: Tensor,  # (R,) shared by every query, or (M, R)
+    log_expected_counts: Tensor | None = None,  # (R,) or (M, R)
 ) -> Tensor:
-    """Softmax cross-entropy of each positive against negatives shared by the whole batch.
+    """Softmax cross-entropy of each positive against its negatives (shared by the batch, or per query).
 
     ``log_expected_counts`` is the logQ correction: the log of how many times each
     negative was expected to be drawn. Subtracting it makes the sampled softmax an
@@ -26,8 +26,8 @@ def sampled_softmax_loss(
     positive itself ("accidental hits") are masked out.
     """
     if log_expected_counts is not None:
-        negative_logits = negative_logits - log_expected_counts[None, :]
-    accidental_hit = positive_ids[:, None] == negative_ids[None, :]  # (M, R)
+        negative_logits = negative_logits - log_expected_counts
+    accidental_hit = positive_ids[:, None] == negative_ids  # (M, R)
     negative_logits = negative_logits.masked_fill(accidental_hit, torch.finfo(negative_logits.dtype).min)
     logits = torch.cat([positive_logits[:, None], negative_logits], dim=1)  # (M, 1 + R)
     return F.cross_entropy(logits, torch.zeros_like(positive_ids))

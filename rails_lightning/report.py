@@ -222,7 +222,15 @@ def write_report(results: Sequence[ReportedRun], out_dir: str | Path, metric: st
 
 # ---------------------------------------------------------------------------------------- leaderboard
 LEADERBOARD_KEYS = ("hr@1", "hr@10", "ndcg@10", "mrr")
-HYPERPARAMETERS = ("learning_rate", "temperature", "num_negatives", "item_dim")
+HYPERPARAMETERS = ("learning_rate", "temperature", "objective", "item_dim")
+
+
+def _hyperparameter(value: Any) -> Any:
+    """A config value for a table cell: a ``class_path`` spec as ``Class(option=value, ...)``."""
+    if isinstance(value, dict) and "class_path" in value:
+        options = ", ".join(f"{k}={v}" for k, v in (value.get("init_args") or {}).items())
+        return f"{str(value['class_path']).rpartition('.')[2]}({options})"
+    return value
 
 
 def _checkpoint_mb(record: RunRecord) -> str:
@@ -239,7 +247,7 @@ def leaderboard_rows(runs: Sequence[ReportedRun], metric: str = DEFAULT_METRIC) 
     rows = []
     for rank, run in enumerate(ranked, start=1):
         model_config = run.record.config.get("model") or {}
-        params = [model_config.get(name, "") for name in HYPERPARAMETERS]
+        params = [_hyperparameter(model_config.get(name, "")) for name in HYPERPARAMETERS]
         metrics = run.record.metrics
         rows.append([rank, run.name, run.model, *params, metrics[metric],
                      *(metrics.get(f"{s}/{k}", math.nan) for s in stages for k in LEADERBOARD_KEYS),

@@ -17,6 +17,7 @@ import torch
 
 from rails_lightning.data import InteractionDataModule, SyntheticSource
 from rails_lightning.models import RetrievalModule, SASRecEncoder
+from rails_lightning.objectives import SharedNegatives
 from rails_lightning.similarity import DotProduct, MixtureOfLogits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def make_tiny_model(data: InteractionDataModule, model: str = "TwoTower", **kwar
     """A 16-dimensional one-layer SASRec model of either similarity on ``data``."""
     options = {
         "item_dim": 16, "query_encoder": functools.partial(SASRecEncoder, num_layers=1),
-        "similarity": TINY_SIMILARITIES[model], "num_negatives": 32, "learning_rate": 5e-3, **kwargs,
+        "similarity": TINY_SIMILARITIES[model], "objective": functools.partial(SharedNegatives, num_negatives=32), "learning_rate": 5e-3, **kwargs,
     }
     return RetrievalModule(data.num_items, data.num_users, data.max_seq_len, data.num_item_features, **options)
 

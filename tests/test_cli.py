@@ -97,9 +97,9 @@ def test_ready_made_models_by_name(name, similarity, tmp_path, monkeypatch):
     """``--model=TwoTower`` / ``--model=MoL`` pick the ready-made models; other options still apply on top."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert set(MODEL_PRESETS) == {"TwoTower", "MoL"}
-    cli = main([f"--model={name}", "--model.num_negatives=77", f"--run_dir={tmp_path}"], run=False)
+    cli = main([f"--model={name}", "--model.objective.init_args.num_negatives=77", f"--run_dir={tmp_path}"], run=False)
     assert isinstance(cli.model.similarity, similarity) and cli.model.model_name == name
-    assert cli.model.hparams.num_negatives == 77
+    assert cli.model.hparams.objective["init_args"]["num_negatives"] == 77
 
 
 def test_print_config_shows_the_whole_run(tmp_path, monkeypatch, capsys):

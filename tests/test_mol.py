@@ -17,6 +17,7 @@ from rails_lightning.losses import entropy
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule, SASRecEncoder
 from rails_lightning.retrieval import SearchOptions
 from rails_lightning.retrieval.mol_topk import CombinedTopK, MoLExactTopK
+from rails_lightning.objectives import SharedNegatives
 from rails_lightning.similarity import DotProduct, MixtureOfLogits, MoLItems, MoLQueries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ SEARCH = SearchOptions()
 def MoL(num_items=NUM_ITEMS, num_users=NUM_USERS, max_seq_len=L, item_dim=D, query_encoder=MeanPoolEncoder, num_negatives=128, **similarity):
     """A MoL RetrievalModule with the given similarity options."""
     return RetrievalModule(
-        num_items, num_users, max_seq_len, item_dim=item_dim, query_encoder=query_encoder, num_negatives=num_negatives,
+        num_items, num_users, max_seq_len, item_dim=item_dim, query_encoder=query_encoder, objective=functools.partial(SharedNegatives, num_negatives=num_negatives),
         similarity=functools.partial(MixtureOfLogits, **similarity),
     )
 
@@ -66,9 +67,9 @@ def _quiet(model):
 def test_one_component_equals_two_tower():
     """P_Q = P_X = 1, identity component maps: MoL's scores, top-k and training loss are the dot product's."""
     torch.manual_seed(0)
-    common = dict(num_items=NUM_ITEMS, num_users=NUM_USERS, max_seq_len=L, item_dim=D, query_encoder=MeanPoolEncoder, num_negatives=20)
-    two_tower = _quiet(RetrievalModule(**common, similarity=DotProduct))
-    mol = _quiet(MoL(**common, num_query_components=1, num_item_components=1, component_dim=D, component_hidden_dim=0, gate_dropout=0.0))
+    common = dict(num_items=NUM_ITEMS, num_users=NUM_USERS, max_seq_len=L, item_dim=D, query_encoder=MeanPoolEncoder)
+    two_tower = _quiet(RetrievalModule(**common, similarity=DotProduct, objective=functools.partial(SharedNegatives, num_negatives=20)))
+    mol = _quiet(MoL(**common, num_negatives=20, num_query_components=1, num_item_components=1, component_dim=D, component_hidden_dim=0, gate_dropout=0.0))
     mol.load_state_dict(two_tower.state_dict(), strict=False)  # item tower, query encoder, temperature
     _identity(mol.similarity.query_components)
     _identity(mol.similarity.item_components)
@@ -179,7 +180,7 @@ def test_fit_logs_losses_and_exact_and_approximate_metrics(tmp_path):
     data = InteractionDataModule(SyntheticSource(num_users=200, num_items=300, num_clusters=10), max_seq_len=20, batch_size=64, eval_batch_size=128)
     model = RetrievalModule(
         data.num_items, data.num_users, data.max_seq_len, item_dim=32, query_encoder=functools.partial(SASRecEncoder, num_layers=1),
-        num_negatives=32,
+        objective=functools.partial(SharedNegatives, num_negatives=32),
         similarity=functools.partial(
             MixtureOfLogits, component_dim=16, num_query_components=4, num_item_components=2,
             approximate_topk=functools.partial(CombinedTopK, k_prime=8, averaged_k_prime=32),

@@ -24,6 +24,7 @@ from rails_lightning.data import DataError, InteractionDataModule, InteractionLo
 from rails_lightning.data.sequences import InteractionLog
 from rails_lightning.data.source import InteractionSource
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule
+from rails_lightning.objectives import SharedNegatives
 from rails_lightning.retrieval.popularity import PopularityTopK, popularity_baseline
 from rails_lightning.runs import RunRecord
 
@@ -162,7 +163,7 @@ def test_4_a_reconsumed_target_is_never_excluded(tmp_path):
         assert int(batch.targets[row, 0]) not in excluded.tolist()
     test_batch = data.test_dataloader().dataset[[0]]
     assert int(test_batch.targets[0, 0]) in data.store.items[data.store.offsets[0] : data.store.offsets[0] + 4].tolist()
-    module = RetrievalModule(data.num_items, data.num_users, 8, item_dim=8, query_encoder=MeanPoolEncoder, num_negatives=5)
+    module = RetrievalModule(data.num_items, data.num_users, 8, item_dim=8, query_encoder=MeanPoolEncoder, objective=functools.partial(SharedNegatives, num_negatives=5))
     result = cpu_trainer(tmp_path, 1, [CorpusEvaluation(ks=(10, 20))]).test(module, datamodule=data, verbose=False)[0]
     assert result["test/hr@20"] == 1.0
     assert popularity_baseline(data, "test", ks=(10, 20))["test/hr@20"] == 1.0
@@ -181,7 +182,7 @@ def test_4_consecutive_repeats_can_be_collapsed():
 def test_5_a_corpus_smaller_than_k_evaluates(tmp_path, ks):
     data = InteractionDataModule(ListSource(reconsumption_rows()), max_seq_len=8, batch_size=8, min_interactions=3)
     assert data.num_items == 20
-    module = RetrievalModule(data.num_items, data.num_users, 8, item_dim=8, query_encoder=MeanPoolEncoder, num_negatives=5)
+    module = RetrievalModule(data.num_items, data.num_users, 8, item_dim=8, query_encoder=MeanPoolEncoder, objective=functools.partial(SharedNegatives, num_negatives=5))
     with pytest.warns(UserWarning, match="go beyond the corpus"):
         cpu_trainer(tmp_path, 1, [CorpusEvaluation(ks=ks)], enable_checkpointing=False).fit(module, datamodule=data)
     result = cpu_trainer(tmp_path, 1, [CorpusEvaluation(ks=ks)]).validate(module, datamodule=data, verbose=False)[0]

@@ -2,6 +2,7 @@
 with the corpus callback, seeded first-loss regressions, resume equivalence, self-describing
 checkpoints, optimiser parameter groups."""
 
+import functools
 import json
 import math
 
@@ -11,6 +12,7 @@ import torch
 from conftest import TEST_DATA, LossRecorder, cpu_trainer, make_tiny_data, make_tiny_model
 from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule, SASRecEncoder, UserIdEncoder
+from rails_lightning.objectives import SharedNegatives
 from rails_lightning.similarity import DotProduct, MixtureOfLogits
 
 MODELS = ["TwoTower", "MoL"]
@@ -57,12 +59,12 @@ def test_item_features_reach_the_item_tower():
 def test_in_batch_negatives_with_logq(tmp_path):
     torch.manual_seed(0)
     data = make_tiny_data()
-    module = make_tiny_model(data, num_negatives=0, num_in_batch_negatives=64)
+    module = make_tiny_model(data, objective=functools.partial(SharedNegatives, num_negatives=0, num_in_batch_negatives=64))
     recorder = LossRecorder()
     cpu_trainer(tmp_path, 1, [recorder], enable_checkpointing=False, limit_val_batches=0).fit(module, datamodule=data)
     assert all(math.isfinite(x) for x in recorder.losses)
     with pytest.raises(ValueError, match="at least one negative"):
-        make_tiny_model(data, num_negatives=0, num_in_batch_negatives=0)
+        make_tiny_model(data, objective=functools.partial(SharedNegatives, num_negatives=0, num_in_batch_negatives=0))
 
 
 def test_target_fraction_scores_a_random_share_of_the_positions():

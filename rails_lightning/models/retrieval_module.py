@@ -6,10 +6,12 @@ queries), R sampled negatives, N corpus size (item ids 1..N).
     history (B, L) --item tower--> (B, L, D) --query encoder--> states (B, L, D)
     states at the M target positions --similarity.query_representation--> queries
     item ids --item tower--> (.., D) --similarity.item_representation--> items
-    sampled softmax over similarity.pair_scores (positives) and similarity.cross_scores (shared negatives)
+    softmax of similarity.pair_scores (positives) against the objective's negatives: similarity.cross_scores
+    (negatives shared by the batch) and similarity.gathered_scores (negatives drawn per query)
 
 Models differ only in their similarity (``DotProduct`` for the two-tower model, ``MixtureOfLogits``
-for MoL), chosen with ``class_path``. The evaluation callback talks to the module through
+for MoL), chosen with ``class_path``, and are trained with an objective (``rails_lightning.objectives``:
+shared, per-query, mined negatives or the full softmax), chosen the same way. The evaluation callback talks to the module through
 ``encode_queries``, ``encode_corpus``, ``exact_retriever`` and ``approximate_retriever``.
 
 Checkpoints describe themselves: the encoder and the similarity are stored as ``class_path`` +
@@ -32,6 +34,7 @@ from rails_lightning.data.batches import QueryBatch, TrainBatch
 from rails_lightning.data.datamodule import InteractionDataModule
 from rails_lightning.errors import ConfigError, TrainingDiverged
 from rails_lightning.losses import sampled_softmax_loss
+from rails_lightning.objectives import ObjectiveFactory, SharedNegatives, TrainingObjective, TrainingStep
 from rails_lightning.models.components import build_factory, describe
 from rails_lightning.models.encoders import QueryEncoder, SASRecEncoder
 from rails_lightning.retrieval import SearchOptions, TopKRetriever
@@ -42,7 +45,7 @@ SimilarityFactory = Callable[[int, int], Similarity]  # (input_dim, num_users)
 
 
 class RetrievalModule(pl.LightningModule):
-    """A retrieval model: item tower + query encoder + similarity, trained with a sampled softmax.
+    """A retrieval model: item tower + query encoder + similarity, trained with a softmax over the objective's negatives.
 
     Args:
         num_items: corpus size N (linked from the DataModule).
@@ -54,13 +57,14 @@ class RetrievalModule(pl.LightningModule):
             ``functools.partial`` of one, or a ``{"class_path", "init_args"}`` dict).
         similarity: how queries and items score, chosen with ``class_path``: ``DotProduct``
             (the two-tower model) or ``MixtureOfLogits`` (MoL); in Python as ``query_encoder``.
-        num_negatives: negatives drawn uniformly from the corpus, shared by the whole batch.
-        num_in_batch_negatives: negatives drawn from the batch's own positives (popularity-distributed), shared.
+        objective: how each training query's negatives are drawn, chosen with ``class_path``
+            (``rails_lightning.objectives``): ``SharedNegatives`` (uniform and in-batch negatives shared by
+            the batch, the default), ``PerQueryNegatives``, ``FullSoftmax`` or ``MinedNegatives`` (hard
+            negatives from the model's own corpus ranking); in Python as ``query_encoder``.
         target_fraction: the share of the batch's target positions, drawn at random every step,
-            that enter the loss (each scored against its positive and the shared negatives); 1 for
+            that enter the loss (each scored against its positive and the negatives); 1 for
             all. Below 1 it cuts the cost of a similarity that is expensive per (position,
             negative) pair, such as MoL, at the price of fewer training targets per step.
-        logq_correction: subtract the log expected count of each negative (needed for in-batch negatives).
         temperature: softmax temperature applied to the scores.
         learn_temperature: learn the temperature (initialised at ``temperature``).
         learning_rate: AdamW learning rate.
@@ -79,10 +83,8 @@ class RetrievalModule(pl.LightningModule):
         item_dim: int = 64,
         query_encoder: QueryEncoderFactory = partial(SASRecEncoder),
         similarity: SimilarityFactory = partial(DotProduct),
-        num_negatives: int = 128,
-        num_in_batch_negatives: int = 0,
+        objective: ObjectiveFactory = partial(SharedNegatives),
         target_fraction: float = 1.0,
-        logq_correction: bool = True,
         temperature: float = 0.05,
         learn_temperature: bool = False,
         learning_rate: float = 1e-3,
@@ -93,19 +95,16 @@ class RetrievalModule(pl.LightningModule):
         super().__init__()
         # (The factory defaults are partials, not bare classes: jsonargparse 4.53 drops a class_path that
         # equals a bare-class default when it comes from a config file.)
-        if num_negatives + num_in_batch_negatives <= 0:
-            raise ConfigError("need at least one negative: set --model.num_negatives or --model.num_in_batch_negatives > 0")
         if not 0.0 < target_fraction <= 1.0:
             raise ConfigError(f"target_fraction must be in (0, 1], got {target_fraction}")
-        # The hyperparameters are the arguments, the two factories as plain class_path specs.
+        # The hyperparameters are the arguments, the factories as plain class_path specs.
         self.save_hyperparameters(
             {
                 "num_items": num_items, "num_users": num_users, "max_seq_len": max_seq_len,
                 "num_item_features": num_item_features, "item_dim": item_dim,
                 "query_encoder": describe(query_encoder), "similarity": describe(similarity),
-                "num_negatives": num_negatives, "num_in_batch_negatives": num_in_batch_negatives,
-                "target_fraction": target_fraction,
-                "logq_correction": logq_correction, "temperature": temperature, "learn_temperature": learn_temperature,
+                "objective": describe(objective), "target_fraction": target_fraction,
+                "temperature": temperature, "learn_temperature": learn_temperature,
                 "learning_rate": learning_rate, "weight_decay": weight_decay,
                 "decay_all_parameters": decay_all_parameters, "betas": list(betas),
             }
@@ -121,6 +120,7 @@ class RetrievalModule(pl.LightningModule):
         self.register_buffer("item_features", torch.zeros(num_items + 1, num_item_features))
         self.query_encoder = build_factory(query_encoder, QueryEncoder)(item_dim, num_users, max_seq_len)
         self.similarity: Similarity = build_factory(similarity, Similarity)(item_dim, num_users)
+        self.objective: TrainingObjective = build_factory(objective, TrainingObjective)(num_items)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
 
     @property
@@ -183,21 +183,6 @@ class RetrievalModule(pl.LightningModule):
         if self.trainer.world_size > 1:
             torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + 1_000_003 * self.global_rank + self.global_step)
 
-    def sample_negatives(self, positive_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Negatives shared by the batch and the log of their expected counts: (R,), (R,)."""
-        device, hp = positive_ids.device, self.hparams
-        ids, log_counts = [], []
-        if hp.num_negatives:
-            ids.append(torch.randint(1, self.num_items + 1, (hp.num_negatives,), device=device))
-            log_counts.append(torch.full((hp.num_negatives,), math.log(hp.num_negatives / self.num_items), device=device))
-        if hp.num_in_batch_negatives:
-            pick = torch.randint(0, positive_ids.numel(), (hp.num_in_batch_negatives,), device=device)
-            sampled = positive_ids[pick]
-            frequency = torch.bincount(positive_ids, minlength=self.num_items + 1)[sampled] / positive_ids.numel()
-            ids.append(sampled)
-            log_counts.append(torch.log(frequency * hp.num_in_batch_negatives))
-        return torch.cat(ids), torch.cat(log_counts)
-
     def training_positions(self, target_ids: Tensor) -> Tensor:
         """(B, L) target ids -> (B, L) mask of the positions that enter this step's loss.
 
@@ -211,22 +196,35 @@ class RetrievalModule(pl.LightningModule):
         kept = positions[torch.randperm(positions.numel(), device=positions.device)[: max(1, round(fraction * positions.numel()))]]
         return torch.zeros_like(has_target).flatten().index_fill_(0, kept, True).view_as(has_target)
 
+    def on_train_epoch_start(self) -> None:
+        self.objective.on_train_epoch_start(self)
+
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         states = self.encode_sequence(batch.user_ids, batch.input_ids)  # (B, L, D)
         has_target = self.training_positions(batch.target_ids)  # (B, L), M positions
         user_ids = batch.user_ids[:, None].expand_as(batch.target_ids)[has_target]  # (M,)
         queries = self.similarity.query_representation(states[has_target], user_ids)  # M queries
         positive_ids = batch.target_ids[has_target]  # (M,)
-        negative_ids, log_counts = self.sample_negatives(positive_ids)  # (R,), (R,)
+        negatives = self.objective.negatives(TrainingStep(self, batch, states, has_target, positive_ids))
         inv_temperature = torch.exp(-self.log_temperature)
         positive_logits = self.similarity.pair_scores(queries, self.encode_items(positive_ids)) * inv_temperature  # (M,)
-        negative_scores, auxiliary = self.similarity.cross_scores(queries, self.encode_items(negative_ids))  # (M, R)
+        # Shared negatives: one (M, R_S) cross score; per-query ones: (M, R_Q) gathered scores. The similarity's
+        # auxiliary outputs (MoL's load balancing) come from the shared part when there is one.
+        logits, negative_ids, log_q, auxiliary = [], [], [], None
+        M = positive_ids.numel()
+        if negatives.shared.numel():
+            scores, auxiliary = self.similarity.cross_scores(queries, self.encode_items(negatives.shared))  # (M, R_S)
+            logits.append(scores)
+            negative_ids.append(negatives.shared.expand(M, -1))
+            log_q.append(negatives.shared_log_q.expand(M, -1))
+        if negatives.per_query.numel():
+            scores, per_query_auxiliary = self.similarity.gathered_scores(queries, self.encode_items(negatives.per_query))  # (M, R_Q)
+            auxiliary = auxiliary or per_query_auxiliary
+            logits.append(scores)
+            negative_ids.append(negatives.per_query)
+            log_q.append(negatives.per_query_log_q)
         loss = sampled_softmax_loss(
-            positive_logits,
-            negative_scores * inv_temperature,
-            positive_ids,
-            negative_ids,
-            log_counts if self.hparams.logq_correction else None,
+            positive_logits, torch.cat(logits, 1) * inv_temperature, positive_ids, torch.cat(negative_ids, 1), torch.cat(log_q, 1)
         )
         batch_size = batch.input_ids.shape[0]
         self.log("train/softmax_loss", loss, prog_bar=True, batch_size=batch_size)

@@ -62,6 +62,11 @@ class Similarity(nn.Module, ABC):
         """M queries x R items shared by all -> scores (M, R) and the auxiliary outputs of training."""
 
     @abstractmethod
+    def gathered_scores(self, queries: Any, items: Any) -> tuple[Tensor, Auxiliary]:
+        """M queries x their own C items each (items with leading dims (M, C)) -> scores (M, C) and the
+        auxiliary outputs of training (per-query negatives)."""
+
+    @abstractmethod
     def exact_retriever(self, items: Any, options: SearchOptions) -> TopKRetriever:
         """Exact top-k over an encoded corpus (ids 1..N)."""
 

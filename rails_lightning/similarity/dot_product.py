@@ -5,6 +5,7 @@ Shape legend: see ``rails_lightning.similarity.base``.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -43,6 +44,9 @@ class DotProduct(Similarity):
 
     def cross_scores(self, queries: Tensor, items: Tensor) -> tuple[Tensor, Auxiliary]:
         return queries @ items.T, Auxiliary()  # (M, R)
+
+    def gathered_scores(self, queries: Tensor, items: Tensor) -> tuple[Tensor, Auxiliary]:  # (M, D), (M, C, D)
+        return torch.bmm(items, queries[:, :, None]).squeeze(2), Auxiliary()  # (M, C)
 
     def exact_retriever(self, items: Tensor, options: SearchOptions) -> TopKRetriever:  # items: (N, D)
         return inner_product_retriever(items, options)

@@ -242,6 +242,14 @@ class MixtureOfLogits(Similarity):
         else:
             scores = self.separable_cross_scores(queries, items)  # (M, R)
             gates = torch.softmax(queries.gate_logits[:, None, :] + items.gate_logits[None, balanced, :], dim=-1)  # (M, R_b, P)
+        return scores, self.auxiliary(gates)
+
+    def gathered_scores(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Auxiliary]:
+        scores, gates = self.gathered(queries, items)  # (M, C), (M, C, P)
+        return scores, self.auxiliary(gates[:, slice(0, self.load_balancing_negatives or None)])
+
+    def auxiliary(self, gates: Tensor) -> Auxiliary:
+        """The load-balancing loss and gate statistics of training gates (..., P)."""
         balance = load_balancing_loss(gates)  # -H(usage) + mean H(pi)
         usage = gates.detach().reshape(-1, gates.shape[-1]).mean(0)  # (P,) share of the gate mass of each component
         statistics = {
@@ -254,7 +262,7 @@ class MixtureOfLogits(Similarity):
         }
         if self.logit_scale is not None:
             statistics["gate_logit_scale"] = self.logit_scale.detach()
-        return scores, Auxiliary(losses={"load_balancing_loss": self.load_balancing_weight * balance}, statistics=statistics)
+        return Auxiliary(losses={"load_balancing_loss": self.load_balancing_weight * balance}, statistics=statistics)
 
     def scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
         """M queries x R items -> scores (M, R) only, the cheapest way (the exact top-k's scoring)."""
