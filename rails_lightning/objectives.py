@@ -1,11 +1,14 @@
 """Training objectives: which items each training query's positive is contrasted with.
 
 Every objective is a softmax cross-entropy of the positive against a set of negatives; they differ in
-how the negatives are drawn. An objective returns two kinds of negatives, either of which may be empty:
+how the negatives are drawn. An objective returns up to three kinds of negatives:
 
 * **shared** negatives (R_S ids), scored against every query of the step with one
   ``similarity.cross_scores`` call (one (M, R_S) matmul for the dot product);
-* **per-query** negatives ((M, R_Q) ids), scored with ``similarity.gathered_scores``.
+* **per-query** negatives ((M, R_Q) ids), scored with ``similarity.grouped_scores`` as M groups of one query;
+* **per-sequence** negatives ((B, R_B) ids), negatives of every training position of a sequence, scored with
+  ``similarity.grouped_scores`` as B groups of L positions: each item is encoded and laid out once per
+  sequence, not once per position, which is what makes them cheap;
 
 and, for each, the log of how many times it was expected to be drawn (the logQ correction: subtracted
 from its logit so that a sampled softmax estimates the full one; zeros where it does not apply).
@@ -20,7 +23,8 @@ hits") and takes the cross-entropy. Chosen with ``class_path`` under ``model.obj
   from the model's own top items over the corpus, re-encoded at the start of every epoch.
 
 Shape legend: B sequences in the batch, L positions, M training queries (positions with a target),
-R_S shared negatives, R_Q per-query negatives, N corpus size (item ids 1..N), K mining depth.
+R_S shared negatives, R_Q per-query negatives, R_B per-sequence negatives, N corpus size (item ids 1..N),
+K mining depth.
 """
 
 from __future__ import annotations
@@ -42,10 +46,14 @@ if TYPE_CHECKING:
 
 
 class Negatives(NamedTuple):
-    shared: Tensor  # (R_S,) ids scored against every query
-    shared_log_q: Tensor  # (R_S,)
-    per_query: Tensor  # (M, R_Q) ids, one row per query
-    per_query_log_q: Tensor  # (M, R_Q)
+    """A step's negatives: ids and their logQ (same shape) of each kind; None for a kind not drawn."""
+
+    shared: Tensor | None = None  # (R_S,) ids scored against every query
+    shared_log_q: Tensor | None = None  # (R_S,)
+    per_query: Tensor | None = None  # (M, R_Q) ids, one row per query
+    per_query_log_q: Tensor | None = None  # (M, R_Q)
+    per_sequence: Tensor | None = None  # (B, R_B) ids, one row per training sequence
+    per_sequence_log_q: Tensor | None = None  # (B, R_B)
 
 
 @dataclass
@@ -58,23 +66,11 @@ class TrainingStep:
     has_target: Tensor  # (B, L) the positions that enter the loss (M of them)
     positive_ids: Tensor  # (M,)
 
-    @property
-    def sequence_of_query(self) -> Tensor:
-        """(M,) the batch row of each training query."""
-        rows = torch.arange(self.has_target.shape[0], device=self.has_target.device)[:, None]
-        return rows.expand_as(self.has_target)[self.has_target]
-
 
 def _uniform(count: int, num_items: int, shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
     """``shape`` ids drawn uniformly from 1..N, and the log expected count of each among ``count`` draws."""
     ids = torch.randint(1, num_items + 1, shape, device=device)
     return ids, torch.full(shape, math.log(count / num_items), device=device)
-
-
-def _none(step: TrainingStep) -> tuple[Tensor, Tensor]:
-    """Empty per-query negatives (M, 0)."""
-    empty = torch.empty(step.positive_ids.numel(), 0, device=step.positive_ids.device)
-    return empty.long(), empty
 
 
 class TrainingObjective(ABC):
@@ -130,7 +126,7 @@ class SharedNegatives(TrainingObjective):
             ids.append(sampled)
             log_counts.append(torch.log(frequency * self.num_in_batch_negatives))
         log_q = torch.cat(log_counts)
-        return Negatives(torch.cat(ids), log_q if self.logq_correction else torch.zeros_like(log_q), *_none(step))
+        return Negatives(torch.cat(ids), log_q if self.logq_correction else torch.zeros_like(log_q))
 
 
 class PerQueryNegatives(TrainingObjective):
@@ -155,8 +151,7 @@ class PerQueryNegatives(TrainingObjective):
     def negatives(self, step: TrainingStep) -> Negatives:
         device = step.positive_ids.device
         ids, log_q = _uniform(self.num_negatives, self.num_items, (step.positive_ids.numel(), self.num_negatives), device)
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return Negatives(empty, empty.float(), ids, log_q if self.logq_correction else torch.zeros_like(log_q))
+        return Negatives(per_query=ids, per_query_log_q=log_q if self.logq_correction else torch.zeros_like(log_q))
 
 
 class FullSoftmax(TrainingObjective):
@@ -169,7 +164,7 @@ class FullSoftmax(TrainingObjective):
     def negatives(self, step: TrainingStep) -> Negatives:
         device = step.positive_ids.device
         ids = torch.arange(1, self.num_items + 1, device=device)  # (N,)
-        return Negatives(ids, torch.zeros(self.num_items, device=device), *_none(step))
+        return Negatives(ids, torch.zeros(self.num_items, device=device))
 
 
 class MinedNegatives(TrainingObjective):
@@ -180,12 +175,12 @@ class MinedNegatives(TrainingObjective):
     retriever built over it -- the same retriever the callback evaluates with. At every step each training
     sequence's query (its last position, detached) retrieves its top ``mining_depth`` items, its own
     history excluded as in evaluation; ``num_mined`` of them, drawn at random, become hard negatives of every
-    training position of that sequence (drawing from a deeper list rather than taking the very top keeps
+    training position of that sequence (per-sequence negatives) (drawing from a deeper list rather than taking the very top keeps
     fewer of the items the user would in fact have liked). Positions whose positive was mined get it masked
     as an accidental hit. No logQ for the mined part: it is not a draw from a distribution over the corpus.
 
     Before ``start_epoch`` (a random model's ranking is noise) the mined slots are filled with uniform
-    per-query negatives, so every step has the same number of negatives.
+    per-sequence negatives, so every step has the same number of negatives.
 
     Args:
         num_items: N (passed by the model).
@@ -230,14 +225,13 @@ class MinedNegatives(TrainingObjective):
     def negatives(self, step: TrainingStep) -> Negatives:
         device = step.positive_ids.device
         shared, shared_log_q = _uniform(max(self.num_negatives, 1), self.num_items, (self.num_negatives,), device)
-        M = step.positive_ids.numel()
-        uniform = torch.randint(1, self.num_items + 1, (M, self.num_mined), device=device)  # (M, num_mined)
+        uniform = torch.randint(1, self.num_items + 1, (step.batch.input_ids.shape[0], self.num_mined), device=device)  # (B, num_mined)
         if self.retriever is None:
-            per_query = uniform
+            mined = uniform
         else:
-            per_query = self.mine(step)[step.sequence_of_query]  # (M, num_mined)
-            per_query = torch.where(per_query > 0, per_query, uniform)  # a ranking that ran out: uniform fill
-        return Negatives(shared, shared_log_q, per_query, torch.zeros(per_query.shape, device=device))
+            mined = self.mine(step)  # (B, num_mined)
+            mined = torch.where(mined > 0, mined, uniform)  # a ranking that ran out: uniform fill
+        return Negatives(shared, shared_log_q, per_sequence=mined, per_sequence_log_q=torch.zeros(mined.shape, device=device))
 
 
 ObjectiveFactory = Callable[[int], TrainingObjective]  # (num_items) -> objective

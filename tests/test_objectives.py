@@ -14,6 +14,7 @@ from rails_lightning.cli import main
 from rails_lightning.errors import ConfigError
 from rails_lightning.objectives import FullSoftmax, MinedNegatives, PerQueryNegatives, SharedNegatives, TrainingStep
 from rails_lightning.retrieval import SearchOptions
+from rails_lightning.similarity import MixtureOfLogits
 
 MODELS = ["TwoTower", "MoL"]
 
@@ -51,20 +52,23 @@ def test_full_softmax_is_cross_entropy_over_the_corpus():
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_gathered_scores_equal_cross_scores(model):
-    """Per-query items laid out as (M, C) score exactly as the same items shared by every query."""
+@pytest.mark.parametrize("model, separable", [("TwoTower", False), ("MoL", False), ("MoL", True)])
+def test_grouped_scores_equal_cross_scores(model, separable):
+    """Each group's queries against its own items score exactly as the same pairs in a cross score."""
     torch.manual_seed(0)
     data = make_tiny_data()
-    module = make_tiny_model(data, model).eval()
+    options = {"similarity": functools.partial(MixtureOfLogits, component_dim=8, gate_sees_logits=False)} if separable else {}
+    module = make_tiny_model(data, model, **options).eval()
     batch = _first_batch(data)
     with torch.no_grad():
-        states = module.encode_sequence(batch.user_ids, batch.input_ids)[:, -1]  # (B, D)
-        queries = module.similarity.query_representation(states, batch.user_ids)
-        ids = torch.randint(1, data.num_items + 1, (7,))
-        shared, _ = module.similarity.cross_scores(queries, module.encode_items(ids))  # (B, 7)
-        gathered, _ = module.similarity.gathered_scores(queries, module.encode_items(ids.expand(len(states), -1)))  # (B, 7)
-    torch.testing.assert_close(gathered, shared, rtol=1e-5, atol=1e-5)
+        states = module.encode_sequence(batch.user_ids, batch.input_ids)  # (B, L, D)
+        queries = module.similarity.query_representation(states, batch.user_ids[:, None].expand(-1, states.shape[1]))  # (B, L)
+        ids = torch.randint(1, data.num_items + 1, (len(states), 7))  # (B, 7): each sequence its own items
+        grouped, _ = module.similarity.grouped_scores(queries, module.encode_items(ids))  # (B, L, 7)
+        for row in (0, 5):
+            one = type(queries)(*(f[row] for f in queries)) if isinstance(queries, tuple) else queries[row]  # L queries
+            crossed, _ = module.similarity.cross_scores(one, module.encode_items(ids[row]))  # (L, 7)
+            torch.testing.assert_close(grouped[row], crossed, rtol=1e-5, atol=1e-5)
 
 
 def test_shared_and_per_query_negatives_have_their_shapes_and_logq():
@@ -74,12 +78,12 @@ def test_shared_and_per_query_negatives_have_their_shapes_and_logq():
     step = _step(module, _first_batch(data))
     M, N = step.positive_ids.numel(), data.num_items
     shared = SharedNegatives(N, num_negatives=40, num_in_batch_negatives=8).negatives(step)
-    assert shared.shared.shape == (48,) and shared.per_query.shape == (M, 0)
+    assert shared.shared.shape == (48,) and shared.per_query is None and shared.per_sequence is None
     assert int(shared.shared.min()) >= 1 and int(shared.shared.max()) <= N
     assert torch.allclose(shared.shared_log_q[:40], torch.full((40,), math.log(40 / N)))
     assert set(shared.shared[40:].tolist()) <= set(step.positive_ids.tolist())  # in-batch: drawn from the positives
     per_query = PerQueryNegatives(N, num_negatives=16).negatives(step)
-    assert per_query.shared.numel() == 0 and per_query.per_query.shape == (M, 16)
+    assert per_query.shared is None and per_query.per_query.shape == (M, 16)
     assert not torch.equal(per_query.per_query[0], per_query.per_query[1])  # drawn per query
     assert torch.count_nonzero(per_query.per_query_log_q) == 0  # no logQ by default
     full = FullSoftmax(N).negatives(step)
@@ -98,7 +102,7 @@ def test_mined_negatives_come_from_the_top_of_the_models_ranking(model):
     with torch.no_grad():
         step = _step(module, batch)
         before = objective.negatives(step)  # not refreshed yet: uniform fill
-        assert before.per_query.shape == (step.positive_ids.numel(), 8) and before.shared.shape == (20,)
+        assert before.per_sequence.shape == (len(batch.input_ids), 8) and before.shared.shape == (20,)
         objective.on_train_epoch_start(module)
         mined = objective.mine(step)  # (B, 8)
         queries = module.similarity.query_representation(step.states[:, -1], batch.user_ids)
@@ -111,12 +115,9 @@ def test_mined_negatives_come_from_the_top_of_the_models_ranking(model):
         allowed.append(set([i for i in top[row].tolist() if i not in history][:15]))
         assert set(mined[row].tolist()) <= allowed[row], row
         assert len(set(mined[row].tolist())) == 8  # distinct picks
-    # every training position gets its own sequence's mined negatives, the same for all positions of a sequence
-    sequence = step.sequence_of_query
-    for position in range(len(sequence)):
-        assert set(negatives.per_query[position].tolist()) <= allowed[int(sequence[position])]
-    assert torch.equal(negatives.per_query, negatives.per_query[torch.searchsorted(sequence, sequence)])  # row of its first position
-    assert torch.count_nonzero(negatives.per_query_log_q) == 0
+    for row in range(len(mined)):  # what the step gets: a fresh draw from the same lists
+        assert set(negatives.per_sequence[row].tolist()) <= allowed[row]
+    assert torch.count_nonzero(negatives.per_sequence_log_q) == 0
 
 
 def test_objective_options_are_checked():

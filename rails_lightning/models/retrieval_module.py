@@ -7,7 +7,7 @@ queries), R sampled negatives, N corpus size (item ids 1..N).
     states at the M target positions --similarity.query_representation--> queries
     item ids --item tower--> (.., D) --similarity.item_representation--> items
     softmax of similarity.pair_scores (positives) against the objective's negatives: similarity.cross_scores
-    (negatives shared by the batch) and similarity.gathered_scores (negatives drawn per query)
+    (negatives shared by the batch) and similarity.grouped_scores (negatives drawn per query or per sequence)
 
 Models differ only in their similarity (``DotProduct`` for the two-tower model, ``MixtureOfLogits``
 for MoL), chosen with ``class_path``, and are trained with an objective (``rails_lightning.objectives``:
@@ -42,6 +42,13 @@ from rails_lightning.similarity import DotProduct, Similarity
 
 QueryEncoderFactory = Callable[[int, int, int], QueryEncoder]  # (dim, num_users, max_seq_len)
 SimilarityFactory = Callable[[int, int], Similarity]  # (input_dim, num_users)
+
+
+def _map_fields(representation: Any, function: Callable[[Tensor], Tensor]) -> Any:
+    """``function`` of a representation: a tensor, or each field of a NamedTuple of tensors (MoL's)."""
+    if isinstance(representation, Tensor):
+        return function(representation)
+    return type(representation)(*(function(field) for field in representation))
 
 
 class RetrievalModule(pl.LightningModule):
@@ -149,6 +156,13 @@ class RetrievalModule(pl.LightningModule):
         """Item ids (...,) -> the similarity's item representations."""
         return self.similarity.item_representation(self.item_vectors(item_ids))
 
+    def encode_repeated_items(self, item_ids: Tensor) -> Any:
+        """``encode_items`` of ids with many repeats (per-query negatives, (M, R_Q)): each distinct id is
+        encoded once and the representations gathered, since a similarity's item head (MoL's MLP) costs
+        more than the copy."""
+        distinct, where = torch.unique(item_ids, return_inverse=True)  # (U,), item_ids.shape
+        return _map_fields(self.encode_items(distinct), lambda field: field[where])
+
     def encode_corpus(self, batch_size: int = 65536, start: int = 0, count: int | None = None) -> Any:
         """Item representations of the corpus rows ``start .. start + count`` (item ids ``start + 1 ..``; by default
         the whole corpus), ``batch_size`` items at a time. Rows past the corpus (a distributed run's last share,
@@ -208,21 +222,30 @@ class RetrievalModule(pl.LightningModule):
         negatives = self.objective.negatives(TrainingStep(self, batch, states, has_target, positive_ids))
         inv_temperature = torch.exp(-self.log_temperature)
         positive_logits = self.similarity.pair_scores(queries, self.encode_items(positive_ids)) * inv_temperature  # (M,)
-        # Shared negatives: one (M, R_S) cross score; per-query ones: (M, R_Q) gathered scores. The similarity's
-        # auxiliary outputs (MoL's load balancing) come from the shared part when there is one.
-        logits, negative_ids, log_q, auxiliary = [], [], [], None
+        # Shared negatives: one (M, R_S) cross score; per-query ones: M groups of one query; per-sequence ones: B groups
+        # of L positions. The similarity's auxiliary outputs (MoL's load balancing) come from the first part drawn.
         M = positive_ids.numel()
-        if negatives.shared.numel():
+        logits, negative_ids, log_q, auxiliaries = [], [], [], []
+        if negatives.shared is not None:
             scores, auxiliary = self.similarity.cross_scores(queries, self.encode_items(negatives.shared))  # (M, R_S)
-            logits.append(scores)
+            logits.append(scores), auxiliaries.append(auxiliary)
             negative_ids.append(negatives.shared.expand(M, -1))
             log_q.append(negatives.shared_log_q.expand(M, -1))
-        if negatives.per_query.numel():
-            scores, per_query_auxiliary = self.similarity.gathered_scores(queries, self.encode_items(negatives.per_query))  # (M, R_Q)
-            auxiliary = auxiliary or per_query_auxiliary
-            logits.append(scores)
+        if negatives.per_query is not None:
+            single = _map_fields(queries, lambda field: field[:, None])  # M groups of one query
+            scores, auxiliary = self.similarity.grouped_scores(single, self.encode_repeated_items(negatives.per_query))  # (M, 1, R_Q)
+            logits.append(scores[:, 0]), auxiliaries.append(auxiliary)
             negative_ids.append(negatives.per_query)
             log_q.append(negatives.per_query_log_q)
+        if negatives.per_sequence is not None:
+            # Every position of each sequence (padding included, dropped after scoring) against the sequence's items.
+            every_position = self.similarity.query_representation(states, batch.user_ids[:, None].expand_as(batch.target_ids))  # (B, L)
+            scores, auxiliary = self.similarity.grouped_scores(every_position, self.encode_repeated_items(negatives.per_sequence))  # (B, L, R_B)
+            logits.append(scores[has_target]), auxiliaries.append(auxiliary)
+            rows = torch.arange(len(has_target), device=has_target.device)[:, None].expand_as(has_target)[has_target]  # (M,) sequence of each query
+            negative_ids.append(negatives.per_sequence[rows])
+            log_q.append(negatives.per_sequence_log_q[rows])
+        auxiliary = auxiliaries[0]
         loss = sampled_softmax_loss(
             positive_logits, torch.cat(logits, 1) * inv_temperature, positive_ids, torch.cat(negative_ids, 1), torch.cat(log_q, 1)
         )

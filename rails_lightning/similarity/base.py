@@ -62,9 +62,10 @@ class Similarity(nn.Module, ABC):
         """M queries x R items shared by all -> scores (M, R) and the auxiliary outputs of training."""
 
     @abstractmethod
-    def gathered_scores(self, queries: Any, items: Any) -> tuple[Tensor, Auxiliary]:
-        """M queries x their own C items each (items with leading dims (M, C)) -> scores (M, C) and the
-        auxiliary outputs of training (per-query negatives)."""
+    def grouped_scores(self, queries: Any, items: Any) -> tuple[Tensor, Auxiliary]:
+        """G groups of Q queries x the C items of their group (queries with leading dims (G, Q), items (G, C))
+        -> scores (G, Q, C) and the auxiliary outputs of training. Negatives drawn per query are G = M groups
+        of one query; negatives drawn per training sequence are the sequence's L positions x its items."""
 
     @abstractmethod
     def exact_retriever(self, items: Any, options: SearchOptions) -> TopKRetriever:

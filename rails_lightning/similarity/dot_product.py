@@ -45,8 +45,8 @@ class DotProduct(Similarity):
     def cross_scores(self, queries: Tensor, items: Tensor) -> tuple[Tensor, Auxiliary]:
         return queries @ items.T, Auxiliary()  # (M, R)
 
-    def gathered_scores(self, queries: Tensor, items: Tensor) -> tuple[Tensor, Auxiliary]:  # (M, D), (M, C, D)
-        return torch.bmm(items, queries[:, :, None]).squeeze(2), Auxiliary()  # (M, C)
+    def grouped_scores(self, queries: Tensor, items: Tensor) -> tuple[Tensor, Auxiliary]:  # (G, Q, D), (G, C, D)
+        return torch.bmm(queries, items.transpose(1, 2)), Auxiliary()  # (G, Q, C)
 
     def exact_retriever(self, items: Tensor, options: SearchOptions) -> TopKRetriever:  # items: (N, D)
         return inner_product_retriever(items, options)

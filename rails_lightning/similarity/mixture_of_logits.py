@@ -204,19 +204,23 @@ class MixtureOfLogits(Similarity):
 
     def separable_cross_scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
         """M queries x R items -> scores (M, R) under the separable gate, with no (M, R, P) tensor."""
-        (M, P_Q), R, P_X = queries.components.shape[:2], items.components.shape[0], self.num_item_components
-        query_weights = self._gate_weights(queries.gate_logits)  # (M, P)
-        item_weights = self._gate_weights(items.gate_logits)  # (R, P)
+        return self.separable_grouped_scores(MoLQueries(*(f[None] for f in queries)), MoLItems(*(f[None] for f in items)))[0]
+
+    def separable_grouped_scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
+        """G groups of Q queries x their group's C items -> scores (G, Q, C) under the separable gate."""
+        (G, Q, P_Q), C, P_X = queries.components.shape[:3], items.components.shape[1], self.num_item_components
+        query_weights = self._gate_weights(queries.gate_logits)  # (G, Q, P)
+        item_weights = self._gate_weights(items.gate_logits)  # (G, C, P)
         # The numerator's query weights carry the gate dropout (the denominator normalises the undropped gate,
         # as dropout on the probabilities does).
-        dropped = self.gate_dropout(query_weights).view(M, P_Q, P_X, 1)
-        u = (dropped * queries.components[:, :, None, :]).reshape(M, -1)  # (M, P * D_P), u_(i,j) = w_ij f_i
-        v = (item_weights.view(R, P_Q, P_X, 1) * items.components[:, None, :, :]).reshape(R, -1)  # (R, P * D_P)
+        dropped = self.gate_dropout(query_weights).view(G, Q, P_Q, P_X, 1)
+        u = (dropped * queries.components[:, :, :, None, :]).reshape(G, Q, -1)  # (G, Q, P * D_P), u_(i,j) = w_ij f_i
+        v = (item_weights.view(G, C, P_Q, P_X, 1) * items.components[:, :, None, :, :]).reshape(G, C, -1)  # (G, C, P * D_P)
         if self.bf16_scores:
-            numerator = (u.bfloat16() @ v.bfloat16().T).float()  # (M, R)
+            numerator = torch.bmm(u.bfloat16(), v.bfloat16().transpose(1, 2)).float()  # (G, Q, C)
         else:
-            numerator = u @ v.T  # (M, R)
-        return numerator / (query_weights @ item_weights.T)  # (M, R)
+            numerator = torch.bmm(u, v.transpose(1, 2))  # (G, Q, C)
+        return numerator / torch.bmm(query_weights, item_weights.transpose(1, 2))  # (G, Q, C)
 
     def pairs(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
         """M queries x their own M items -> scores (M,), gates (M, P)."""
@@ -244,9 +248,19 @@ class MixtureOfLogits(Similarity):
             gates = torch.softmax(queries.gate_logits[:, None, :] + items.gate_logits[None, balanced, :], dim=-1)  # (M, R_b, P)
         return scores, self.auxiliary(gates)
 
-    def gathered_scores(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Auxiliary]:
-        scores, gates = self.gathered(queries, items)  # (M, C), (M, C, P)
-        return scores, self.auxiliary(gates[:, slice(0, self.load_balancing_negatives or None)])
+    def grouped_scores(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Auxiliary]:
+        balanced = slice(0, self.load_balancing_negatives or None)  # the items of each group whose gates are balanced
+        if self.gate_sees_logits:
+            (G, Q, P_Q, D_P), (C, P_X) = queries.components.shape, items.components.shape[1:3]
+            # One batched matmul per group for all component pairs: (G, Q * P_Q, D_P) @ (G, D_P, C * P_X).
+            logits = torch.bmm(queries.components.reshape(G, Q * P_Q, D_P), items.components.reshape(G, C * P_X, D_P).transpose(1, 2))
+            logits = logits.view(G, Q, P_Q, C, P_X).permute(0, 1, 3, 2, 4).reshape(G, Q, C, P_Q * P_X)  # (G, Q, C, P)
+            scores, gates = self.mix(logits, queries.gate_logits[:, :, None, :], items.gate_logits[:, None, :, :])  # (G, Q, C), (G, Q, C, P)
+            gates = gates[:, :, balanced]
+        else:
+            scores = self.separable_grouped_scores(queries, items)  # (G, Q, C)
+            gates = torch.softmax(queries.gate_logits[:, :, None, :] + items.gate_logits[:, None, balanced, :], dim=-1)  # (G, Q, C_b, P)
+        return scores, self.auxiliary(gates)
 
     def auxiliary(self, gates: Tensor) -> Auxiliary:
         """The load-balancing loss and gate statistics of training gates (..., P)."""
