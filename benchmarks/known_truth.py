@@ -37,7 +37,7 @@ def run_setting(setting: str, interests: int, seed: int, args) -> dict:
     from rails_lightning.data import InteractionDataModule, KnownTruthSource
     from rails_lightning.data.known_truth import bayes_optimal_hit_rate, bayes_optimal_ranking, expected_hit_rate, query_truth
     from rails_lightning.models import MeanPoolEncoder, RetrievalModule
-    from rails_lightning.objectives import SharedNegatives
+    from rails_lightning.objectives import FullSoftmax, SharedNegatives
     from rails_lightning.retrieval.popularity import PopularityTopK, popularity_baseline
     from rails_lightning.similarity import DotProduct, MixtureOfLogits
 
@@ -82,7 +82,8 @@ def run_setting(setting: str, interests: int, seed: int, args) -> dict:
         model = RetrievalModule(
             data.num_items, data.num_users, data.max_seq_len, item_dim=args.item_dim,
             query_encoder=functools.partial(MeanPoolEncoder), similarity=similarity,
-            objective=functools.partial(SharedNegatives, num_negatives=args.num_negatives), learning_rate=args.learning_rate,
+            objective=FullSoftmax if args.objective == "full" else functools.partial(SharedNegatives, num_negatives=args.num_negatives),
+            learning_rate=args.learning_rate,
         )
         evaluation = TopKRecorder(ks=(10,))
         trainer = pl.Trainer(
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--item_dim", type=int, default=16)
     parser.add_argument("--query_components", type=int, default=4)
     parser.add_argument("--item_components", type=int, default=2)
+    parser.add_argument("--objective", choices=["shared", "full"], default="shared",
+                        help="shared: --num_negatives uniform negatives shared by the batch; full: the exact softmax over the corpus")
     parser.add_argument("--num_negatives", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-2)
     parser.add_argument("--batch_size", type=int, default=32)
