@@ -1,4 +1,5 @@
-"""MoL similarity: parity with the dot product, load-balancing gradients, chunking, a real Lightning fit, configs."""
+"""MoL similarity: parity with the dot product, load-balancing gradients, chunking, a real Lightning fit, configs,
+the RAILS reference options (SwiGLU query components, user-id dropout and L2 penalty, multiplicative gate)."""
 
 import functools
 import math
@@ -10,15 +11,18 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
+from conftest import LossRecorder, cpu_trainer, make_tiny_data, make_tiny_model
 from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.data import InteractionDataModule, SyntheticSource
 from rails_lightning.data.batches import QueryBatch, TrainBatch
+from rails_lightning.errors import ConfigError
 from rails_lightning.losses import entropy
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule, SASRecEncoder
 from rails_lightning.retrieval import SearchOptions
 from rails_lightning.retrieval.mol_topk import CombinedTopK, MoLExactTopK
-from rails_lightning.objectives import SharedNegatives
+from rails_lightning.objectives import PerQueryNegatives, SharedNegatives
 from rails_lightning.similarity import DotProduct, MixtureOfLogits, MoLItems, MoLQueries
+from rails_lightning.similarity.mixture_of_logits import SwiGLU
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ITEMS, NUM_USERS, L, D = 60, 10, 8, 16
@@ -207,7 +211,7 @@ def test_fit_logs_losses_and_exact_and_approximate_metrics(tmp_path):
     assert float(metrics["val/index/hr@50"]) <= float(metrics["val/hr@50"]) + 0.05
 
 
-@pytest.mark.parametrize("config", ["configs/synthetic/mol.yaml", "configs/ml-1m/mol.yaml"])
+@pytest.mark.parametrize("config", ["configs/synthetic/mol.yaml", "configs/ml-1m/mol.yaml", "configs/ml-1m/hstu_mol.yaml"])
 def test_configs_instantiate(config, tmp_path, monkeypatch):
     from rails_lightning.cli import main
 
@@ -222,6 +226,9 @@ def test_configs_instantiate(config, tmp_path, monkeypatch):
     assert isinstance(similarity, MixtureOfLogits) and cli.model.model_name == "MoL"
     assert similarity.num_components == 32 and cli.model.hparams.similarity["init_args"]["num_query_components"] == 8
     assert similarity.approximate_topk is not None
+    if "hstu_mol" in config:  # the RAILS reference's MoL options reached the similarity
+        assert similarity.multiplicative_gate and similarity.user_component is not None and similarity.user_id_l2 == 0.1
+        assert isinstance(similarity.item_components, nn.Linear) and cli.model.hparams.decay_all_parameters
 
 
 @torch.no_grad()
@@ -269,3 +276,183 @@ def test_separable_options_are_checked():
         MixtureOfLogits(D, NUM_USERS, bf16_scores=True)
     with pytest.raises(ConfigError, match="load_balancing_negatives"):
         MixtureOfLogits(D, NUM_USERS, load_balancing_negatives=-1)
+
+
+# ---------------------------------------------------------------------- the RAILS reference's options
+#: The options configs/ml-1m/hstu_mol.yaml sets, at test sizes.
+REFERENCE_OPTIONS = dict(
+    num_query_components=3, num_item_components=2, component_dim=8, component_hidden_dim=12, swiglu_query_components=True,
+    item_component_hidden_dim=0, item_dropout=0.1, user_id_component=True, user_id_dropout=0.5, user_id_l2=0.1,
+    user_id_init_std=0.05, gate_hidden_dim=6, multiplicative_gate=True,
+)
+
+
+def _logging(model):
+    """Keep what the module logs, by name."""
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    return logged
+
+
+def test_reference_options_shapes_and_multiplicative_gate():
+    torch.manual_seed(0)
+    mol = MoL(**REFERENCE_OPTIONS)
+    train, query = _batches()
+    queries, items = mol.encode_queries(query), mol.encode_corpus()
+    assert queries.components.shape == (5, 3, 8) and queries.gate_logits.shape == (5, 6) and queries.user_id_squared_norms.shape == (5,)
+    assert items.components.shape == (NUM_ITEMS, 2, 8) and items.gate_logits.shape == (NUM_ITEMS, 6)
+    scores, aux = mol.similarity.cross_scores(queries, items)
+    assert scores.shape == (5, NUM_ITEMS) and set(aux.losses) == {"load_balancing_loss", "user_id_l2_loss"}
+    # The gate is softmax(SiLU(query part * item part + pair MLP + scale * logits)), by hand, in eval mode
+    # (no dropout), and the in-place no-grad path of retrieval computes the same as the autograd one.
+    mol.eval()
+    with torch.no_grad():
+        queries, items = mol.encode_queries(query), mol.encode_corpus()
+        retrieval_scores, retrieval_gates = mol.similarity.cross(queries, items)
+    queries, items = mol.encode_queries(query), mol.encode_corpus()
+    training_scores, training_gates = mol.similarity.cross(queries, items)
+    logits = torch.einsum("mid,rjd->mrij", queries.components, items.components).flatten(2)  # (5, N, P)
+    similarity = mol.similarity
+    expected_gates = torch.softmax(
+        F.silu(queries.gate_logits[:, None] * items.gate_logits[None] + similarity.logit_gate(logits) + similarity.logit_scale * logits), dim=-1
+    )
+    torch.testing.assert_close(training_gates, expected_gates)
+    torch.testing.assert_close(training_scores, (expected_gates * logits).sum(-1))
+    torch.testing.assert_close(retrieval_gates, training_gates)
+    torch.testing.assert_close(retrieval_scores, training_scores)
+    mol.train()
+    assert torch.isfinite(_quiet(mol).training_step(train, 0))
+
+
+def test_reference_options_change_the_module_structure():
+    default, reference = MixtureOfLogits(D, NUM_USERS), MixtureOfLogits(D, NUM_USERS, **REFERENCE_OPTIONS)
+    first, gate, last = reference.query_components
+    assert isinstance(gate, SwiGLU) and (first.in_features, first.out_features) == (D, 2 * 12) and last.in_features == 12
+    assert last.out_features == 2 * 8  # the encoded components; the third is the user id
+    assert [type(m) for m in default.query_components] == [nn.Linear, nn.SiLU, nn.Linear]
+    assert isinstance(reference.item_components, nn.Linear) and isinstance(default.item_components, nn.Sequential)
+    assert reference.multiplicative_gate and not default.multiplicative_gate
+    halves = torch.tensor([[1.0, -2.0, 3.0, 0.5]])  # SiLU(first half) * second half
+    torch.testing.assert_close(SwiGLU()(halves), F.silu(torch.tensor([[1.0, -2.0]])) * torch.tensor([[3.0, 0.5]]))
+
+
+def test_user_id_dropout_only_while_training():
+    torch.manual_seed(0)
+    mol = MoL(num_query_components=3, component_dim=8, user_id_component=True, user_id_dropout=0.5)
+    _, query = _batches()
+    with torch.no_grad():
+        mol.eval()
+        evaluated = [mol.encode_queries(query).components for _ in range(2)]
+        mol.train()
+        trained = [mol.encode_queries(query).components for _ in range(2)]
+    torch.testing.assert_close(evaluated[0], evaluated[1])  # eval: deterministic
+    torch.testing.assert_close(evaluated[0][:, -1], F.normalize(mol.similarity.user_component(query.user_ids), dim=-1))
+    assert not torch.allclose(trained[0][:, -1], trained[1][:, -1])  # train: a fresh mask each call
+    torch.testing.assert_close(trained[0][:, :-1], evaluated[0][:, :-1])  # only the user-id component is dropped
+    assert (trained[0][:, -1] == 0).any()  # elementwise: coordinates are zeroed
+    undropped = MoL(num_query_components=3, component_dim=8, user_id_component=True)
+    undropped.load_state_dict(mol.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(undropped.encode_queries(query).components, evaluated[0])  # train mode, rate 0
+
+
+def test_item_dropout_reaches_the_item_components_only_while_training():
+    torch.manual_seed(0)
+    mol = MoL(component_dim=8, item_dropout=0.5)
+    ids = torch.arange(1, NUM_ITEMS + 1)
+    with torch.no_grad():
+        trained = [mol.encode_items(ids) for _ in range(2)]
+        mol.eval()
+        evaluated = [mol.encode_items(ids) for _ in range(2)]
+    assert not torch.allclose(trained[0].components, trained[1].components)
+    torch.testing.assert_close(trained[0].gate_logits, evaluated[0].gate_logits)  # the item gate sees the vector undropped
+    torch.testing.assert_close(evaluated[0].components, evaluated[1].components)
+
+
+def test_user_id_l2_loss_is_the_weighted_mean_squared_norm():
+    torch.manual_seed(0)
+    mol = MoL(num_query_components=3, component_dim=8, user_id_component=True, user_id_dropout=0.5, user_id_l2=0.1)
+    train, _ = _batches()
+    has_target = train.target_ids > 0
+    user_ids = train.user_ids[:, None].expand_as(train.target_ids)[has_target]  # (M,), a user once per position
+    states = mol.encode_sequence(train.user_ids, train.input_ids)[has_target]
+    queries = mol.similarity.query_representation(states, user_ids)
+    _, aux = mol.similarity.cross_scores(queries, mol.encode_items(torch.arange(1, 21)))
+    weights = mol.similarity.user_component.weight.detach()
+    expected = 0.1 * (weights[user_ids] ** 2).sum(-1).mean()  # before dropout, mean over the M queries
+    torch.testing.assert_close(aux.losses["user_id_l2_loss"], expected)
+    aux.losses["user_id_l2_loss"].backward()
+    grad = mol.similarity.user_component.weight.grad
+    counts = torch.bincount(user_ids, minlength=NUM_USERS).float()
+    torch.testing.assert_close(grad, 0.1 * 2 * weights * counts[:, None] / user_ids.numel())
+    # Through the training step: added to the loss and logged.
+    logged = _logging(mol)
+    torch.manual_seed(3)
+    loss = mol.training_step(train, 0)
+    torch.testing.assert_close(logged["train/user_id_l2_loss"], expected)
+    torch.testing.assert_close(loss, logged["train/softmax_loss"] + logged["train/load_balancing_loss"] + expected)
+    # Negatives drawn per query are scored by grouped_scores: the same penalty.
+    per_query = RetrievalModule(
+        NUM_ITEMS, NUM_USERS, L, item_dim=D, query_encoder=MeanPoolEncoder, objective=functools.partial(PerQueryNegatives, num_negatives=7),
+        similarity=functools.partial(MixtureOfLogits, num_query_components=3, component_dim=8, user_id_component=True, user_id_dropout=0.5, user_id_l2=0.1),
+    )
+    per_query.load_state_dict(mol.state_dict())
+    logged = _logging(per_query)
+    per_query.training_step(train, 0)
+    torch.testing.assert_close(logged["train/user_id_l2_loss"], expected)
+
+
+def test_user_id_init_std_rescales_without_a_second_draw():
+    torch.manual_seed(0)
+    default = MixtureOfLogits(D, NUM_USERS, user_id_component=True)
+    torch.manual_seed(0)
+    small = MixtureOfLogits(D, NUM_USERS, user_id_component=True, user_id_init_std=0.02)
+    torch.testing.assert_close(small.user_component.weight, 0.02 * default.user_component.weight)
+    for (name, a), (_, b) in zip(default.named_parameters(), small.named_parameters()):
+        if name != "user_component.weight":
+            torch.testing.assert_close(a, b, msg=name)  # every other parameter starts as before
+    # The default keeps PyTorch's own draw: the query MLP's parameters, then N(0, 1) for the embedding.
+    torch.manual_seed(0)
+    nn.Sequential(nn.Linear(D, 256), nn.SiLU(), nn.Linear(256, 7 * 64))
+    torch.testing.assert_close(default.user_component.weight, nn.Embedding(NUM_USERS, 64).weight)
+
+
+def test_reference_options_fit(tmp_path):
+    """A real Lightning fit with every reference option: the L2 loss is logged, the corpus evaluation
+    (exact and the approximate top-k) runs on the three-field queries."""
+    torch.manual_seed(0)
+    data = make_tiny_data()
+    similarity = functools.partial(
+        MixtureOfLogits, **{**REFERENCE_OPTIONS, "num_query_components": 4, "component_dim": 16, "component_hidden_dim": 32},
+        approximate_topk=functools.partial(CombinedTopK, k_prime=8, averaged_k_prime=32),
+    )
+    module = make_tiny_model(data, "MoL", similarity=similarity)
+    recorder = LossRecorder()
+    fit = cpu_trainer(tmp_path, 2, [CorpusEvaluation(ks=(1, 10)), recorder], enable_checkpointing=False, limit_train_batches=4)
+    fit.fit(module, datamodule=data)
+    metrics = fit.callback_metrics
+    for key in ("train/user_id_l2_loss", "train/load_balancing_loss", "val/hr@10", "val/index/hr@10"):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    assert len(recorder.losses) == 8 and all(math.isfinite(x) for x in recorder.losses)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(user_id_component=True, user_id_dropout=1.0), "user_id_dropout must be in"),
+        (dict(user_id_component=True, user_id_dropout=-0.1), "user_id_dropout must be in"),
+        (dict(item_dropout=1.5), "item_dropout must be in"),
+        (dict(gate_dropout=1.0), "gate_dropout must be in"),
+        (dict(user_id_component=True, user_id_l2=-0.1), "user_id_l2 must be >= 0"),
+        (dict(user_id_component=True, user_id_init_std=0.0), "user_id_init_std must be > 0"),
+        (dict(user_id_dropout=0.5), "need user_id_component"),
+        (dict(user_id_l2=0.1), "need user_id_component"),
+        (dict(user_id_init_std=0.02), "need user_id_component"),
+        (dict(swiglu_query_components=True, component_hidden_dim=0), "swiglu_query_components needs component_hidden_dim"),
+        (dict(multiplicative_gate=True, gate_sees_logits=False), "multiplicative_gate needs gate_sees_logits"),
+    ],
+)
+def test_reference_options_are_checked(options, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        MixtureOfLogits(D, NUM_USERS, **options)
+    assert "\n" not in str(error.value)

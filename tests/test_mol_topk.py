@@ -19,7 +19,7 @@ def problem():
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     similarity = MixtureOfLogits(8, 1, P_Q, P_X, D_P, gate_hidden_dim=8, gate_dropout=0.2).eval()
-    queries = MoLQueries(F.normalize(torch.randn(B, P_Q, D_P, generator=gen), dim=-1), torch.randn(B, P_Q * P_X, generator=gen))
+    queries = MoLQueries(F.normalize(torch.randn(B, P_Q, D_P, generator=gen), dim=-1), torch.randn(B, P_Q * P_X, generator=gen), torch.zeros(B))
     items = MoLItems(F.normalize(torch.randn(N, P_X, D_P, generator=gen), dim=-1), torch.randn(N, P_Q * P_X, generator=gen))
     exclude = [sorted(set(torch.randint(1, N + 1, (int(n),), generator=gen).tolist())) for n in torch.randint(0, 40, (B,), generator=gen)]
     exclude[3] = list(range(1, N - 4))  # only 5 items left for this query: fewer than k

@@ -13,14 +13,17 @@ biases would map every item to nearly the same components, so that no item could
 apart at initialisation.
 
 * Query side: the query encoder's state (..., D) -> P_Q L2-normalised component embeddings
-  (a small MLP; optionally the last one is a learned user-id embedding) and the query's
-  gate logits (..., P).
+  (a small MLP, Linear-SiLU-Linear or a SwiGLU block; optionally the last one is a learned
+  user-id embedding, with its own dropout and L2 penalty) and the query's gate logits (..., P).
 * Item side: the item tower's vector (..., D) -> P_X L2-normalised component embeddings and
   the item's gate logits (..., P).
 * Gate: softmax over P of (query gate logits + item gate logits + an MLP of the P component
   logits + a learned scale times the logits), with dropout on the probabilities while training.
   The query and item parts are computed once per query / item; only the component-logit MLP
   runs per (query, item) pair.
+* Multiplicative gate (``multiplicative_gate=True``, the RAILS reference's ``glu_silu`` gating):
+  softmax over P of SiLU(query gate logits * item gate logits + the component-logit MLP + the
+  learned scale times the logits): the query part gates the item part elementwise.
 * Separable gate (``gate_sees_logits=False``): softmax over P of (query gate logits a + item
   gate logits b) only. Then, with l_p = <f_i, g_j>,
 
@@ -55,6 +58,8 @@ from rails_lightning.similarity.base import Auxiliary, Similarity
 class MoLQueries(NamedTuple):
     components: Tensor  # (..., P_Q, D_P), unit norm
     gate_logits: Tensor  # (..., P)
+    # ||user-id embedding||^2 before dropout, zeros without the user-id component; read only by the user-id L2 penalty.
+    user_id_squared_norms: Tensor  # (...,)
 
 
 class MoLItems(NamedTuple):
@@ -67,6 +72,19 @@ def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
     if hidden_dim <= 0:
         return nn.Linear(in_dim, out_dim)
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim))
+
+
+class SwiGLU(nn.Module):
+    """(..., 2 H) -> (..., H): SiLU of the first half times the second half (Shazeer, 2020)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = x.chunk(2, dim=-1)  # (..., H) each
+        return F.silu(gate) * value
+
+
+def _swiglu_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """Linear D -> 2 H, SwiGLU to H, Linear H -> out."""
+    return nn.Sequential(nn.Linear(in_dim, 2 * hidden_dim), SwiGLU(), nn.Linear(hidden_dim, out_dim))
 
 
 ApproximateTopK = Callable[["MixtureOfLogits", MoLItems, SearchOptions], TopKRetriever]
@@ -83,20 +101,49 @@ class MixtureOfLogits(Similarity):
         component_dim: D_P, dimension of every component embedding.
         component_hidden_dim: hidden width of the MLPs that map the query state / item vector
             to the component embeddings; 0 for a single linear map.
+        item_component_hidden_dim: the item side's hidden width instead, when not None (the
+            RAILS reference maps items with a single linear map, 0, and queries through 512).
+        swiglu_query_components: the query component MLP is a SwiGLU block (Linear D -> 2 H,
+            SiLU(first half) * second half, Linear H -> out, H = ``component_hidden_dim`` > 0)
+            instead of Linear-SiLU-Linear, as the RAILS reference's query side.
+        item_dropout: dropout on the item vector entering the item component map, while training
+            (the item gate sees it undropped; the RAILS reference uses 0.1).
         user_id_component: make the last query component a learned user-id embedding.
+        user_id_dropout: elementwise dropout on that user-id embedding while training, before it is
+            L2-normalised (the RAILS reference uses 0.5); needs ``user_id_component``. Each query
+            representation draws its own mask: under per-sequence negatives, which represent every
+            position a second time, a query's negatives see a different mask than its positive.
+        user_id_l2: weight of an L2 penalty on the user-id embeddings, added to the training loss
+            as ``user_id_l2_loss``: ``user_id_l2 * mean over the queries of ||e_u||^2``, e_u the
+            query's user-id embedding before dropout, over the queries the negatives are scored for
+            (the M training positions; every position under per-sequence negatives), so a user counts
+            once per position (the RAILS reference's ``uid_embedding_l2_norm`` loss, weight 0.1 there). The scores
+            see the embedding only L2-normalised; the penalty keeps its norm, which sets how far
+            a gradient step turns it, from drifting. Needs ``user_id_component``.
+        user_id_init_std: the user-id embeddings start N(0, this^2): 1 is PyTorch's default; the
+            RAILS reference's xavier-normal initialisation gives about 0.018 for 6040 users x 64.
+            Under Adam's fixed-size steps a small start lets the embedding turn within the few
+            updates a user gets (one per epoch), and keeps the L2 penalty small at the start.
+            Needs ``user_id_component`` unless 1.
         gate_hidden_dim: hidden width H of the gate MLPs (query part, item part, component-logit part);
             0 for linear maps.
-        gate_dropout: dropout on the gate probabilities while training.
+        gate_dropout: dropout on the gate probabilities while training (not renormalised: the
+            RAILS reference renormalises the dropped probabilities to sum to 1).
         gate_logit_scale: the component logits also enter the gate directly, times a learned scale
             initialised here: s > 0 starts the mixture leaning towards each pair's largest
             logits (a soft max over components, as multi-interest retrieval does), 0 starts it
             uniform (an average of the component dot products).
-        load_balancing_weight: weight of the mutual-information load-balancing loss.
+        load_balancing_weight: weight of the load-balancing loss, the negative mutual information
+            between the component and the (query, item) pair, ``-H(mean pi) + mean H(pi)`` (the
+            RAILS reference's ``mi_loss``, weight 1e-3 there).
         gate_sees_logits: the gate also takes each pair's component logits (the MLP ``logit_gate``
             and the learned scale above, run for every (query, item) pair). False: the separable
             gate of the module docstring, query and item parts only; the training scores and the
             exact top-k then need no (M, R, P) tensor (several times cheaper on a CPU), and
             ``gate_logit_scale`` is unused.
+        multiplicative_gate: combine the gate's parts as the RAILS reference's ``glu_silu`` does,
+            softmax(SiLU(query part * item part + per-pair part)), instead of softmax(query part +
+            item part + per-pair part); needs ``gate_sees_logits`` (it is not separable).
         load_balancing_negatives: the load-balancing loss and the gate statistics use the gates of
             the first this-many of the R shared negatives (drawn at random, so a random subset);
             0 for all R. With the separable gate only these (M, this, P) gates are computed.
@@ -125,6 +172,13 @@ class MixtureOfLogits(Similarity):
         gate_sees_logits: bool = True,
         load_balancing_negatives: int = 0,
         bf16_scores: bool = False,
+        item_component_hidden_dim: int | None = None,
+        swiglu_query_components: bool = False,
+        item_dropout: float = 0.0,
+        user_id_dropout: float = 0.0,
+        user_id_l2: float = 0.0,
+        user_id_init_std: float = 1.0,
+        multiplicative_gate: bool = False,
         approximate_topk: ApproximateTopK | None = None,
     ) -> None:
         super().__init__(input_dim, num_users)
@@ -138,14 +192,36 @@ class MixtureOfLogits(Similarity):
             raise ConfigError(f"load_balancing_negatives must be >= 0 (0 for all negatives), got {load_balancing_negatives}")
         if bf16_scores and gate_sees_logits:
             raise ConfigError("bf16_scores needs the separable gate (gate_sees_logits: false)")
+        for name, rate in (("gate_dropout", gate_dropout), ("item_dropout", item_dropout), ("user_id_dropout", user_id_dropout)):
+            if not 0.0 <= rate < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {rate}")
+        if user_id_l2 < 0.0:
+            raise ConfigError(f"user_id_l2 must be >= 0, got {user_id_l2}")
+        if user_id_init_std <= 0.0:
+            raise ConfigError(f"user_id_init_std must be > 0, got {user_id_init_std}")
+        if (user_id_dropout or user_id_l2 or user_id_init_std != 1.0) and not user_id_component:
+            raise ConfigError("user_id_dropout, user_id_l2 and user_id_init_std need user_id_component: true")
+        if swiglu_query_components and component_hidden_dim <= 0:
+            raise ConfigError(f"swiglu_query_components needs component_hidden_dim > 0, got {component_hidden_dim}")
+        if multiplicative_gate and not gate_sees_logits:
+            raise ConfigError("multiplicative_gate needs gate_sees_logits: true (a product gate is not separable)")
         self.load_balancing_weight = load_balancing_weight
         self.gate_sees_logits = gate_sees_logits
         self.load_balancing_negatives = load_balancing_negatives
         self.bf16_scores = bf16_scores
+        self.user_id_l2 = user_id_l2
+        self.multiplicative_gate = multiplicative_gate
         self.approximate_topk = approximate_topk
-        self.query_components = _mlp(input_dim, component_hidden_dim, self.num_encoded_components * D_P)
+        query_mlp = _swiglu_mlp if swiglu_query_components else _mlp
+        self.query_components = query_mlp(input_dim, component_hidden_dim, self.num_encoded_components * D_P)
         self.user_component = nn.Embedding(num_users, D_P) if user_id_component else None
-        self.item_components = _mlp(input_dim, component_hidden_dim, P_X * D_P)
+        if self.user_component is not None:
+            with torch.no_grad():  # rescale the N(0, 1) init: no second draw, so later parameters start as before
+                self.user_component.weight.mul_(user_id_init_std)
+        self.user_id_dropout = nn.Dropout(user_id_dropout)
+        item_hidden_dim = component_hidden_dim if item_component_hidden_dim is None else item_component_hidden_dim
+        self.item_dropout = nn.Dropout(item_dropout)
+        self.item_components = _mlp(input_dim, item_hidden_dim, P_X * D_P)
         self.query_gate = _mlp(input_dim, gate_hidden_dim, P)
         self.item_gate = _mlp(input_dim, gate_hidden_dim, P)
         # The per-pair part of the gate (None with the separable gate).
@@ -159,17 +235,23 @@ class MixtureOfLogits(Similarity):
         return F.normalize(vectors, dim=-1) * vectors.shape[-1] ** 0.5  # (..., D), unit variance per dimension
 
     def query_representation(self, states: Tensor, user_ids: Tensor) -> MoLQueries:
-        """(..., D) encoder states, (...,) user ids -> components (..., P_Q, D_P), gate logits (..., P)."""
+        """(..., D) encoder states, (...,) user ids -> components (..., P_Q, D_P), gate logits (..., P),
+        squared user-id embedding norms (...,)."""
         states = self._head_input(states)
         components = self.query_components(states).unflatten(-1, (self.num_encoded_components, -1))  # (..., P_Q', D_P)
-        if self.user_component is not None:
-            components = torch.cat([components, self.user_component(user_ids)[..., None, :]], dim=-2)  # (..., P_Q, D_P)
-        return MoLQueries(F.normalize(components, dim=-1), self.query_gate(states))
+        if self.user_component is None:
+            user_id_squared_norms = states.new_zeros(states.shape[:-1])  # (...,)
+        else:
+            user_embeddings = self.user_component(user_ids)  # (..., D_P)
+            user_id_squared_norms = user_embeddings.square().sum(-1)  # (...,), the penalty is on the weights, undropped
+            user_embeddings = self.user_id_dropout(user_embeddings)
+            components = torch.cat([components, user_embeddings[..., None, :]], dim=-2)  # (..., P_Q, D_P)
+        return MoLQueries(F.normalize(components, dim=-1), self.query_gate(states), user_id_squared_norms)
 
     def item_representation(self, vectors: Tensor) -> MoLItems:
         """Item-tower vectors (..., D) -> components (..., P_X, D_P), gate logits (..., P)."""
         vectors = self._head_input(vectors)
-        components = self.item_components(vectors).unflatten(-1, (self.num_item_components, -1))  # (..., P_X, D_P)
+        components = self.item_components(self.item_dropout(vectors)).unflatten(-1, (self.num_item_components, -1))  # (..., P_X, D_P)
         return MoLItems(F.normalize(components, dim=-1), self.item_gate(vectors))
 
     # ------------------------------------------------------------------ mixture
@@ -179,11 +261,19 @@ class MixtureOfLogits(Similarity):
             gates = torch.softmax(query_gate_logits + item_gate_logits, dim=-1)  # (..., P)
             return torch.linalg.vecdot(self.gate_dropout(gates), logits), gates
         if not torch.is_grad_enabled():  # retrieval: the same arithmetic in place, (..., P) buffers are large
-            gate_logits = self.logit_gate(logits).add_(logits, alpha=float(self.logit_scale))
-            gates = torch.softmax(gate_logits.add_(query_gate_logits).add_(item_gate_logits), dim=-1)  # (..., P)
+            gate_logits = self.logit_gate(logits).add_(logits, alpha=float(self.logit_scale))  # (..., P)
+            if self.multiplicative_gate:
+                gate_logits = F.silu(gate_logits.addcmul_(query_gate_logits, item_gate_logits), inplace=True)
+            else:
+                gate_logits.add_(query_gate_logits).add_(item_gate_logits)
+            gates = torch.softmax(gate_logits, dim=-1)  # (..., P)
             return torch.linalg.vecdot(self.gate_dropout(gates), logits), gates
         gate_logits = self.logit_gate(logits) + self.logit_scale * logits  # (..., P)
-        gates = torch.softmax(gate_logits + query_gate_logits + item_gate_logits, dim=-1)  # (..., P)
+        if self.multiplicative_gate:
+            gate_logits = F.silu(gate_logits + query_gate_logits * item_gate_logits)
+        else:
+            gate_logits = gate_logits + query_gate_logits + item_gate_logits
+        gates = torch.softmax(gate_logits, dim=-1)  # (..., P)
         return (self.gate_dropout(gates) * logits).sum(-1), gates
 
     def cross(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
@@ -246,7 +336,7 @@ class MixtureOfLogits(Similarity):
         else:
             scores = self.separable_cross_scores(queries, items)  # (M, R)
             gates = torch.softmax(queries.gate_logits[:, None, :] + items.gate_logits[None, balanced, :], dim=-1)  # (M, R_b, P)
-        return scores, self.auxiliary(gates)
+        return scores, self.auxiliary(gates, queries)
 
     def grouped_scores(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Auxiliary]:
         balanced = slice(0, self.load_balancing_negatives or None)  # the items of each group whose gates are balanced
@@ -260,10 +350,11 @@ class MixtureOfLogits(Similarity):
         else:
             scores = self.separable_grouped_scores(queries, items)  # (G, Q, C)
             gates = torch.softmax(queries.gate_logits[:, :, None, :] + items.gate_logits[:, None, balanced, :], dim=-1)  # (G, Q, C_b, P)
-        return scores, self.auxiliary(gates)
+        return scores, self.auxiliary(gates, queries)
 
-    def auxiliary(self, gates: Tensor) -> Auxiliary:
-        """The load-balancing loss and gate statistics of training gates (..., P)."""
+    def auxiliary(self, gates: Tensor, queries: MoLQueries) -> Auxiliary:
+        """The load-balancing loss and gate statistics of training gates (..., P), and the user-id L2 penalty of
+        the queries they were scored for."""
         balance = load_balancing_loss(gates)  # -H(usage) + mean H(pi)
         usage = gates.detach().reshape(-1, gates.shape[-1]).mean(0)  # (P,) share of the gate mass of each component
         statistics = {
@@ -276,7 +367,10 @@ class MixtureOfLogits(Similarity):
         }
         if self.logit_scale is not None:
             statistics["gate_logit_scale"] = self.logit_scale.detach()
-        return Auxiliary(losses={"load_balancing_loss": self.load_balancing_weight * balance}, statistics=statistics)
+        losses = {"load_balancing_loss": self.load_balancing_weight * balance}
+        if self.user_id_l2:
+            losses["user_id_l2_loss"] = self.user_id_l2 * queries.user_id_squared_norms.mean()
+        return Auxiliary(losses=losses, statistics=statistics)
 
     def scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
         """M queries x R items -> scores (M, R) only, the cheapest way (the exact top-k's scoring)."""
