@@ -104,10 +104,15 @@ def test_every_proposal_expands_and_parses_through_the_cli(path, tmp_path, monke
                                 assert cli.model.similarity.approximate_topk is not None, sim_key
                             else:
                                 assert hparams.similarity["init_args"][sim_key] == sim_value, sim_key
+                    elif isinstance(option, dict) and "class_path" in option:  # another piece (the objective): class + its options
+                        assert hparams[key]["class_path"] == option["class_path"], key
+                        for piece_key, piece_value in option.get("init_args", {}).items():
+                            assert hparams[key]["init_args"][piece_key] == piece_value, (key, piece_key)
                     else:
                         assert hparams[key] == option, key
-            elif name.startswith("model.similarity.init_args."):
-                assert hparams.similarity["init_args"][name.rsplit(".", 1)[-1]] == pytest.approx(value), name
+            elif ".init_args." in name:  # an option of a piece chosen by class_path: model.<piece>.init_args.<option>
+                piece, option = name.split(".")[1], name.rsplit(".", 1)[-1]
+                assert hparams[piece]["init_args"][option] == pytest.approx(value), name
             elif name.startswith("model."):
                 assert hparams[name.split(".", 1)[1]] == pytest.approx(value), name
             elif name.startswith("data."):
