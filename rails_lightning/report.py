@@ -374,6 +374,19 @@ class ConfigRow:
                      and figure.encoder_layers in (None, layers)), None)
 
 
+def _differing_settings(differing: list[str], flat: dict[str, Any]) -> list[str]:
+    """``key=value`` of the differing settings of one config; a piece whose class differs (``model.objective``)
+    is one entry, ``objective=Class(its differing options)``, without the options its class does not have."""
+    pieces = [k[: -len(".class_path")] for k in differing if k.endswith(".class_path")]
+    settings = []
+    for piece in pieces:
+        own = [k for k in differing if k.startswith(piece + ".init_args.") and flat.get(k) is not None]
+        options = ", ".join(f"{k.rsplit('.', 1)[1]}={_param(flat[k])}" for k in own)
+        settings.append(f"{piece.rsplit('.', 1)[-1]}={str(flat.get(piece + '.class_path')).rsplit('.', 1)[-1]}({options})")
+    settings += [f"{k}={_param(flat.get(k))}" for k in differing if not any(k.startswith(piece + ".") for piece in pieces)]
+    return settings
+
+
 def group_by_config(runs: Sequence[ReportedRun]) -> list[ConfigRow]:
     """Finished runs -> one row per config (seeds together), by dataset and encoder, the dot product before MoL.
     Rows that share a label (configs that differ elsewhere, e.g. in the learning rate) have the differing
@@ -394,7 +407,8 @@ def group_by_config(runs: Sequence[ReportedRun]) -> list[ConfigRow]:
             flats = [_flat(row.config) for row in namesakes]
             differing = sorted(k for k in set().union(*flats) if len({json.dumps(f.get(k), default=str) for f in flats}) > 1)
             for row, flat in zip(namesakes, flats):
-                row.label += " (" + ", ".join(f"{k}={_param(flat.get(k))}" for k in differing[:3]) + (", ..." if len(differing) > 3 else "") + ")"
+                settings = _differing_settings(differing, flat)
+                row.label += " (" + ", ".join(settings[:3]) + (", ..." if len(settings) > 3 else "") + ")"
     model_order = {"TwoTower": 0, "MoL": 1}
     return sorted(rows.values(), key=lambda row: (dataset_name(row.config), encoder_name(row.config),
                                                   model_order.get(row.model, 2), row.label))

@@ -74,6 +74,17 @@ def test_seeds_and_paths_make_one_row_other_settings_another():
     assert cells[1][3] == "0.3000 ±—" and cells[1][-4:-1] == ["3", "3.3 min", "NVIDIA H100"]
 
 
+def test_a_piece_of_another_class_is_one_label_entry_with_its_own_options():
+    """Configs that differ in the objective's class: the label names the class and the options it has."""
+    shared = {"class_path": "rails_lightning.objectives.SharedNegatives", "init_args": {"num_negatives": 512, "logq_correction": True}}
+    mined = {"class_path": "rails_lightning.objectives.MinedNegatives", "init_args": {"num_negatives": 448, "num_mined": 64}}
+    rows = group_by_config([_run("a", _config(objective=shared)), _run("b", _config(objective=mined))])
+    assert sorted(row.label for row in rows) == [
+        "ml-1m SASRec TwoTower (objective=MinedNegatives(num_mined=64, num_negatives=448))",
+        "ml-1m SASRec TwoTower (objective=SharedNegatives(logq_correction=True, num_negatives=512))",
+    ]
+
+
 @pytest.mark.parametrize("encoder, layers, similarity, published", [
     ("SASRecEncoder", 2, "DotProduct", "0.2853 / 0.1603 (SASRec, generative-recommenders README)"),
     ("HSTUEncoder", 2, "DotProduct", "0.3097 / 0.1720 (HSTU, generative-recommenders README)"),
