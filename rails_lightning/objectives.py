@@ -175,9 +175,9 @@ class MinedNegatives(TrainingObjective):
     retriever built over it -- the same retriever the callback evaluates with. At every step each training
     sequence's query (its last position, detached) retrieves its top ``mining_depth`` items, its own
     history excluded as in evaluation; ``num_mined`` of them, drawn at random, become hard negatives of every
-    training position of that sequence (per-sequence negatives) (drawing from a deeper list rather than taking the very top keeps
-    fewer of the items the user would in fact have liked). Positions whose positive was mined get it masked
-    as an accidental hit. No logQ for the mined part: it is not a draw from a distribution over the corpus.
+    training position of that sequence (per-sequence negatives). Drawing from a deeper list rather than taking
+    the very top keeps fewer of the items the user would in fact have liked. Positions whose positive was
+    mined get it masked as an accidental hit. No logQ for the mined part: it is not a draw from a distribution over the corpus.
 
     Before ``start_epoch`` (a random model's ranking is noise) the mined slots are filled with uniform
     per-sequence negatives, so every step has the same number of negatives.
@@ -224,7 +224,7 @@ class MinedNegatives(TrainingObjective):
 
     def negatives(self, step: TrainingStep) -> Negatives:
         device = step.positive_ids.device
-        shared, shared_log_q = _uniform(max(self.num_negatives, 1), self.num_items, (self.num_negatives,), device)
+        shared, shared_log_q = _uniform(self.num_negatives, self.num_items, (self.num_negatives,), device) if self.num_negatives else (None, None)
         uniform = torch.randint(1, self.num_items + 1, (step.batch.input_ids.shape[0], self.num_mined), device=device)  # (B, num_mined)
         if self.retriever is None:
             mined = uniform
