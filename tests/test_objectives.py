@@ -88,6 +88,8 @@ def test_shared_and_per_query_negatives_have_their_shapes_and_logq():
     assert torch.count_nonzero(per_query.per_query_log_q) == 0  # no logQ by default
     full = FullSoftmax(N).negatives(step)
     assert torch.equal(full.shared, torch.arange(1, N + 1))
+    mined_only = MinedNegatives(N, num_negatives=0, num_mined=4, mining_depth=8).negatives(step)  # before mining: uniform fill
+    assert mined_only.shared is None and mined_only.per_sequence.shape == (len(step.batch.input_ids), 4)
 
 
 @pytest.mark.parametrize("model", MODELS)
