@@ -380,6 +380,9 @@ def _differing_settings(differing: list[str], flat: dict[str, Any]) -> list[str]
     pieces = [k[: -len(".class_path")] for k in differing if k.endswith(".class_path")]
     settings = []
     for piece in pieces:
+        if flat.get(piece + ".class_path") is None:  # this config has no such piece
+            settings.append(f"{piece.rsplit('.', 1)[-1]}=None")
+            continue
         own = [k for k in differing if k.startswith(piece + ".init_args.") and flat.get(k) is not None]
         options = ", ".join(f"{k.rsplit('.', 1)[1]}={_param(flat[k])}" for k in own)
         settings.append(f"{piece.rsplit('.', 1)[-1]}={str(flat.get(piece + '.class_path')).rsplit('.', 1)[-1]}({options})")

@@ -78,9 +78,10 @@ def test_a_piece_of_another_class_is_one_label_entry_with_its_own_options():
     """Configs that differ in the objective's class: the label names the class and the options it has."""
     shared = {"class_path": "rails_lightning.objectives.SharedNegatives", "init_args": {"num_negatives": 512, "logq_correction": True}}
     mined = {"class_path": "rails_lightning.objectives.MinedNegatives", "init_args": {"num_negatives": 448, "num_mined": 64}}
-    rows = group_by_config([_run("a", _config(objective=shared)), _run("b", _config(objective=mined))])
+    rows = group_by_config([_run("a", _config(objective=shared)), _run("b", _config(objective=mined)), _run("c", _config())])
     assert sorted(row.label for row in rows) == [
         "ml-1m SASRec TwoTower (objective=MinedNegatives(num_mined=64, num_negatives=448))",
+        "ml-1m SASRec TwoTower (objective=None)",
         "ml-1m SASRec TwoTower (objective=SharedNegatives(logq_correction=True, num_negatives=512))",
     ]
 
