@@ -8,7 +8,7 @@ how the negatives are drawn. An objective returns up to three kinds of negatives
 * **per-query** negatives ((M, R_Q) ids), scored with ``similarity.grouped_scores`` as M groups of one query;
 * **per-sequence** negatives ((B, R_B) ids), negatives of every training position of a sequence, scored with
   ``similarity.grouped_scores`` as B groups of L positions: each item is encoded and laid out once per
-  sequence, not once per position, which is what makes them cheap;
+  sequence, not once per position, which keeps them cheap;
 
 and, for each, the log of how many times it was expected to be drawn (the logQ correction: subtracted
 from its logit so that a sampled softmax estimates the full one; zeros where it does not apply).

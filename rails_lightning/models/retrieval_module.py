@@ -216,36 +216,39 @@ class RetrievalModule(pl.LightningModule):
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         states = self.encode_sequence(batch.user_ids, batch.input_ids)  # (B, L, D)
         has_target = self.training_positions(batch.target_ids)  # (B, L), M positions
-        user_ids = batch.user_ids[:, None].expand_as(batch.target_ids)[has_target]  # (M,)
-        queries = self.similarity.query_representation(states[has_target], user_ids)  # M queries
         positive_ids = batch.target_ids[has_target]  # (M,)
         negatives = self.objective.negatives(TrainingStep(self, batch, states, has_target, positive_ids))
+        all_user_ids = batch.user_ids[:, None].expand_as(batch.target_ids)  # (B, L)
+        if negatives.per_sequence is None:
+            queries = self.similarity.query_representation(states[has_target], all_user_ids[has_target])  # M queries
+        else:  # per-sequence negatives score every position of a sequence (padding too, dropped after scoring)
+            every_position = self.similarity.query_representation(states, all_user_ids)  # (B, L) queries
+            queries = _map_fields(every_position, lambda field: field[has_target])  # M queries
         inv_temperature = torch.exp(-self.log_temperature)
         positive_logits = self.similarity.pair_scores(queries, self.encode_items(positive_ids)) * inv_temperature  # (M,)
         # Shared negatives: one (M, R_S) cross score; per-query ones: M groups of one query; per-sequence ones: B groups
         # of L positions. The similarity's auxiliary outputs (MoL's load balancing) come from the first part drawn.
         M = positive_ids.numel()
-        logits, negative_ids, log_q, auxiliaries = [], [], [], []
+        logits, negative_ids, log_q, auxiliary = [], [], [], None
         if negatives.shared is not None:
             scores, auxiliary = self.similarity.cross_scores(queries, self.encode_items(negatives.shared))  # (M, R_S)
-            logits.append(scores), auxiliaries.append(auxiliary)
+            logits.append(scores)
             negative_ids.append(negatives.shared.expand(M, -1))
             log_q.append(negatives.shared_log_q.expand(M, -1))
         if negatives.per_query is not None:
             single = _map_fields(queries, lambda field: field[:, None])  # M groups of one query
-            scores, auxiliary = self.similarity.grouped_scores(single, self.encode_repeated_items(negatives.per_query))  # (M, 1, R_Q)
-            logits.append(scores[:, 0]), auxiliaries.append(auxiliary)
+            scores, part_auxiliary = self.similarity.grouped_scores(single, self.encode_repeated_items(negatives.per_query))  # (M, 1, R_Q)
+            auxiliary = part_auxiliary if auxiliary is None else auxiliary
+            logits.append(scores[:, 0])
             negative_ids.append(negatives.per_query)
             log_q.append(negatives.per_query_log_q)
         if negatives.per_sequence is not None:
-            # Every position of each sequence (padding included, dropped after scoring) against the sequence's items.
-            every_position = self.similarity.query_representation(states, batch.user_ids[:, None].expand_as(batch.target_ids))  # (B, L)
-            scores, auxiliary = self.similarity.grouped_scores(every_position, self.encode_repeated_items(negatives.per_sequence))  # (B, L, R_B)
-            logits.append(scores[has_target]), auxiliaries.append(auxiliary)
-            rows = torch.arange(len(has_target), device=has_target.device)[:, None].expand_as(has_target)[has_target]  # (M,) sequence of each query
+            scores, part_auxiliary = self.similarity.grouped_scores(every_position, self.encode_repeated_items(negatives.per_sequence))  # (B, L, R_B)
+            auxiliary = part_auxiliary if auxiliary is None else auxiliary
+            logits.append(scores[has_target])
+            rows = has_target.nonzero()[:, 0]  # (M,) the sequence of each query, in the mask's order
             negative_ids.append(negatives.per_sequence[rows])
             log_q.append(negatives.per_sequence_log_q[rows])
-        auxiliary = auxiliaries[0]
         loss = sampled_softmax_loss(
             positive_logits, torch.cat(logits, 1) * inv_temperature, positive_ids, torch.cat(negative_ids, 1), torch.cat(log_q, 1)
         )

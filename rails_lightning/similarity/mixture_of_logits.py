@@ -110,9 +110,7 @@ class MixtureOfLogits(Similarity):
             (the item gate sees it undropped; the RAILS reference uses 0.1).
         user_id_component: make the last query component a learned user-id embedding.
         user_id_dropout: elementwise dropout on that user-id embedding while training, before it is
-            L2-normalised (the RAILS reference uses 0.5); needs ``user_id_component``. Each query
-            representation draws its own mask: under per-sequence negatives, which represent every
-            position a second time, a query's negatives see a different mask than its positive.
+            L2-normalised (the RAILS reference uses 0.5); needs ``user_id_component``.
         user_id_l2: weight of an L2 penalty on the user-id embeddings, added to the training loss
             as ``user_id_l2_loss``: ``user_id_l2 * mean over the queries of ||e_u||^2``, e_u the
             query's user-id embedding before dropout, over the queries the negatives are scored for
@@ -317,12 +315,18 @@ class MixtureOfLogits(Similarity):
         logits = torch.bmm(queries.components, items.components.transpose(1, 2)).flatten(1)  # (M, P)
         return self.mix(logits, queries.gate_logits, items.gate_logits)
 
+    def grouped(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
+        """G groups of Q queries x their group's C items -> scores (G, Q, C), gates (G, Q, C, P)."""
+        (G, Q, P_Q, D_P), (C, P_X) = queries.components.shape, items.components.shape[1:3]
+        # One batched matmul per group for all component pairs: (G, Q * P_Q, D_P) @ (G, D_P, C * P_X).
+        logits = torch.bmm(queries.components.reshape(G, Q * P_Q, D_P), items.components.reshape(G, C * P_X, D_P).transpose(1, 2))
+        logits = logits.view(G, Q, P_Q, C, P_X).permute(0, 1, 3, 2, 4).reshape(G, Q, C, P_Q * P_X)  # (G, Q, C, P)
+        return self.mix(logits, queries.gate_logits[:, :, None, :], items.gate_logits[:, None, :, :])
+
     def gathered(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
         """M queries x their own C candidates (items with leading (M, C)) -> scores (M, C), gates (M, C, P)."""
-        M, C, P_X, D_P = items.components.shape
-        logits = torch.bmm(items.components.reshape(M, C * P_X, D_P), queries.components.transpose(1, 2))  # (M, C*P_X, P_Q)
-        logits = logits.view(M, C, P_X, -1).transpose(2, 3).reshape(M, C, -1)  # (M, C, P), p = i * P_X + j
-        return self.mix(logits, queries.gate_logits[:, None, :], items.gate_logits)
+        scores, gates = self.grouped(MoLQueries(*(field[:, None] for field in queries)), items)  # M groups of one query
+        return scores[:, 0], gates[:, 0]
 
     # ------------------------------------------------------------------ the Similarity contract
     def pair_scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
@@ -341,11 +345,7 @@ class MixtureOfLogits(Similarity):
     def grouped_scores(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Auxiliary]:
         balanced = slice(0, self.load_balancing_negatives or None)  # the items of each group whose gates are balanced
         if self.gate_sees_logits:
-            (G, Q, P_Q, D_P), (C, P_X) = queries.components.shape, items.components.shape[1:3]
-            # One batched matmul per group for all component pairs: (G, Q * P_Q, D_P) @ (G, D_P, C * P_X).
-            logits = torch.bmm(queries.components.reshape(G, Q * P_Q, D_P), items.components.reshape(G, C * P_X, D_P).transpose(1, 2))
-            logits = logits.view(G, Q, P_Q, C, P_X).permute(0, 1, 3, 2, 4).reshape(G, Q, C, P_Q * P_X)  # (G, Q, C, P)
-            scores, gates = self.mix(logits, queries.gate_logits[:, :, None, :], items.gate_logits[:, None, :, :])  # (G, Q, C), (G, Q, C, P)
+            scores, gates = self.grouped(queries, items)  # (G, Q, C), (G, Q, C, P)
             gates = gates[:, :, balanced]
         else:
             scores = self.separable_grouped_scores(queries, items)  # (G, Q, C)
