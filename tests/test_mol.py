@@ -456,3 +456,37 @@ def test_reference_options_are_checked(options, message):
     with pytest.raises(ConfigError, match=message) as error:
         MixtureOfLogits(D, NUM_USERS, **options)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("options", [{}, {"multiplicative_gate": True}, {"logit_gate_hidden_dim": 0, "gate_logit_scale": 0.5}])
+def test_components_first_scores_equal_the_components_last_mixture_with_the_same_dropout(options):
+    """`cross` lays the logits out (P, M, R); with the same seed its scores, gates, dropout mask and gradients are those
+    of `mix` over the (M, R, P) logits, in training; and the in-place no-grad path gives the same scores."""
+    torch.manual_seed(0)
+    similarity = MixtureOfLogits(D, NUM_USERS, 3, 2, 8, gate_hidden_dim=5, gate_dropout=0.3, **options).train()
+    states, vectors = torch.randn(7, D, requires_grad=True), torch.randn(11, D, requires_grad=True)
+    user_ids = torch.zeros(7, dtype=torch.long)
+
+    def run(components_first: bool):
+        queries, items = similarity.query_representation(states, user_ids), similarity.item_representation(vectors)
+        torch.manual_seed(1)  # the same dropout draws
+        if components_first:
+            scores, gates = similarity.cross(queries, items)  # (7, 11), (7, 11, P)
+        else:
+            logits = torch.einsum("mid,rjd->mrij", queries.components, items.components).flatten(2)  # (7, 11, P), p = i * P_X + j
+            scores, gates = similarity.mix(logits, queries.gate_logits[:, None], items.gate_logits[None])
+        gradients = torch.autograd.grad(scores.square().sum(), [states, vectors, *similarity.parameters()], allow_unused=True)
+        return scores, gates, gradients
+
+    first, last = run(True), run(False)
+    torch.testing.assert_close(first[0], last[0])
+    torch.testing.assert_close(first[1], last[1])
+    for got, expected in zip(first[2], last[2]):
+        if expected is not None:
+            torch.testing.assert_close(got, expected)
+    similarity.eval()
+    queries, items = similarity.query_representation(states, user_ids), similarity.item_representation(vectors)
+    undropped = similarity.cross(queries, items)[0]
+    assert not torch.allclose(first[0], undropped), "the training scores should carry the gate dropout"
+    with torch.no_grad():
+        torch.testing.assert_close(similarity.cross(queries, items)[0], undropped.detach())

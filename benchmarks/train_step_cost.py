@@ -1,0 +1,98 @@
+"""Training-step cost of model variants, interleaved step by step: the steady measure on a noisy machine.
+
+Every variant is built by the CLI's own parser (`rails_lightning.cli.main(..., run=False)`) from the
+embedded default plus its options, on the same data; the same training batches are fed to each in
+turn (one step of variant 1, one of variant 2, ..., then the next batch), so that a change of the
+machine's load hits all variants alike. A step is the module's `training_step`, the backward pass and
+an AdamW step. The first ``--warmup`` steps are not counted.
+
+Variants are given as ``NAME=OPTIONS`` (options as on the `fit` command line, separated by spaces);
+the first variant is the reference of the ratios:
+
+    python benchmarks/train_step_cost.py --steps 8 \\
+        "two-tower=" \\
+        "MoL=--config configs/synthetic/mol.yaml"
+
+Prints the median forward, backward, optimiser and step milliseconds of each variant and its step
+ratio to the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+from rails_lightning.cli import _keep_freed_memory, main
+
+
+def build(options: list[str]):
+    cli = main([*options, "--trainer.logger=false"], run=False)
+    model, datamodule = cli.model, cli.datamodule
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model.train()
+    optimiser = model.configure_optimizers()
+    return model, optimiser, datamodule
+
+
+def timed_step(model, optimiser, batch, index: int) -> tuple[float, float, float]:
+    """Seconds of the forward (training_step), backward and optimiser step."""
+    start = time.perf_counter()
+    loss = model.training_step(batch, index)
+    forward = time.perf_counter()
+    loss.backward()
+    backward = time.perf_counter()
+    optimiser.step()
+    optimiser.zero_grad(set_to_none=True)
+    end = time.perf_counter()
+    return forward - start, backward - forward, end - backward
+
+
+def main_() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="+", help='NAME=OPTIONS, e.g. "MoL=--config configs/synthetic/mol.yaml"')
+    parser.add_argument("--steps", type=int, default=8, help="counted steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="uncounted first steps per variant")
+    args = parser.parse_args()
+    variants = {}
+    for spec in args.variants:
+        name, sep, options = spec.partition("=")
+        if not sep or not name:
+            parser.error(f"a variant is NAME=OPTIONS, got {spec!r}")
+        variants[name] = shlex.split(options)
+    sys.argv[1:] = []
+    _keep_freed_memory()
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    built = {name: build(options) for name, options in variants.items()}
+    # One batch stream for all variants: the first variant's loader (same data and batch size for all).
+    first_datamodule = next(iter(built.values()))[2]
+    batches = []
+    for batch in first_datamodule.train_dataloader():
+        batches.append(batch)
+        if len(batches) == args.steps + args.warmup:
+            break
+    times = {name: [] for name in built}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(batches)} batches", flush=True)
+    for index, batch in enumerate(batches):
+        for name, (model, optimiser, _) in built.items():
+            measured = timed_step(model, optimiser, batch, index)
+            if index >= args.warmup:
+                times[name].append(measured)
+    reference = None
+    print("| variant | forward ms | backward ms | optimiser ms | step ms | x first |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in times.items():
+        forward, backward, optimiser_s = (statistics.median(column) * 1e3 for column in zip(*rows))
+        step = statistics.median(sum(row) for row in rows) * 1e3
+        reference = reference or step
+        print(f"| {name} | {forward:.0f} | {backward:.0f} | {optimiser_s:.0f} | {step:.0f} | {step / reference:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main_()
