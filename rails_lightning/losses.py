@@ -37,14 +37,12 @@ def entropy(probabilities: Tensor, dim: int = -1) -> Tensor:
     return -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim)
 
 
-def load_balancing_loss(gates: Tensor, dim: int = -1) -> Tensor:
-    """Mutual-information regulariser for mixture gates: probabilities over P components along ``dim``
-    (``(..., P)`` by default; MoL's training scores keep them first, ``(P, ...)``).
+def load_balancing_loss(gates: Tensor) -> Tensor:
+    """Mutual-information regulariser for mixture gates, ``(..., P)`` probabilities.
 
     ``-H(mean_batch pi) + mean_batch H(pi)``: low when the batch as a whole uses every
     component (high marginal entropy) while each single score commits to few components
     (low conditional entropy).
     """
-    dim = dim % gates.ndim
-    usage = gates.mean([d for d in range(gates.ndim) if d != dim])  # (P,)
-    return -entropy(usage) + entropy(gates, dim).mean()
+    flat = gates.reshape(-1, gates.shape[-1])  # (M * R, P)
+    return -entropy(flat.mean(0)) + entropy(flat).mean()

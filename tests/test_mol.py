@@ -458,35 +458,22 @@ def test_reference_options_are_checked(options, message):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("options", [{}, {"multiplicative_gate": True}, {"logit_gate_hidden_dim": 0, "gate_logit_scale": 0.5}])
-def test_components_first_scores_equal_the_components_last_mixture_with_the_same_dropout(options):
-    """`cross` lays the logits out (P, M, R); with the same seed its scores, gates, dropout mask and gradients are those
-    of `mix` over the (M, R, P) logits, in training; and the in-place no-grad path gives the same scores."""
+def test_linear_logit_gate_is_one_map_with_the_scale_in_training_and_retrieval():
+    """logit_gate_hidden_dim=0: the per-pair gate is Linear(P, P) + s * logits (folded into one map), the query and item
+    gates keep their MLPs; the scale still learns, and the in-place retrieval path scores the same."""
     torch.manual_seed(0)
-    similarity = MixtureOfLogits(D, NUM_USERS, 3, 2, 8, gate_hidden_dim=5, gate_dropout=0.3, **options).train()
-    states, vectors = torch.randn(7, D, requires_grad=True), torch.randn(11, D, requires_grad=True)
-    user_ids = torch.zeros(7, dtype=torch.long)
-
-    def run(components_first: bool):
-        queries, items = similarity.query_representation(states, user_ids), similarity.item_representation(vectors)
-        torch.manual_seed(1)  # the same dropout draws
-        if components_first:
-            scores, gates = similarity.cross(queries, items)  # (7, 11), (7, 11, P)
-        else:
-            logits = torch.einsum("mid,rjd->mrij", queries.components, items.components).flatten(2)  # (7, 11, P), p = i * P_X + j
-            scores, gates = similarity.mix(logits, queries.gate_logits[:, None], items.gate_logits[None])
-        gradients = torch.autograd.grad(scores.square().sum(), [states, vectors, *similarity.parameters()], allow_unused=True)
-        return scores, gates, gradients
-
-    first, last = run(True), run(False)
-    torch.testing.assert_close(first[0], last[0])
-    torch.testing.assert_close(first[1], last[1])
-    for got, expected in zip(first[2], last[2]):
-        if expected is not None:
-            torch.testing.assert_close(got, expected)
-    similarity.eval()
-    queries, items = similarity.query_representation(states, user_ids), similarity.item_representation(vectors)
-    undropped = similarity.cross(queries, items)[0]
-    assert not torch.allclose(first[0], undropped), "the training scores should carry the gate dropout"
+    similarity = MixtureOfLogits(D, NUM_USERS, 3, 2, 8, gate_hidden_dim=5, logit_gate_hidden_dim=0, gate_logit_scale=0.5, gate_dropout=0.0)
+    assert isinstance(similarity.logit_gate, nn.Linear) and isinstance(similarity.query_gate, nn.Sequential)
+    queries = similarity.query_representation(torch.randn(7, D), torch.zeros(7, dtype=torch.long))
+    items = similarity.item_representation(torch.randn(11, D))
+    scores, gates = similarity.cross(queries, items)  # (7, 11), (7, 11, P)
+    logits = torch.einsum("mid,rjd->mrij", queries.components, items.components).flatten(2)  # (7, 11, P)
+    expected = torch.softmax(
+        queries.gate_logits[:, None] + items.gate_logits[None] + similarity.logit_gate(logits) + 0.5 * logits, dim=-1
+    )
+    torch.testing.assert_close(gates, expected)
+    torch.testing.assert_close(scores, (expected * logits).sum(-1))
+    (scale_gradient,) = torch.autograd.grad(scores.sum(), similarity.logit_scale)
+    assert scale_gradient.abs() > 0
     with torch.no_grad():
-        torch.testing.assert_close(similarity.cross(queries, items)[0], undropped.detach())
+        torch.testing.assert_close(similarity.cross(queries, items)[0], scores.detach())

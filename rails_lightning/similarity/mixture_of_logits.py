@@ -87,19 +87,6 @@ def _swiglu_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, 2 * hidden_dim), SwiGLU(), nn.Linear(hidden_dim, out_dim))
 
 
-def _along(mlp: nn.Module, x: Tensor, dim: int) -> Tensor:
-    """``mlp`` (a Linear, or Linear / SiLU / Linear layers) applied over axis ``dim`` of ``x``. For the first axis,
-    (P, ...) -> (P', ...), as matmuls over the flattened rest: no transposing copy of a large tensor."""
-    if dim % x.ndim == x.ndim - 1:
-        return mlp(x)
-    if dim != 0:
-        raise ValueError(f"the components are the first or the last axis, got axis {dim} of {x.ndim}")
-    flat = x.reshape(x.shape[0], -1)  # (P, N)
-    for layer in mlp if isinstance(mlp, nn.Sequential) else [mlp]:
-        flat = torch.addmm(layer.bias[:, None], layer.weight, flat) if isinstance(layer, nn.Linear) else layer(flat)
-    return flat.view(-1, *x.shape[1:])
-
-
 ApproximateTopK = Callable[["MixtureOfLogits", MoLItems, SearchOptions], TopKRetriever]
 
 
@@ -139,8 +126,8 @@ class MixtureOfLogits(Similarity):
         gate_hidden_dim: hidden width H of the gate MLPs (query part, item part, component-logit part);
             0 for linear maps.
         logit_gate_hidden_dim: the component-logit part's hidden width instead, when not None; 0 for a
-            linear P -> P map. That MLP is the one part of the gate run for every (query, item) pair,
-            so its (M, R, H) hidden layer sets most of MoL's training cost.
+            linear P -> P map. That MLP is the one part of the gate run for every (query, item) pair:
+            its (M, R, H) hidden layer is about half of MoL's training step at H = 64 (benchmarks/RESULTS.md).
         gate_dropout: dropout on the gate probabilities while training (not renormalised: the
             RAILS reference renormalises the dropped probabilities to sum to 1).
         gate_logit_scale: the component logits also enter the gate directly, times a learned scale
@@ -271,56 +258,43 @@ class MixtureOfLogits(Similarity):
         return MoLItems(F.normalize(components, dim=-1), self.item_gate(vectors))
 
     # ------------------------------------------------------------------ mixture
-    def mix(self, logits: Tensor, query_gate_logits: Tensor, item_gate_logits: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
-        """Component logits with the P components along ``dim`` ((..., P), or (P, ...) with ``dim=0``) and
-        broadcastable gate logits -> scores (the logits' shape without ``dim``), gate probabilities (the logits' shape)."""
+    def mix(self, logits: Tensor, query_gate_logits: Tensor, item_gate_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Component logits (..., P) and broadcastable gate logits -> scores (...), gate probabilities (..., P)."""
         if not self.gate_sees_logits:
-            gates = torch.softmax(query_gate_logits + item_gate_logits, dim=dim)  # (..., P)
-            return (self._drop_gates(gates, dim) * logits).sum(dim), gates
-        if not torch.is_grad_enabled():  # retrieval: the same arithmetic in place, the per-pair buffers are large
-            gate_logits = _along(self.logit_gate, logits, dim).add_(logits, alpha=float(self.logit_scale))  # (..., P)
+            gates = torch.softmax(query_gate_logits + item_gate_logits, dim=-1)  # (..., P)
+            return torch.linalg.vecdot(self.gate_dropout(gates), logits), gates
+        if not torch.is_grad_enabled():  # retrieval: the same arithmetic in place, (..., P) buffers are large
+            gate_logits = self._pair_gate_logits(logits)  # (..., P), a new tensor
             if self.multiplicative_gate:
                 gate_logits = F.silu(gate_logits.addcmul_(query_gate_logits, item_gate_logits), inplace=True)
             else:
                 gate_logits.add_(query_gate_logits).add_(item_gate_logits)
-            gates = torch.softmax(gate_logits, dim=dim)  # (..., P)
-            return (self._drop_gates(gates, dim) * logits).sum(dim), gates
-        gate_logits = _along(self.logit_gate, logits, dim) + self.logit_scale * logits  # (..., P)
+            gates = torch.softmax(gate_logits, dim=-1)  # (..., P)
+            return torch.linalg.vecdot(self.gate_dropout(gates), logits), gates
+        gate_logits = self._pair_gate_logits(logits)  # (..., P)
         if self.multiplicative_gate:
             gate_logits = F.silu(gate_logits + query_gate_logits * item_gate_logits)
         else:
             gate_logits = gate_logits + query_gate_logits + item_gate_logits
-        gates = torch.softmax(gate_logits, dim=dim)  # (..., P)
-        return (self._drop_gates(gates, dim) * logits).sum(dim), gates
+        gates = torch.softmax(gate_logits, dim=-1)  # (..., P)
+        return (self.gate_dropout(gates) * logits).sum(-1), gates
 
-    def _drop_gates(self, gates: Tensor, dim: int) -> Tensor:
-        """Dropout on the gate probabilities while training. With the components first, the mask is the one
-        ``nn.Dropout`` draws for the components-last layout (same random numbers, same places), so both
-        layouts train identically."""
-        p = self.gate_dropout.p
-        if dim % gates.ndim == gates.ndim - 1 or not (self.training and p > 0):
-            return self.gate_dropout(gates)
-        keep = torch.empty(gates.movedim(dim, -1).shape, device=gates.device).bernoulli_(1 - p).div_(1 - p)
-        return gates * keep.movedim(-1, dim)
-
-    def cross_components_first(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
-        """M queries x R items -> scores (M, R), gates (P, M, R).
-
-        The components come first: the logits are laid out (P_Q, P_X, M, R) = (P, M, R) (p = i * P_X + j, as
-        everywhere) straight from the matmul, so that every per-pair pass (the logit gate's matmuls, softmax,
-        dropout, the weighted sum) runs along rows of M * R values rather than of P: on a CPU about 2x faster
-        than the components-last layout for P = 8, and no permuting copy of the logits.
-        """
-        (M, P_Q, D_P), R, P_X = queries.components.shape, items.components.shape[0], self.num_item_components
-        # (P_Q, 1, M, D_P) @ (1, P_X, D_P, R) -> (P_Q, P_X, M, R)
-        logits = torch.matmul(queries.components.transpose(0, 1)[:, None], items.components.permute(1, 2, 0)[None])
-        logits = logits.view(P_Q * P_X, M, R)  # (P, M, R)
-        return self.mix(logits, queries.gate_logits.T[:, :, None], items.gate_logits.T[:, None, :], dim=0)
+    def _pair_gate_logits(self, logits: Tensor) -> Tensor:
+        """The per-pair part of the gate logits, logit_gate(l) + s * l, of component logits (..., P)."""
+        if isinstance(self.logit_gate, nn.Linear):  # linear: one map (W + s I) l + c, one pass over (..., P) instead of three
+            weight = torch.addcmul(self.logit_gate.weight, self.logit_scale, torch.eye(logits.shape[-1], device=logits.device))
+            return F.linear(logits, weight, self.logit_gate.bias)
+        if torch.is_grad_enabled():
+            return self.logit_gate(logits) + self.logit_scale * logits
+        return self.logit_gate(logits).add_(logits, alpha=float(self.logit_scale))
 
     def cross(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
-        """M queries x R items -> scores (M, R), gates (M, R, P) (a view of ``cross_components_first``'s)."""
-        scores, gates = self.cross_components_first(queries, items)
-        return scores, gates.permute(1, 2, 0)
+        """M queries x R items -> scores (M, R), gates (M, R, P)."""
+        (M, P_Q, D_P), R, P_X = queries.components.shape, items.components.shape[0], self.num_item_components
+        # One matmul for all component pairs: (M * P_Q, D_P) @ (D_P, R * P_X).
+        logits = queries.components.reshape(M * P_Q, D_P) @ items.components.reshape(R * P_X, D_P).T
+        logits = logits.view(M, P_Q, R, P_X).permute(0, 2, 1, 3).reshape(M, R, P_Q * P_X)  # (M, R, P)
+        return self.mix(logits, queries.gate_logits[:, None, :], items.gate_logits[None, :, :])
 
     # exp(gate logit - its max) is kept >= e^-40, so that a product of a query and an item weight
     # (>= e^-80) stays a normal float32 and the denominator never underflows to 0.
@@ -375,10 +349,11 @@ class MixtureOfLogits(Similarity):
     def cross_scores(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Auxiliary]:
         balanced = slice(0, self.load_balancing_negatives or None)  # the negatives whose gates are balanced
         if self.gate_sees_logits:
-            scores, gates = self.cross_components_first(queries, items)  # (M, R), (P, M, R)
-            return scores, self.auxiliary(gates[:, :, balanced], queries, dim=0)  # (P, M, R_b) gates
-        scores = self.separable_cross_scores(queries, items)  # (M, R)
-        gates = torch.softmax(queries.gate_logits[:, None, :] + items.gate_logits[None, balanced, :], dim=-1)  # (M, R_b, P)
+            scores, gates = self.cross(queries, items)  # (M, R), (M, R, P)
+            gates = gates[:, balanced]  # (M, R_b, P)
+        else:
+            scores = self.separable_cross_scores(queries, items)  # (M, R)
+            gates = torch.softmax(queries.gate_logits[:, None, :] + items.gate_logits[None, balanced, :], dim=-1)  # (M, R_b, P)
         return scores, self.auxiliary(gates, queries)
 
     def grouped_scores(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Auxiliary]:
@@ -391,12 +366,11 @@ class MixtureOfLogits(Similarity):
             gates = torch.softmax(queries.gate_logits[:, :, None, :] + items.gate_logits[:, None, balanced, :], dim=-1)  # (G, Q, C_b, P)
         return scores, self.auxiliary(gates, queries)
 
-    def auxiliary(self, gates: Tensor, queries: MoLQueries, dim: int = -1) -> Auxiliary:
-        """The load-balancing loss and gate statistics of training gates (the P components along ``dim``), and the
-        user-id L2 penalty of the queries they were scored for."""
-        balance = load_balancing_loss(gates, dim)  # -H(usage) + mean H(pi)
-        dim = dim % gates.ndim
-        usage = gates.detach().mean([d for d in range(gates.ndim) if d != dim])  # (P,) share of the gate mass of each component
+    def auxiliary(self, gates: Tensor, queries: MoLQueries) -> Auxiliary:
+        """The load-balancing loss and gate statistics of training gates (..., P), and the user-id L2 penalty of
+        the queries they were scored for."""
+        balance = load_balancing_loss(gates)  # -H(usage) + mean H(pi)
+        usage = gates.detach().reshape(-1, gates.shape[-1]).mean(0)  # (P,) share of the gate mass of each component
         statistics = {
             "load_balancing": balance.detach(),
             "gate_entropy": balance.detach() + entropy(usage),  # mean H(pi), without a second pass over the gates
