@@ -1,0 +1,28 @@
+"""Benchmarks run for real, shrunk: they must keep working, whatever their figures."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CLI_ARGS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_step_cost_reports_every_variant_against_the_first():
+    tiny = " ".join(arg for arg in TINY_CLI_ARGS if not arg.startswith("--trainer."))
+    result = subprocess.run(
+        [sys.executable, "benchmarks/train_step_cost.py", "--steps", "2", "--warmup", "1",
+         f"two-tower={tiny}", f"MoL={tiny} --model=MoL --model.similarity.init_args.logit_gate_hidden_dim=0"],
+        capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"variant", "two-tower", "MoL"}
+    assert rows["two-tower"][-1].strip() == "1.00"
+    forward, backward, optimiser, step, ratio = (float(cell) for cell in rows["MoL"])
+    assert step > 0 and ratio > 0 and forward + backward + optimiser == pytest.approx(step, abs=3)
