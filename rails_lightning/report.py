@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import inspect
 import json
 import math
 import shlex
@@ -329,6 +331,40 @@ def _encoder_layers(config: dict[str, Any]) -> int | None:
     return (encoder.get("init_args") or {}).get("num_layers") if isinstance(encoder, dict) else None
 
 
+def _class_defaults(class_path: str) -> dict[str, Any]:
+    """The ``__init__`` defaults of the class at ``class_path``; none when it cannot be imported."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def _without_defaults(value: Any) -> Any:
+    """A config with every ``init_args`` option that equals its class's default removed, so that a run recorded
+    before an option existed (the option absent) and one recorded after (stated at its default) are one experiment."""
+    if isinstance(value, list):
+        return [_without_defaults(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    value = {key: _without_defaults(item) for key, item in value.items()}
+    if isinstance(value.get("class_path"), str) and isinstance(value.get("init_args"), dict):
+        defaults = _class_defaults(value["class_path"])
+        value["init_args"] = {key: item for key, item in value["init_args"].items()
+                              if not (key in defaults and _is_default(item, defaults[key]))}
+        if not value["init_args"]:
+            del value["init_args"]  # nothing but defaults: as if none were given
+    return value
+
+
+def _is_default(item: Any, default: Any) -> bool:
+    if isinstance(default, (bool, int, float, str, type(None))):
+        return type(item) is type(default) and item == default
+    return False  # containers, callables, partials: kept, compared as written
+
+
 def experiment_config(config: dict[str, Any]) -> dict[str, Any]:
     """A run's config less what differs between the seeds of one experiment: the seed and the run's own
     paths (run directory, default root, logger save_dir, checkpoint dirpath, ckpt_path)."""
@@ -399,7 +435,8 @@ def group_by_config(runs: Sequence[ReportedRun]) -> list[ConfigRow]:
         if not run.ok:
             continue
         config = experiment_config(run.record.config)
-        key = json.dumps([run.model, config], sort_keys=True, default=str)
+        # Options stated at their class's default count as unstated: runs recorded before and after an option was added group together.
+        key = json.dumps([run.model, _without_defaults(config)], sort_keys=True, default=str)
         label = f"{dataset_name(config)} {encoder_name(config)} {run.model}"
         rows.setdefault(key, ConfigRow(label, config)).runs.append(run)
     by_label: dict[str, list[ConfigRow]] = {}
@@ -407,7 +444,7 @@ def group_by_config(runs: Sequence[ReportedRun]) -> list[ConfigRow]:
         by_label.setdefault(row.label, []).append(row)
     for namesakes in by_label.values():
         if len(namesakes) > 1:
-            flats = [_flat(row.config) for row in namesakes]
+            flats = [_flat(_without_defaults(row.config)) for row in namesakes]
             differing = sorted(k for k in set().union(*flats) if len({json.dumps(f.get(k), default=str) for f in flats}) > 1)
             for row, flat in zip(namesakes, flats):
                 settings = _differing_settings(differing, flat)

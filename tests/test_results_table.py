@@ -82,7 +82,7 @@ def test_a_piece_of_another_class_is_one_label_entry_with_its_own_options():
     assert sorted(row.label for row in rows) == [
         "ml-1m SASRec TwoTower (objective=MinedNegatives(num_mined=64, num_negatives=448))",
         "ml-1m SASRec TwoTower (objective=None)",
-        "ml-1m SASRec TwoTower (objective=SharedNegatives(logq_correction=True, num_negatives=512))",
+        "ml-1m SASRec TwoTower (objective=SharedNegatives(num_negatives=512))",  # logq_correction=True is its default
     ]
 
 
@@ -178,3 +178,20 @@ def test_readme_gets_the_table_between_its_markers_only(three_runs, tmp_path, ca
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and RESULTS_TABLE_START in error and str(unmarked) in error
     assert unmarked.read_text() == before + after and not out.exists()
+
+
+def test_an_option_stated_at_its_default_groups_with_a_run_recorded_before_the_option_existed():
+    """A run recorded before `logit_gate_hidden_dim` existed (absent) and one after (None, its default) are one row;
+    a value other than the default is its own row."""
+    def mol(**init_args):
+        return _config(similarity="MixtureOfLogits", seed=len(init_args))
+
+    older, newer = mol(), mol()
+    newer["model"]["similarity"]["init_args"] = {"logit_gate_hidden_dim": None, "num_query_components": 8}
+    linear = mol()
+    linear["model"]["similarity"]["init_args"] = {"logit_gate_hidden_dim": 0}
+    rows = group_by_config([_run("old", older), _run("new", newer), _run("linear", linear)])
+    assert sorted((row.label, [r.name for r in row.runs]) for row in rows) == [
+        ("ml-1m SASRec MoL (model.similarity.init_args.logit_gate_hidden_dim=0)", ["linear"]),
+        ("ml-1m SASRec MoL (model.similarity.init_args.logit_gate_hidden_dim=None)", ["old", "new"]),
+    ]
