@@ -127,7 +127,7 @@ class MixtureOfLogits(Similarity):
             0 for linear maps.
         logit_gate_hidden_dim: the component-logit part's hidden width instead, when not None; 0 for a
             linear P -> P map. That MLP is the one part of the gate run for every (query, item) pair:
-            its (M, R, H) hidden layer is about half of MoL's training step at H = 64 (benchmarks/RESULTS.md).
+            its (M, R, H) hidden layer makes MoL's training step 1.8-2.3x dearer at H = 64 (benchmarks/RESULTS.md).
         gate_dropout: dropout on the gate probabilities while training (not renormalised: the
             RAILS reference renormalises the dropped probabilities to sum to 1).
         gate_logit_scale: the component logits also enter the gate directly, times a learned scale
