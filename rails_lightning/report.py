@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib
 import inspect
 import json
@@ -331,6 +332,7 @@ def _encoder_layers(config: dict[str, Any]) -> int | None:
     return (encoder.get("init_args") or {}).get("num_layers") if isinstance(encoder, dict) else None
 
 
+@functools.lru_cache(maxsize=None)  # one import and signature per class, not per run
 def _class_defaults(class_path: str) -> dict[str, Any]:
     """The ``__init__`` defaults of the class at ``class_path``; none when it cannot be imported."""
     module_name, _, name = class_path.rpartition(".")

@@ -183,12 +183,8 @@ def test_readme_gets_the_table_between_its_markers_only(three_runs, tmp_path, ca
 def test_an_option_stated_at_its_default_groups_with_a_run_recorded_before_the_option_existed():
     """A run recorded before `logit_gate_hidden_dim` existed (absent) and one after (None, its default) are one row;
     a value other than the default is its own row."""
-    def mol(**init_args):
-        return _config(similarity="MixtureOfLogits", seed=len(init_args))
-
-    older, newer = mol(), mol()
+    older, newer, linear = (_config(similarity="MixtureOfLogits", seed=seed) for seed in range(3))
     newer["model"]["similarity"]["init_args"] = {"logit_gate_hidden_dim": None, "num_query_components": 8}
-    linear = mol()
     linear["model"]["similarity"]["init_args"] = {"logit_gate_hidden_dim": 0}
     rows = group_by_config([_run("old", older), _run("new", newer), _run("linear", linear)])
     assert sorted((row.label, [r.name for r in row.runs]) for row in rows) == [

@@ -20,7 +20,8 @@ apart at initialisation.
 * Gate: softmax over P of (query gate logits + item gate logits + an MLP of the P component
   logits + a learned scale times the logits), with dropout on the probabilities while training.
   The query and item parts are computed once per query / item; only the component-logit MLP
-  runs per (query, item) pair.
+  runs per (query, item) pair (with ``logit_gate_hidden_dim=0`` a linear map, folded with the
+  scale into one P x P matmul).
 * Multiplicative gate (``multiplicative_gate=True``, the RAILS reference's ``glu_silu`` gating):
   softmax over P of SiLU(query gate logits * item gate logits + the component-logit MLP + the
   learned scale times the logits): the query part gates the item part elementwise.
