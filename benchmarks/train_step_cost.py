@@ -15,6 +15,11 @@ the first variant is the reference of the ratios:
 
 Prints the median forward, backward, optimiser and step milliseconds of each variant and its step
 ratio to the first.
+
+``--logit-floor P_Q,P_X,D_P,R`` adds two rows that are not models: the component-logit matmul of a MoL
+with those sizes alone, (M * P_Q, D_P) @ (D_P, R * P_X) for the M target positions of each batch, forward
+and backward, in float32 and in bfloat16. Every MoL that mixes all P_Q x P_X component logits of every
+(position, negative) pair pays at least this, so it is a floor under that MoL's step on this machine.
 """
 
 from __future__ import annotations
@@ -54,12 +59,39 @@ def timed_step(model, optimiser, batch, index: int) -> tuple[float, float, float
     return forward - start, backward - forward, end - backward
 
 
+def timed_logits(batch, sizes: tuple[int, int, int, int], dtype: torch.dtype) -> tuple[float, float, float]:
+    """Seconds of the component-logit matmul alone, forward and backward, at this batch's M target positions."""
+    P_Q, P_X, D_P, R = sizes
+    M = int((batch.target_ids > 0).sum())
+    queries = torch.randn(M * P_Q, D_P, dtype=dtype, requires_grad=True)
+    items = torch.randn(R * P_X, D_P, dtype=dtype, requires_grad=True)
+    start = time.perf_counter()
+    logits = queries @ items.T  # (M * P_Q, R * P_X)
+    forward = time.perf_counter()
+    logits.backward(torch.ones_like(logits))
+    backward = time.perf_counter()
+    return forward - start, backward - forward, 0.0
+
+
 def main_() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="+", help='NAME=OPTIONS, e.g. "MoL=--config configs/synthetic/mol.yaml"')
     parser.add_argument("--steps", type=int, default=8, help="counted steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="uncounted first steps per variant")
+    parser.add_argument(
+        "--logit-floor",
+        metavar="P_Q,P_X,D_P,R",
+        help="also time a MoL's component-logit matmul alone (forward + backward, float32 and bfloat16) at these sizes",
+    )
     args = parser.parse_args()
+    floor_sizes = None
+    if args.logit_floor:
+        try:
+            floor_sizes = tuple(int(size) for size in args.logit_floor.split(","))
+        except ValueError:
+            floor_sizes = ()
+        if len(floor_sizes) != 4 or min(floor_sizes) < 1:
+            parser.error(f"--logit-floor takes four positive integers P_Q,P_X,D_P,R, got {args.logit_floor!r}")
     variants = {}
     for spec in args.variants:
         name, sep, options = spec.partition("=")
@@ -77,11 +109,16 @@ def main_() -> None:
         batches.append(batch)
         if len(batches) == args.steps + args.warmup:
             break
-    times = {name: [] for name in built}
+    floors = {"component logits alone, float32": torch.float32, "component logits alone, bfloat16": torch.bfloat16}
+    times = {name: [] for name in [*built, *(floors if floor_sizes else ())]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(batches)} batches", flush=True)
     for index, batch in enumerate(batches):
         for name, (model, optimiser, _) in built.items():
             measured = timed_step(model, optimiser, batch, index)
+            if index >= args.warmup:
+                times[name].append(measured)
+        for name, dtype in floors.items() if floor_sizes else ():
+            measured = timed_logits(batch, floor_sizes, dtype)
             if index >= args.warmup:
                 times[name].append(measured)
     reference = None

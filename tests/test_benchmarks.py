@@ -17,12 +17,25 @@ def test_train_step_cost_reports_every_variant_against_the_first():
     tiny = " ".join(arg for arg in TINY_CLI_ARGS if not arg.startswith("--trainer."))
     result = subprocess.run(
         [sys.executable, "benchmarks/train_step_cost.py", "--steps", "2", "--warmup", "1",
+         "--logit-floor", "2,2,8,16",
          f"two-tower={tiny}", f"MoL={tiny} --model=MoL --model.similarity.init_args.logit_gate_hidden_dim=0"],
         capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines() if line.startswith("| ")}
-    assert set(rows) == {"variant", "two-tower", "MoL"}
+    floors = {"component logits alone, float32", "component logits alone, bfloat16"}
+    assert set(rows) == {"variant", "two-tower", "MoL", *floors}
+    for name in floors:  # timed forward and backward, no optimiser
+        forward, backward, optimiser, step, ratio = (float(cell) for cell in rows[name])
+        assert optimiser == 0 and ratio > 0 and forward + backward == pytest.approx(step, abs=3)
     assert rows["two-tower"][-1].strip() == "1.00"
     forward, backward, optimiser, step, ratio = (float(cell) for cell in rows["MoL"])
     assert step > 0 and ratio > 0 and forward + backward + optimiser == pytest.approx(step, abs=3)
+
+
+def test_train_step_cost_rejects_a_malformed_logit_floor():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/train_step_cost.py", "--logit-floor", "8,4,64", "two-tower="],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2 and "four positive integers P_Q,P_X,D_P,R, got '8,4,64'" in result.stderr
