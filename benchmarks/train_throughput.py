@@ -68,7 +68,7 @@ def plain_rate(data, negatives: int, steps: int, warmup: int) -> float:
     for step, batch in enumerate(data.train_dataloader()):
         if step > steps + warmup:
             break
-        states = model.encode_sequence(batch.user_ids, batch.input_ids)
+        states = model.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps)
         has_target = batch.target_ids > 0
         user_ids = batch.user_ids[:, None].expand_as(batch.target_ids)[has_target]
         queries = model.similarity.query_representation(states[has_target], user_ids)

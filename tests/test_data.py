@@ -479,6 +479,12 @@ def test_movielens_fake_files(tmp_path, variant):
     val, test = next(iter(dm.val_dataloader())), next(iter(dm.test_dataloader()))
     assert dm.store.item_raw_ids[val.targets.numpy()].tolist() == [[10], [20], [20]]
     assert dm.store.item_raw_ids[test.targets.numpy()].tolist() == [[40], [30], [10]]
+    # The batches carry the rating times of the history items (what HSTU's time bias reads).
+    time_of = {(u, m): t for u, m, _, t in _RATINGS}
+    for row, user in enumerate(test.user_ids.tolist()):
+        raw_user = int(dm.store.user_raw_ids[user])
+        expected = [time_of[raw_user, int(dm.store.item_raw_ids[i])] if i else 0 for i in test.input_ids[row].tolist()]
+        assert test.timestamps[row].tolist() == expected
 
 
 @pytest.mark.parametrize("variant", ["ml-100k", "ml-1m", "ml-20m"])
@@ -840,3 +846,30 @@ def test_log_source_glob(tmp_path, hf_cache):
     _write_log(tmp_path / "part-2.csv", "csv", rows=_LOG_ROWS[2:])
     log = InteractionLogSource(str(tmp_path / "part-*.csv")).load()
     assert sorted(log.item_ids.tolist()) == sorted(r[1] for r in _LOG_ROWS)
+
+
+def test_batches_carry_each_input_items_time(tmp_path, hf_cache, synth_dm):
+    """Train and query batches hold, at every real position, the time of that very event (0 at padding)."""
+    rng = np.random.default_rng(0)
+    rows, time_of = [], {}
+    for user in range(1, 9):
+        items = rng.choice(np.arange(100, 160), size=int(rng.integers(4, 9)), replace=False)
+        clock = 1_000_000 + np.cumsum(rng.integers(1, 10_000, size=len(items)))
+        for item, when in zip(items.tolist(), clock.tolist()):
+            rows.append((user, item, when))
+            time_of[user, item] = when
+    rng.shuffle(rows)
+    path = _write_log(tmp_path / "log.csv", "csv", rows=rows)
+    dm = InteractionDataModule(InteractionLogSource(str(path)), min_interactions=1, max_seq_len=5, batch_size=4)
+    store = dm.store
+    batches = [*dm.train_dataloader(), *dm.val_dataloader(), *dm.test_dataloader()]
+    assert {type(b).__name__ for b in batches} == {"TrainBatch", "QueryBatch"}
+    for batch in batches:
+        assert batch.timestamps.shape == batch.input_ids.shape and batch.timestamps.dtype == torch.int64
+        for row, user in enumerate(batch.user_ids.tolist()):
+            expected = [time_of[int(store.user_raw_ids[user]), int(store.item_raw_ids[i])] if i else 0
+                        for i in batch.input_ids[row].tolist()]
+            assert batch.timestamps[row].tolist() == expected
+    # A source without times: no timestamps in the batches.
+    assert next(iter(synth_dm.train_dataloader())).timestamps is None
+    assert next(iter(synth_dm.val_dataloader())).timestamps is None

@@ -2,13 +2,18 @@
 ``class_path`` config through the CLI parser."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import LossRecorder, cpu_trainer, make_tiny_data, make_tiny_model
 from rails_lightning.cli import main
-from rails_lightning.errors import ConfigError
+from rails_lightning.errors import ConfigError, UserError
 from rails_lightning.models import HSTUEncoder, RetrievalModule
 
 B, L, D = 3, 10, 16
@@ -117,3 +122,88 @@ def test_class_path_spec_and_cli_config(tmp_path, monkeypatch, tiny_cli_args):
     hstu = cli.model.query_encoder
     assert isinstance(hstu, HSTUEncoder) and len(hstu.layers) == 3 and not hstu.normalize_output
     assert hstu.layers[0].uvqk.out_features == 2 * (2 * 6 + 2 * 4) and hstu.dim == 16
+
+
+def test_time_buckets_are_half_octaves_of_seconds():
+    model = encoder(time_bias_buckets=40)
+    seconds = torch.tensor([[0, 1, 3, 86_400, 31_536_000, 2**40]])  # 0 s, 1 s, 3 s, a day, a year, ~35,000 years
+    buckets = model.time_buckets(seconds)  # (1, 6, 6), |t_i - t_j|
+    assert buckets[0, :, 0].tolist() == [0, 2, 4, 32, 39, 39]  # floor(2 log2(1 + dt)); a year (49) and beyond clamp to 39
+    torch.testing.assert_close(buckets, buckets.transpose(1, 2))
+    with pytest.raises(ConfigError, match="time_bias_buckets"):
+        HSTUEncoder(D, 5, L, time_bias_buckets=-1)
+
+
+def test_time_bias_uses_the_times_causally_and_ignores_padding():
+    model = encoder(time_bias_buckets=64)
+    for layer in model.layers:  # a bias large enough to matter
+        torch.nn.init.normal_(layer.relative_time_bias, std=2.0)
+    history, is_item = left_padded([L, 7, 3])
+    times = torch.cumsum(torch.randint(1, 100_000, (3, L)), dim=1) * is_item
+    before = model(None, history, is_item, times)
+    assert torch.isfinite(before).all()
+    # Other gaps between the same items change the states.
+    spread = times * 3 * is_item
+    assert not torch.allclose(model(None, history, is_item, spread)[:, -1], before[:, -1])
+    # The times after position t never change the states at positions <= t.
+    for t in range(L - 1):
+        later = times.clone()
+        later[:, t + 1 :] += 10_000_000 * is_item[:, t + 1 :]
+        torch.testing.assert_close(model(None, history, is_item, later)[:, : t + 1], before[:, : t + 1], atol=1e-6, rtol=0)
+    # Whatever time sits at padding, real positions are unchanged.
+    garbage = torch.where(is_item, times, torch.randint(0, 2**40, times.shape))
+    torch.testing.assert_close(model(None, history, is_item, garbage)[is_item], before[is_item])
+    # Without the time bias the times are ignored.
+    plain = encoder()
+    torch.testing.assert_close(plain(None, history, is_item, spread), plain(None, history, is_item))
+
+
+def test_time_bias_without_timestamps_says_what_to_do():
+    history, is_item = left_padded([L, 2, 1])
+    with pytest.raises(UserError, match=r"time_bias_buckets=8\).*have none.*set time_bias_buckets: 0"):
+        encoder(time_bias_buckets=8)(None, history, is_item)
+
+
+def test_time_bias_gets_gradients():
+    model = encoder(time_bias_buckets=16).train()
+    history, is_item = left_padded([L, 6])
+    times = torch.cumsum(torch.randint(1, 1_000, (2, L)), dim=1) * is_item
+    model(None, history, is_item, times)[:, -1].sum().backward()
+    assert all(layer.relative_time_bias.grad.abs().sum() > 0 for layer in model.layers)
+
+
+def _env() -> dict:
+    return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_cli_fit_with_the_time_bias_on_a_timed_log_and_a_clear_error_without_times(tmp_path):
+    """A real `fit` of HSTU with its relative time bias on a csv log with times; the synthetic source (no
+    times) fails at once with one line that says what to change."""
+    rng = np.random.default_rng(0)
+    lines = ["user_id,item_id,timestamp"]
+    for user in range(120):
+        clock = 1_600_000_000 + np.cumsum(rng.integers(1, 5 * 86_400, size=12))
+        lines += [f"{user},{item},{when}" for item, when in zip(rng.choice(60, size=12, replace=False), clock)]
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(lines) + "\n")
+    hstu = ["--model.query_encoder=rails_lightning.models.HSTUEncoder", "--model.query_encoder.init_args.num_layers=1",
+            "--model.query_encoder.init_args.time_bias_buckets=16", "--model.item_dim=16", "--data.max_seq_len=12",
+            "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"]
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "rails_lightning", "fit", "--data.source=InteractionLogSource", f"--data.source.path={log}",
+         *hstu, f"--run_dir={run_dir}"],
+        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "finished" and 0 <= record["test"]["test/hr@10"] <= 1
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state["query_encoder.layers.0.relative_time_bias"].shape == (16,)
+    result = subprocess.run(
+        [sys.executable, "-m", "rails_lightning", "fit", *hstu, f"--run_dir={tmp_path / 'synthetic'}"],
+        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "rails_lightning: error: HSTUEncoder(time_bias_buckets=16) needs the time" in result.stderr

@@ -229,6 +229,7 @@ def test_configs_instantiate(config, tmp_path, monkeypatch):
     if "hstu_mol" in config:  # the RAILS reference's MoL options reached the similarity
         assert similarity.multiplicative_gate and similarity.user_component is not None and similarity.user_id_l2 == 0.1
         assert isinstance(similarity.item_components, nn.Linear) and cli.model.hparams.decay_all_parameters
+        assert cli.model.query_encoder.time_bias_buckets == 64  # the reference's HSTU has a relative time bias
 
 
 @torch.no_grad()

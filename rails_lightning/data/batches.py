@@ -16,6 +16,8 @@ class TrainBatch:
     user_ids: Tensor  # (B,) int64
     input_ids: Tensor  # (B, L) int64, left-padded with 0
     target_ids: Tensor  # (B, L) int64, 0 where there is no target
+    # Seconds of each input item, aligned with input_ids (0 at padding); None when the source has no timestamps.
+    timestamps: Tensor | None = None  # (B, L) int64
 
 
 @dataclass
@@ -27,6 +29,8 @@ class QueryBatch:
     targets: Tensor  # (B, T) int64, padded with 0
     exclude_offsets: Tensor  # (B + 1,) int64: query i excludes exclude_items[offsets[i]:offsets[i+1]]
     exclude_items: Tensor  # (E,) int64
+    # Seconds of each history item, aligned with input_ids (0 at padding); None when the source has no timestamps.
+    timestamps: Tensor | None = None  # (B, L) int64
 
     @property
     def exclusion(self) -> Exclusion:

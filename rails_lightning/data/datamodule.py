@@ -36,6 +36,7 @@ class _TrainSequences(Dataset):
 
     def __init__(self, store: SequenceStore, train_end: np.ndarray, max_seq_len: int) -> None:
         self.items, self.starts, self.ends, self.length = store.items, store.offsets[:-1], train_end, max_seq_len
+        self.timestamps = store.timestamps
         self.users = np.flatnonzero(train_end - self.starts >= 2)  # need one input and one target
 
     def __len__(self) -> int:
@@ -47,10 +48,14 @@ class _TrainSequences(Dataset):
         # Copies, not views of `window`: a strided batch tensor breaks `.view()` in the models.
         inputs = np.ascontiguousarray(window[:, :-1])
         targets = np.where(inputs > 0, window[:, 1:], 0)  # no target without at least one input item
+        timestamps = None
+        if self.timestamps is not None:  # the inputs' times: the window of L + 1 without its last (a target's)
+            timestamps = torch.from_numpy(last_window(self.timestamps, self.starts[users], self.ends[users] - 1, self.length))
         return TrainBatch(
             user_ids=torch.from_numpy(users),
             input_ids=torch.from_numpy(inputs),
             target_ids=torch.from_numpy(targets),
+            timestamps=timestamps,
         )
 
 
@@ -72,12 +77,16 @@ class _Queries(Dataset):
         exclude_offsets, exclude_items = gather_ranges(self.store.items, starts, history_end)
         # The history is excluded from the ranking, but never the query's own target(s).
         exclude_offsets, exclude_items = without_targets(exclude_offsets, exclude_items, targets, self.store.num_items)
+        timestamps = None
+        if self.store.timestamps is not None:  # the history's times, aligned with inputs
+            timestamps = torch.from_numpy(last_window(self.store.timestamps, starts, history_end, self.length))
         return QueryBatch(
             user_ids=torch.from_numpy(users),
             input_ids=torch.from_numpy(inputs),
             targets=torch.from_numpy(targets),
             exclude_offsets=torch.from_numpy(exclude_offsets),
             exclude_items=torch.from_numpy(exclude_items),
+            timestamps=timestamps,
         )
 
 

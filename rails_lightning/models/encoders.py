@@ -7,6 +7,9 @@ so one forward pass trains on every next item of a history (autoregressive
 training) and the last position is the query at evaluation time. Sequences are
 left-padded with item id 0, so the last position is always ``L - 1``.
 
+``timestamps`` (B, L), the seconds of each history item (0 at padding), is passed when the data
+has them and None otherwise; an encoder that does not use time ignores it.
+
 Encoders are built by the model, which passes the three data-dependent sizes
 (``dim``, ``num_users``, ``max_seq_len``); in YAML only their own options appear:
 
@@ -27,13 +30,13 @@ from rails_lightning.errors import ConfigError
 
 
 class QueryEncoder(nn.Module):
-    """Base class: ``forward(user_ids (B,), history (B, L, D), is_item (B, L)) -> (B, L, D)``."""
+    """Base class: ``forward(user_ids (B,), history (B, L, D), is_item (B, L), timestamps (B, L) or None) -> (B, L, D)``."""
 
     def __init__(self, dim: int, num_users: int, max_seq_len: int) -> None:
         super().__init__()
         self.dim, self.num_users, self.max_seq_len = dim, num_users, max_seq_len
 
-    def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor) -> Tensor:
+    def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor, timestamps: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
 
@@ -45,7 +48,7 @@ class UserIdEncoder(QueryEncoder):
         self.user_embedding = nn.Embedding(num_users, dim)
         nn.init.normal_(self.user_embedding.weight, std=0.02)
 
-    def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor) -> Tensor:
+    def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor, timestamps: Tensor | None = None) -> Tensor:
         return self.user_embedding(user_ids)[:, None, :].expand_as(history)  # (B, L, D)
 
 
@@ -60,7 +63,7 @@ class MeanPoolEncoder(QueryEncoder):
         super().__init__(dim, num_users, max_seq_len)
         self.projection = nn.Linear(dim, dim) if project else nn.Identity()
 
-    def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor) -> Tensor:
+    def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor, timestamps: Tensor | None = None) -> Tensor:
         weights = is_item.to(history.dtype)[..., None]  # (B, L, 1)
         running_sum = torch.cumsum(history * weights, dim=1)  # (B, L, D)
         running_count = torch.cumsum(weights, dim=1).clamp_min(1.0)  # (B, L, 1)
@@ -120,7 +123,7 @@ class SASRecEncoder(QueryEncoder):
         causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool).tril()
         self.register_buffer("causal", causal, persistent=False)
 
-    def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor) -> Tensor:
+    def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor, timestamps: Tensor | None = None) -> Tensor:
         B, L, D = history.shape
         positions = torch.arange(self.max_seq_len - L, self.max_seq_len, device=history.device)
         x = history * math.sqrt(D) + self.position_embedding(positions)  # (B, L, D)

@@ -31,9 +31,16 @@ The mask multiplies A (there is no softmax), so a padding row attends to nothing
 Y = 0, and produces no NaN. Padding positions are zeroed after every layer.
 
 Relative attention bias: one learned scalar per distance ``i - j`` in ``0 .. max_seq_len - 1``,
-shared by the heads (as in the reference implementation). The paper also adds a learned bias per
-bucket of log time difference between the items. Batches here carry no timestamps, so that
-**relative time bias is not implemented**: only the position bias is used.
+shared by the heads (as in the reference implementation). With ``time_bias_buckets > 0`` (and
+timestamps in the data), also one learned scalar per bucket of the time between the two items,
+
+    dt_ij    = |t_i - t_j|                                     # seconds, t_i the time of the item at i
+    bucket   = min(floor(2 * log2(1 + dt_ij)), buckets - 1)    # half-octaves: 1 s -> 2, 1 day -> 32, 1 year -> 49
+
+so that an item watched minutes before the query position can weigh differently from one watched
+years before, however many items lie between them. The paper buckets the log time difference too;
+its reference code measures it from the time of the *next* event (the request), this one from the
+query position's own latest item, which needs nothing from the target.
 
 Output: L2-normalised (``normalize_output=True``, as the HSTU/RAILS reference normalises its user
 embeddings) or passed through a final LayerNorm (``normalize_output=False``, as SASRecEncoder).
@@ -47,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rails_lightning.errors import ConfigError
+from rails_lightning.errors import ConfigError, UserError
 from rails_lightning.models.encoders import QueryEncoder
 
 
@@ -55,7 +62,15 @@ class HSTULayer(nn.Module):
     """One HSTU layer: pointwise projection, pointwise aggregated attention, gated output, residual."""
 
     def __init__(
-        self, dim: int, num_heads: int, qk_dim: int, v_dim: int, dropout: float, attention_dropout: float, max_seq_len: int
+        self,
+        dim: int,
+        num_heads: int,
+        qk_dim: int,
+        v_dim: int,
+        dropout: float,
+        attention_dropout: float,
+        max_seq_len: int,
+        time_bias_buckets: int = 0,
     ) -> None:
         super().__init__()
         self.num_heads, self.qk_dim, self.v_dim, self.max_seq_len = num_heads, qk_dim, v_dim, max_seq_len
@@ -64,6 +79,8 @@ class HSTULayer(nn.Module):
         self.uvqk = nn.Linear(dim, num_heads * (2 * v_dim + 2 * qk_dim), bias=False)
         nn.init.normal_(self.uvqk.weight, std=0.02)
         self.relative_position_bias = nn.Parameter(torch.empty(max_seq_len).normal_(std=0.02))  # one scalar per distance
+        # One scalar per bucket of log time difference (None without timestamps).
+        self.relative_time_bias = nn.Parameter(torch.empty(time_bias_buckets).normal_(std=0.02)) if time_bias_buckets else None
         self.attention_dropout = nn.Dropout(attention_dropout)
         self.attention_norm = nn.LayerNorm(num_heads * v_dim, elementwise_affine=False, eps=1e-6)
         self.output_dropout = nn.Dropout(dropout)
@@ -71,8 +88,8 @@ class HSTULayer(nn.Module):
         nn.init.xavier_uniform_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, attend: Tensor, distance: Tensor) -> Tensor:
-        """x (B, L, D), attend (B, 1, L, L) bool, distance (L, L) long -> (B, L, D)."""
+    def forward(self, x: Tensor, attend: Tensor, distance: Tensor, time_buckets: Tensor | None = None) -> Tensor:
+        """x (B, L, D), attend (B, 1, L, L) bool, distance (L, L) long, time buckets (B, L, L) long or None -> (B, L, D)."""
         B, L, _ = x.shape
         H, d_qk, d_v = self.num_heads, self.qk_dim, self.v_dim
         uvqk = F.silu(self.uvqk(self.input_norm(x)))  # (B, L, H * (2 d_v + 2 d_qk))
@@ -81,6 +98,8 @@ class HSTULayer(nn.Module):
         q = q.view(B, L, H, d_qk).transpose(1, 2)  # (B, H, L, d_qk)
         k = k.view(B, L, H, d_qk).transpose(1, 2)  # (B, H, L, d_qk)
         scores = q @ k.transpose(-2, -1) + self.relative_position_bias[distance]  # (B, H, L, L)
+        if self.relative_time_bias is not None:
+            scores = scores + self.relative_time_bias[time_buckets][:, None]  # (B, H, L, L), shared by the heads
         a = F.silu(scores) / self.max_seq_len * attend  # (B, H, L, L), zero where not attended
         a = self.attention_dropout(a)
         y = (a @ v).transpose(1, 2).reshape(B, L, H * d_v)  # (B, L, H * d_v)
@@ -100,8 +119,10 @@ class HSTUEncoder(QueryEncoder):
         attention_dropout: dropout on the attention weights A (the reference keeps this at 0).
         normalize_output: L2-normalise the output states (the reference HSTU's ``l2_norm``); if
             False, a final LayerNorm instead.
-
-    Relative time bias is not implemented: batches carry no timestamps (see the module docstring).
+        time_bias_buckets: 0 for the relative position bias alone; N > 0 adds a learned bias per
+            half-octave bucket of the time between two items (module docstring), N buckets, the
+            last catching everything longer (64 reaches 2^31.5 s, ~90 years). Needs timestamps in the data
+            (MovieLens, a log with a time column; not the synthetic sources).
     """
 
     def __init__(
@@ -116,8 +137,12 @@ class HSTUEncoder(QueryEncoder):
         dropout: float = 0.2,
         attention_dropout: float = 0.0,
         normalize_output: bool = True,
+        time_bias_buckets: int = 0,
     ) -> None:
         super().__init__(dim, num_users, max_seq_len)
+        if time_bias_buckets < 0:
+            raise ConfigError(f"time_bias_buckets must be >= 0 (0: no time bias), got {time_bias_buckets}")
+        self.time_bias_buckets = time_bias_buckets
         if not 1 <= num_heads <= dim:
             raise ConfigError(f"num_heads={num_heads} must be between 1 and the item dimension {dim} (--model.item_dim)")
         qk_dim, v_dim = qk_dim or dim // num_heads, v_dim or dim // num_heads
@@ -126,14 +151,29 @@ class HSTUEncoder(QueryEncoder):
         nn.init.normal_(self.position_embedding.weight, std=0.02)
         self.input_dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
-            HSTULayer(dim, num_heads, qk_dim, v_dim, dropout, attention_dropout, max_seq_len) for _ in range(num_layers)
+            HSTULayer(dim, num_heads, qk_dim, v_dim, dropout, attention_dropout, max_seq_len, time_bias_buckets)
+            for _ in range(num_layers)
         )
         self.final_norm = nn.Identity() if normalize_output else nn.LayerNorm(dim)
         positions = torch.arange(max_seq_len)
         self.register_buffer("distance", positions[:, None] - positions[None, :], persistent=False)  # (L, L), i - j
 
-    def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor) -> Tensor:
+    def time_buckets(self, timestamps: Tensor) -> Tensor:
+        """Seconds (B, L) -> the bucket of |t_i - t_j| for every pair (B, L, L), long."""
+        elapsed = (timestamps[:, :, None] - timestamps[:, None, :]).abs().double()  # (B, L, L), seconds
+        return (2.0 * torch.log2(1.0 + elapsed)).long().clamp_max(self.time_bias_buckets - 1)  # (B, L, L)
+
+    def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor, timestamps: Tensor | None = None) -> Tensor:
         B, L, D = history.shape
+        time_buckets = None
+        if self.time_bias_buckets:
+            if timestamps is None:
+                raise UserError(
+                    f"HSTUEncoder(time_bias_buckets={self.time_bias_buckets}) needs the time of each history item, and "
+                    "these batches have none (the data source has no timestamps, e.g. the synthetic ones, or a query "
+                    "given as bare item ids); set time_bias_buckets: 0"
+                )
+            time_buckets = self.time_buckets(timestamps)  # (B, L, L); pairs with padding are masked below
         positions = torch.arange(self.max_seq_len - L, self.max_seq_len, device=history.device)
         x = history * math.sqrt(D) + self.position_embedding(positions)  # (B, L, D)
         x = self.input_dropout(x) * is_item[..., None]  # (B, L, D), padding zeroed
@@ -143,7 +183,7 @@ class HSTUEncoder(QueryEncoder):
         attend = attend[:, None]  # (B, 1, L, L), broadcast over heads
         distance = distance.clamp_min(0)  # (L, L), future distances are masked anyway
         for layer in self.layers:
-            x = layer(x, attend, distance) * is_item[..., None]  # (B, L, D)
+            x = layer(x, attend, distance, time_buckets) * is_item[..., None]  # (B, L, D)
         if self.normalize_output:
             return F.normalize(x, dim=-1, eps=1e-6)  # (B, L, D), padding rows stay zero
         return self.final_norm(x)  # (B, L, D)

@@ -143,13 +143,13 @@ class RetrievalModule(pl.LightningModule):
             x = x + self.item_feature_projection(self.item_features[item_ids])
         return x
 
-    def encode_sequence(self, user_ids: Tensor, input_ids: Tensor) -> Tensor:
-        """(B,), (B, L) -> (B, L, D) causal query states."""
-        return self.query_encoder(user_ids, self.item_vectors(input_ids), input_ids > 0)
+    def encode_sequence(self, user_ids: Tensor, input_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """(B,), (B, L), (B, L) seconds or None -> (B, L, D) causal query states."""
+        return self.query_encoder(user_ids, self.item_vectors(input_ids), input_ids > 0, timestamps)
 
     def encode_queries(self, batch: QueryBatch) -> Any:
         """The query representation of each evaluation query (the last position of its history)."""
-        states = self.encode_sequence(batch.user_ids, batch.input_ids)[:, -1]  # (B, D)
+        states = self.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps)[:, -1]  # (B, D)
         return self.similarity.query_representation(states, batch.user_ids)
 
     def encode_items(self, item_ids: Tensor) -> Any:
@@ -214,7 +214,7 @@ class RetrievalModule(pl.LightningModule):
         self.objective.on_train_epoch_start(self)
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
-        states = self.encode_sequence(batch.user_ids, batch.input_ids)  # (B, L, D)
+        states = self.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps)  # (B, L, D)
         has_target = self.training_positions(batch.target_ids)  # (B, L), M positions
         positive_ids = batch.target_ids[has_target]  # (M,)
         negatives = self.objective.negatives(TrainingStep(self, batch, states, has_target, positive_ids))
