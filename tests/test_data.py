@@ -502,16 +502,18 @@ def test_movielens_ml1m_ordered_copy(tmp_path):
     # The shared ML-1M layout: order from seq_pos, timestamps partly missing.
     rows = ["user_id,movie_id,rating,timestamp,seq_pos,time_split"]
     rows += ["1,30,4,,1,train", "1,10,5,900,2,test", "1,20,3,,0,train", "2,10,4,500,1,val", "2,20,2,,0,train",
-             "2,30,4,950,2,test", "1,40,4,950,3,test"]
+             "2,30,4,950,2,test", "1,40,4,950,3,test",
+             "3,50,2,,0,train", "3,20,4,700,1,train", "3,30,1,,2,train", "3,10,4,800,3,train", "3,40,3,,4,train"]
     (tmp_path / "ratings_ordered.csv.gz").write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
     _write_ml1m(tmp_path / "m")
     (tmp_path / "m" / "movies.dat").rename(tmp_path / "movies.dat")
     log = MovieLensSource(variant="ml-1m", data_dir=str(tmp_path), download=False).load()
     assert log.name.endswith("ratings_ordered.csv.gz")
     store = build_sequences(log, min_interactions=1)
-    assert _raw_sequences(store) == {1: [20, 30, 10, 40], 2: [20, 10, 30]}
-    # Missing timestamps sit at the earliest known time on the global clock.
-    np.testing.assert_array_equal(store.timestamps, [500, 500, 900, 950, 500, 500, 950])
+    assert _raw_sequences(store) == {1: [20, 30, 10, 40], 2: [20, 10, 30], 3: [50, 20, 30, 10, 40]}
+    # A missing time takes the user's previous known one; before the first known one, that one if it is a
+    # training rating's (user 3), else the earliest known time of the log (users 1 and 2: val / test first).
+    np.testing.assert_array_equal(store.timestamps, [500, 500, 900, 950, 500, 500, 950, 700, 700, 700, 800, 800])
     assert log.item_titles[20] == "Heat (1995)"
 
 
@@ -873,3 +875,31 @@ def test_batches_carry_each_input_items_time(tmp_path, hf_cache, synth_dm):
     # A source without times: no timestamps in the batches.
     assert next(iter(synth_dm.train_dataloader())).timestamps is None
     assert next(iter(synth_dm.val_dataloader())).timestamps is None
+
+
+def test_shared_ml1m_missing_times_come_from_the_users_own_clock(shared_ml1m):
+    """The third of ML-1M's times that the shared copy lacks are filled per user: every user's times are
+    non-decreasing, the known ones are untouched, and the temporal split is the one the old rule (every
+    missing time at the log's earliest) gave."""
+    import dataclasses
+
+    import pandas as pd
+
+    path = SHARED_DATA / "ml-1m" / "ratings_ordered.csv.gz"
+    if not path.exists():
+        pytest.skip(f"{path} absent")
+    store = shared_ml1m.store
+    frame = pd.read_csv(path).sort_values(["user_id", "seq_pos"])  # the store's order: users ascending, then seq_pos
+    file_times = frame["timestamp"].to_numpy()
+    missing = np.isnan(file_times)
+    assert missing.sum() == 1_000_209 - 663_062
+    np.testing.assert_array_equal(store.timestamps[~missing], file_times[~missing].astype(np.int64))
+    same_user = np.repeat(np.arange(store.num_users), store.lengths)
+    step = np.diff(store.timestamps)[same_user[1:] == same_user[:-1]]
+    assert (step >= 0).all()
+    old_rule = np.where(missing, np.nanmin(file_times), file_times).astype(np.int64)
+    new, old = temporal_split(store), temporal_split(dataclasses.replace(store, timestamps=old_rule))
+    np.testing.assert_array_equal(new.train_end, old.train_end)
+    for stage in ("val", "test"):
+        for field in ("users", "history_end", "target_end"):
+            np.testing.assert_array_equal(getattr(getattr(new, stage), field), getattr(getattr(old, stage), field))

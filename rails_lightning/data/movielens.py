@@ -45,6 +45,33 @@ _ML100K_GENRES = [
 ]
 
 
+def _fill_missing_times(users: np.ndarray, order: np.ndarray, times: np.ndarray, in_train: np.ndarray) -> np.ndarray:
+    """Times (M,) with NaN where missing -> int64 seconds, each missing time filled from the same user's known ones.
+
+    Known times never decrease along a user's sequence (SOURCE.md), and the missing ones are training ratings:
+    a missing time takes the user's previous known time (a lower bound, so still in the training period); before
+    the user's first known time, that first known time if it is a training rating's, else the earliest known time
+    of the whole log. The user's times stay non-decreasing, the training period keeps every training rating, and
+    the gaps between a user's items stay those of their own clock (what HSTU's time bias reads)."""
+    M = len(times)
+    if M == 0 or np.isnan(times).all():
+        return np.zeros(M, dtype=np.int64)
+    by_sequence = np.lexsort((order, users))  # each user's ratings in seq_pos order
+    t, user, train = times[by_sequence], users[by_sequence], in_train[by_sequence]
+    known = ~np.isnan(t)
+    rows = np.arange(M)
+    previous = np.maximum.accumulate(np.where(known, rows, -1))  # latest known row at or before each row
+    following = np.minimum.accumulate(np.where(known, rows, M)[::-1])[::-1]  # earliest known row at or after
+    previous_ok = (previous >= 0) & (user[np.maximum(previous, 0)] == user)
+    following_ok = (following < M) & (user[np.minimum(following, M - 1)] == user) & train[np.minimum(following, M - 1)]
+    filled = np.where(previous_ok, t[np.maximum(previous, 0)], np.nan)
+    filled = np.where(~previous_ok & following_ok, t[np.minimum(following, M - 1)], filled)
+    filled = np.where(np.isnan(filled), np.nanmin(times), filled)
+    out = np.empty(M, dtype=np.int64)
+    out[by_sequence] = filled.astype(np.int64)
+    return out
+
+
 def _read_table(path: Path, sep: str, names: list[str], header: bool, encoding: str = "latin-1"):
     """Read a delimited file with pandas' C parser; multi-character separators are rewritten first.
 
@@ -176,12 +203,13 @@ class MovieLensSource(InteractionSource):
             header = 1
             frame = _read_table(path, ",", [], header=True)
             check_columns(str(path), list(frame.columns), ["user_id", "movie_id", "rating", "seq_pos", "timestamp"])
-            # A third of timestamps are missing, all of them early training ratings (SOURCE.md):
-            # the per-user order comes from seq_pos; for the global clock they sit at the earliest time.
+            # A third of timestamps are missing, all of them training ratings (SOURCE.md); the per-user
+            # order comes from seq_pos, and the missing times are filled from the user's own known ones.
             ts = number_column(str(path), "timestamp", frame["timestamp"], header, allow_missing=True)
-            known = ts[~np.isnan(ts)]
-            timestamps = np.where(np.isnan(ts), known.min() if len(known) else 0, ts).astype(np.int64)
             order = integer_column(str(path), "seq_pos", frame["seq_pos"].to_numpy(), header)
+            users = integer_column(str(path), "user_id", frame["user_id"].to_numpy(), header)
+            in_train = (frame["time_split"] == "train").to_numpy() if "time_split" in frame.columns else np.zeros(len(ts), bool)
+            timestamps = _fill_missing_times(users, order, ts, in_train)
         else:
             columns = ["user_id", "movie_id", "rating", "timestamp"]
             if self.variant == "ml-100k":
