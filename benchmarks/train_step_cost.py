@@ -4,7 +4,8 @@ Every variant is built by the CLI's own parser (`rails_lightning.cli.main(..., r
 embedded default plus its options, on the same data; the same training batches are fed to each in
 turn (one step of variant 1, one of variant 2, ..., then the next batch), so that a change of the
 machine's load hits all variants alike. A step is the module's `training_step`, the backward pass and
-an AdamW step. The first ``--warmup`` steps are not counted.
+an AdamW step, the forward under the variant's ``--trainer.precision`` (autocast for ``bf16-mixed``, as
+`fit` runs it). The first ``--warmup`` steps are not counted.
 
 Variants are given as ``NAME=OPTIONS`` (options as on the `fit` command line, separated by spaces);
 the first variant is the reference of the ratios:
@@ -43,13 +44,15 @@ def build(options: list[str]):
     datamodule.setup("fit")
     model.train()
     optimiser = model.configure_optimizers()
-    return model, optimiser, datamodule
+    # The trainer's precision (e.g. --trainer.precision=bf16-mixed) wraps the forward as `fit` would: autocast.
+    return model, optimiser, datamodule, cli.trainer.precision_plugin.train_step_context
 
 
-def timed_step(model, optimiser, batch, index: int) -> tuple[float, float, float]:
-    """Seconds of the forward (training_step), backward and optimiser step."""
+def timed_step(model, optimiser, batch, index: int, step_context) -> tuple[float, float, float]:
+    """Seconds of the forward (training_step, in the trainer's precision context), backward and optimiser step."""
     start = time.perf_counter()
-    loss = model.training_step(batch, index)
+    with step_context():
+        loss = model.training_step(batch, index)
     forward = time.perf_counter()
     loss.backward()
     backward = time.perf_counter()
@@ -113,8 +116,8 @@ def main_() -> None:
     times = {name: [] for name in [*built, *(floors if floor_sizes else ())]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(batches)} batches", flush=True)
     for index, batch in enumerate(batches):
-        for name, (model, optimiser, _) in built.items():
-            measured = timed_step(model, optimiser, batch, index)
+        for name, (model, optimiser, _, step_context) in built.items():
+            measured = timed_step(model, optimiser, batch, index, step_context)
             if index >= args.warmup:
                 times[name].append(measured)
         for name, dtype in floors.items() if floor_sizes else ():
