@@ -478,3 +478,19 @@ def test_linear_logit_gate_is_one_map_with_the_scale_in_training_and_retrieval()
     assert scale_gradient.abs() > 0
     with torch.no_grad():
         torch.testing.assert_close(similarity.cross(queries, items)[0], scores.detach())
+
+
+@pytest.mark.parametrize("model_name", ["TwoTower", "MoL"])
+def test_bf16_mixed_precision_fits_and_evaluates_on_the_full_corpus(tmp_path, model_name):
+    """`--trainer.precision=bf16-mixed`: queries come out of autocast in bfloat16, the corpus is encoded outside it;
+    the evaluation searches in float32 and gives the metrics of a float32 search over the same representations."""
+    torch.manual_seed(0)
+    data = make_tiny_data()
+    module = make_tiny_model(data, model_name)
+    fit = cpu_trainer(tmp_path, 1, [CorpusEvaluation(ks=(1, 10))], enable_checkpointing=False, limit_train_batches=4,
+                      precision="bf16-mixed")
+    fit.fit(module, datamodule=data)
+    hr10 = fit.callback_metrics["val/hr@10"]
+    assert torch.isfinite(hr10) and 0 < hr10 <= 1
+    float32 = cpu_trainer(tmp_path, 1, [CorpusEvaluation(ks=(1, 10))]).validate(module, datamodule=data, verbose=False)[0]
+    assert abs(float32["val/hr@10"] - float(hr10)) < 0.05  # the same model, queries encoded in float32
