@@ -424,8 +424,18 @@ def _differing_settings(differing: list[str], flat: dict[str, Any]) -> list[str]
         own = [k for k in differing if k.startswith(piece + ".init_args.") and flat.get(k) is not None]
         options = ", ".join(f"{k.rsplit('.', 1)[1]}={_param(flat[k])}" for k in own)
         settings.append(f"{piece.rsplit('.', 1)[-1]}={str(flat.get(piece + '.class_path')).rsplit('.', 1)[-1]}({options})")
-    settings += [f"{k}={_param(flat.get(k))}" for k in differing if not any(k.startswith(piece + ".") for piece in pieces)]
+    settings += [f"{k}={_param(_value_or_default(k, flat))}" for k in differing if not any(k.startswith(piece + ".") for piece in pieces)]
     return settings
+
+
+def _value_or_default(key: str, flat: dict[str, Any]) -> Any:
+    """A flat config's value at ``key``; where it is absent (unstated, or stripped as its class's default), the default
+    of the class that takes it (``model.query_encoder.init_args.x`` -> the default of ``x`` in the encoder's class)."""
+    if key in flat:
+        return flat[key]
+    piece, sep, option = key.rpartition(".init_args.")
+    class_path = flat.get(piece + ".class_path") if sep else None
+    return _class_defaults(class_path).get(option) if isinstance(class_path, str) else None
 
 
 def group_by_config(runs: Sequence[ReportedRun]) -> list[ConfigRow]:

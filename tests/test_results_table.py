@@ -191,3 +191,14 @@ def test_an_option_stated_at_its_default_groups_with_a_run_recorded_before_the_o
         ("ml-1m SASRec MoL (model.similarity.init_args.logit_gate_hidden_dim=0)", ["linear"]),
         ("ml-1m SASRec MoL (model.similarity.init_args.logit_gate_hidden_dim=None)", ["old", "new"]),
     ]
+
+
+def test_a_label_shows_the_class_default_of_an_option_a_run_does_not_state():
+    """An HSTU run recorded before `time_bias_buckets` existed is labelled with the option's default (0), not None."""
+    older, timed = _config(encoder="HSTUEncoder"), _config(encoder="HSTUEncoder", seed=1)
+    timed["model"]["query_encoder"]["init_args"]["time_bias_buckets"] = 64
+    rows = group_by_config([_run("old", older), _run("timed", timed)])
+    assert sorted(row.label for row in rows) == [
+        "ml-1m HSTU TwoTower (model.query_encoder.init_args.time_bias_buckets=0)",
+        "ml-1m HSTU TwoTower (model.query_encoder.init_args.time_bias_buckets=64)",
+    ]
