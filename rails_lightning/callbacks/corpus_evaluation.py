@@ -51,12 +51,12 @@ from rails_lightning.similarity import DotProduct
 RECALL_VS_EXACT_K = 100
 
 
-
 def _float32(representation: Any) -> Any:
     """A representation (a tensor or a tuple of tensors) with its floating-point tensors in float32."""
     if isinstance(representation, torch.Tensor):
         return representation.float() if representation.is_floating_point() else representation
     return type(representation)(*(_float32(field) for field in representation))
+
 
 class CorpusEvaluation(Callback):
     """Re-encode the corpus, retrieve the top K for every query, log HR/Recall/NDCG@K and MRR.

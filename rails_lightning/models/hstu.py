@@ -121,7 +121,7 @@ class HSTUEncoder(QueryEncoder):
             False, a final LayerNorm instead.
         time_bias_buckets: 0 for the relative position bias alone; N > 0 adds a learned bias per
             half-octave bucket of the time between two items (module docstring), N buckets, the
-            last catching everything longer (64 reaches 2^31.5 s, ~90 years). Needs timestamps in the data
+            last catching everything longer (bucket 63 starts at 2^31.5 s, ~96 years). Needs timestamps in the data
             (MovieLens, a log with a time column; not the synthetic sources).
     """
 
