@@ -112,15 +112,15 @@ def main_() -> None:
         batches.append(batch)
         if len(batches) == args.steps + args.warmup:
             break
-    floors = {"component logits alone, float32": torch.float32, "component logits alone, bfloat16": torch.bfloat16}
-    times = {name: [] for name in [*built, *(floors if floor_sizes else ())]}
+    floors = {"component logits alone, float32": torch.float32, "component logits alone, bfloat16": torch.bfloat16} if floor_sizes else {}
+    times = {name: [] for name in [*built, *floors]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(batches)} batches", flush=True)
     for index, batch in enumerate(batches):
         for name, (model, optimiser, _, step_context) in built.items():
             measured = timed_step(model, optimiser, batch, index, step_context)
             if index >= args.warmup:
                 times[name].append(measured)
-        for name, dtype in floors.items() if floor_sizes else ():
+        for name, dtype in floors.items():
             measured = timed_logits(batch, floor_sizes, dtype)
             if index >= args.warmup:
                 times[name].append(measured)

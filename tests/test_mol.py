@@ -482,8 +482,8 @@ def test_linear_logit_gate_is_one_map_with_the_scale_in_training_and_retrieval()
 
 @pytest.mark.parametrize("model_name", ["TwoTower", "MoL"])
 def test_bf16_mixed_precision_fits_and_evaluates_on_the_full_corpus(tmp_path, model_name):
-    """`--trainer.precision=bf16-mixed`: queries come out of autocast in bfloat16, the corpus is encoded outside it;
-    the evaluation searches in float32 and gives the metrics of a float32 search over the same representations."""
+    """`--trainer.precision=bf16-mixed`: the queries are encoded under autocast, the corpus outside it; the queries
+    leave `encode_queries` in float32, so the search works and gives about the metrics of a float32 validation."""
     torch.manual_seed(0)
     data = make_tiny_data()
     module = make_tiny_model(data, model_name)

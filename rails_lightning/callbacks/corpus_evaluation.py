@@ -51,13 +51,6 @@ from rails_lightning.similarity import DotProduct
 RECALL_VS_EXACT_K = 100
 
 
-def _float32(representation: Any) -> Any:
-    """A representation (a tensor or a tuple of tensors) with its floating-point tensors in float32."""
-    if isinstance(representation, torch.Tensor):
-        return representation.float() if representation.is_floating_point() else representation
-    return type(representation)(*(_float32(field) for field in representation))
-
-
 class CorpusEvaluation(Callback):
     """Re-encode the corpus, retrieve the top K for every query, log HR/Recall/NDCG@K and MRR.
 
@@ -152,7 +145,7 @@ class CorpusEvaluation(Callback):
             )
         started = time.perf_counter()
         with torch.no_grad():
-            items = _float32(self._encode_corpus(trainer, pl_module))
+            items = self._encode_corpus(trainer, pl_module)
             self.encode_seconds = time.perf_counter() - started
             started = time.perf_counter()
             self.retriever = pl_module.exact_retriever(items, self.options)
@@ -187,9 +180,6 @@ class CorpusEvaluation(Callback):
     # -- every batch: search and accumulate
     def _batch(self, batch: Any, queries: Any) -> None:
         started = time.perf_counter()
-        # Under mixed precision the queries come out of autocast (bfloat16 / float16) while the corpus was encoded
-        # outside it, in float32: search in float32.
-        queries = _float32(queries)
         exclude = batch.exclusion if self.exclude_history else None
         k = max(self.ks) if self.index_retriever is None else max(*self.ks, RECALL_VS_EXACT_K)
         _, ids = self.retriever.search(queries, k, exclude)

@@ -148,9 +148,10 @@ class RetrievalModule(pl.LightningModule):
         return self.query_encoder(user_ids, self.item_vectors(input_ids), input_ids > 0, timestamps)
 
     def encode_queries(self, batch: QueryBatch) -> Any:
-        """The query representation of each evaluation query (the last position of its history)."""
+        """The query representation of each evaluation query (the last position of its history), in float32: under
+        mixed precision the forward runs in autocast, the corpus is encoded outside it, and they must search together."""
         states = self.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps)[:, -1]  # (B, D)
-        return self.similarity.query_representation(states, batch.user_ids)
+        return _map_fields(self.similarity.query_representation(states, batch.user_ids), Tensor.float)
 
     def encode_items(self, item_ids: Tensor) -> Any:
         """Item ids (...,) -> the similarity's item representations."""
