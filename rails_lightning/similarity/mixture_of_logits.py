@@ -38,6 +38,10 @@ apart at initialisation.
   (optionally over the first ``load_balancing_negatives`` negatives only, a random subset since
   the negatives are drawn at random), weighted and added to the loss as ``load_balancing_loss``;
   logged with the gate entropy and the per-component usage.
+* Fused pair gate (``fused_pair_gate=True``, the linear additive pair gate only): on the CPU, the gate
+  arithmetic of the shared-negative training scores and of the exact top-k runs as one compiled kernel
+  (``fused_pair_gate.py``) that keeps each pair's P values in registers and recomputes them in the
+  backward, instead of a dozen passes over (M, R, P) tensors.
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ from torch import Tensor, nn
 
 from rails_lightning.errors import ConfigError
 
-from rails_lightning.losses import entropy, load_balancing_loss
+from rails_lightning.losses import entropy
 from rails_lightning.retrieval import SearchOptions, TopKRetriever
 from rails_lightning.retrieval.mol_topk import MoLExactTopK
 from rails_lightning.similarity.base import Auxiliary, Similarity
+from rails_lightning.similarity.fused_pair_gate import fused_pair_gate, load_kernel
 
 
 class MoLQueries(NamedTuple):
@@ -151,6 +156,13 @@ class MixtureOfLogits(Similarity):
             0 for all R. With the separable gate only these (M, this, P) gates are computed.
         bf16_scores: with the separable gate, compute the (P * D_P)-wide score matmul in bfloat16
             (float32 accumulation; the gate weights and the division stay float32).
+        fused_pair_gate: compute the pair gate with a fused CPU kernel (C++, compiled on first use with the
+            system compiler, ``g++``, for this CPU; ``rails_lightning/similarity/fused_pair_gate.py``): the
+            training scores against shared negatives and the exact top-k's scores. Needs the additive linear
+            pair gate (``logit_gate_hidden_dim: 0``, ``multiplicative_gate: false``) and P_Q x P_X a multiple
+            of 8. The gate dropout mask is then drawn by a hash of a seed from torch's generator rather than
+            by torch's ``bernoulli`` (the same distribution, other draws). Per-query and per-sequence
+            negatives, CUDA tensors, or a failed build (one warning) use the PyTorch ops.
         approximate_topk: a RAILS approximate top-k (``class_path`` of a class in
             ``rails_lightning.retrieval.mol_topk`` with its ``k_prime``), evaluated next to the
             exact top-k; None for exact only.
@@ -182,6 +194,7 @@ class MixtureOfLogits(Similarity):
         user_id_l2: float = 0.0,
         user_id_init_std: float = 1.0,
         multiplicative_gate: bool = False,
+        fused_pair_gate: bool = False,
         approximate_topk: ApproximateTopK | None = None,
     ) -> None:
         super().__init__(input_dim, num_users)
@@ -208,12 +221,21 @@ class MixtureOfLogits(Similarity):
             raise ConfigError(f"swiglu_query_components needs component_hidden_dim > 0, got {component_hidden_dim}")
         if multiplicative_gate and not gate_sees_logits:
             raise ConfigError("multiplicative_gate needs gate_sees_logits: true (a product gate is not separable)")
+        logit_hidden_dim = gate_hidden_dim if logit_gate_hidden_dim is None else logit_gate_hidden_dim
+        if fused_pair_gate and (not gate_sees_logits or multiplicative_gate or logit_hidden_dim > 0):
+            raise ConfigError(
+                "fused_pair_gate needs the additive linear pair gate: gate_sees_logits: true, multiplicative_gate: false, "
+                "logit_gate_hidden_dim: 0"
+            )
+        if fused_pair_gate and P % 8:
+            raise ConfigError(f"fused_pair_gate needs num_query_components x num_item_components a multiple of 8, got {P_Q} x {P_X}")
         self.load_balancing_weight = load_balancing_weight
         self.gate_sees_logits = gate_sees_logits
         self.load_balancing_negatives = load_balancing_negatives
         self.bf16_scores = bf16_scores
         self.user_id_l2 = user_id_l2
         self.multiplicative_gate = multiplicative_gate
+        self.fused_pair_gate = fused_pair_gate
         self.approximate_topk = approximate_topk
         query_mlp = _swiglu_mlp if swiglu_query_components else _mlp
         self.query_components = query_mlp(input_dim, component_hidden_dim, self.num_encoded_components * D_P)
@@ -228,7 +250,6 @@ class MixtureOfLogits(Similarity):
         self.query_gate = _mlp(input_dim, gate_hidden_dim, P)
         self.item_gate = _mlp(input_dim, gate_hidden_dim, P)
         # The per-pair part of the gate (None with the separable gate).
-        logit_hidden_dim = gate_hidden_dim if logit_gate_hidden_dim is None else logit_gate_hidden_dim
         self.logit_gate = _mlp(P, logit_hidden_dim, P) if gate_sees_logits else None
         self.logit_scale = nn.Parameter(torch.tensor(float(gate_logit_scale))) if gate_sees_logits else None
         self.gate_dropout = nn.Dropout(gate_dropout)
@@ -280,14 +301,35 @@ class MixtureOfLogits(Similarity):
         gates = torch.softmax(gate_logits, dim=-1)  # (..., P)
         return (self.gate_dropout(gates) * logits).sum(-1), gates
 
+    def _linear_pair_gate_weight(self) -> Tensor:
+        """(P, P) W + s I: the linear pair gate and the learned scale of the logits as one map."""
+        return torch.addcmul(self.logit_gate.weight, self.logit_scale, torch.eye(self.num_components, device=self.logit_scale.device))
+
     def _pair_gate_logits(self, logits: Tensor) -> Tensor:
         """The per-pair part of the gate logits, logit_gate(l) + s * l, of component logits (..., P)."""
         if isinstance(self.logit_gate, nn.Linear):  # linear: one map (W + s I) l + c, one pass over (..., P) instead of three
-            weight = torch.addcmul(self.logit_gate.weight, self.logit_scale, torch.eye(logits.shape[-1], device=logits.device))
-            return F.linear(logits, weight, self.logit_gate.bias)
+            return F.linear(logits, self._linear_pair_gate_weight(), self.logit_gate.bias)
         if torch.is_grad_enabled():
             return self.logit_gate(logits) + self.logit_scale * logits
         return self.logit_gate(logits).add_(logits, alpha=float(self.logit_scale))
+
+    def _fused_kernel(self, tensor: Tensor):
+        """The fused pair-gate kernel where it applies (``fused_pair_gate``, CPU tensors, built), else None."""
+        if not self.fused_pair_gate or tensor.device.type != "cpu":
+            return None
+        return load_kernel(self.num_query_components, self.num_item_components)
+
+    def fused_cross(self, kernel, queries: MoLQueries, items: MoLItems, stat_items: int) -> tuple[Tensor, Tensor, Tensor]:
+        """M queries x R items through the fused kernel -> scores (M, R), and over the pairs of the first
+        ``stat_items`` items the sums of the gates (P,) and of their entropies ()."""
+        (M, P_Q, D_P), R, P_X = queries.components.shape, items.components.shape[0], self.num_item_components
+        # The component matmul's output as it is, (M, P_Q, R, P_X): the kernel reads it without a permute.
+        logits = (queries.components.reshape(M * P_Q, D_P) @ items.components.reshape(R * P_X, D_P).T).view(M, P_Q, R, P_X)
+        dropout = self.gate_dropout.p if self.gate_dropout.training else 0.0
+        return fused_pair_gate(
+            kernel, logits, queries.gate_logits, items.gate_logits, self._linear_pair_gate_weight(), self.logit_gate.bias,
+            stat_items, dropout,
+        )  # fmt: skip
 
     def cross(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
         """M queries x R items -> scores (M, R), gates (M, R, P)."""
@@ -349,6 +391,12 @@ class MixtureOfLogits(Similarity):
 
     def cross_scores(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Auxiliary]:
         balanced = slice(0, self.load_balancing_negatives or None)  # the negatives whose gates are balanced
+        kernel = self._fused_kernel(queries.components)
+        if kernel is not None:
+            M, R = queries.gate_logits.shape[0], items.gate_logits.shape[0]
+            balanced_items = min(self.load_balancing_negatives or R, R)
+            scores, gate_sum, entropy_sum = self.fused_cross(kernel, queries, items, balanced_items)  # (M, R), (P,), ()
+            return scores, self._auxiliary(gate_sum / (M * balanced_items), entropy_sum / (M * balanced_items), queries)
         if self.gate_sees_logits:
             scores, gates = self.cross(queries, items)  # (M, R), (M, R, P)
             gates = gates[:, balanced]  # (M, R_b, P)
@@ -370,11 +418,16 @@ class MixtureOfLogits(Similarity):
     def auxiliary(self, gates: Tensor, queries: MoLQueries) -> Auxiliary:
         """The load-balancing loss and gate statistics of training gates (..., P), and the user-id L2 penalty of
         the queries they were scored for."""
-        balance = load_balancing_loss(gates)  # -H(usage) + mean H(pi)
-        usage = gates.detach().reshape(-1, gates.shape[-1]).mean(0)  # (P,) share of the gate mass of each component
+        flat = gates.reshape(-1, gates.shape[-1])  # (pairs, P)
+        return self._auxiliary(flat.mean(0), entropy(flat).mean(), queries)
+
+    def _auxiliary(self, usage: Tensor, mean_entropy: Tensor, queries: MoLQueries) -> Auxiliary:
+        """The same from the mean gate (P,), each component's share of the gate mass, and the mean gate entropy ()."""
+        balance = -entropy(usage) + mean_entropy  # the negative mutual information, losses.load_balancing_loss
+        usage = usage.detach()
         statistics = {
             "load_balancing": balance.detach(),
-            "gate_entropy": balance.detach() + entropy(usage),  # mean H(pi), without a second pass over the gates
+            "gate_entropy": mean_entropy.detach(),
             # exp(H(usage)): how many components the batch uses, P when perfectly balanced.
             "gate_effective_components": entropy(usage).exp(),
             "gate_usage_max": usage.max(),
@@ -389,6 +442,9 @@ class MixtureOfLogits(Similarity):
 
     def scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
         """M queries x R items -> scores (M, R) only, the cheapest way (the exact top-k's scoring)."""
+        kernel = self._fused_kernel(queries.components)
+        if kernel is not None:
+            return self.fused_cross(kernel, queries, items, stat_items=0)[0]
         return self.cross(queries, items)[0] if self.gate_sees_logits else self.separable_cross_scores(queries, items)
 
     def exact_retriever(self, items: MoLItems, options: SearchOptions) -> TopKRetriever:

@@ -1,0 +1,284 @@
+// The per-pair part of Mixture-of-Logits with a linear pair gate, fused: for every (query m, item r)
+// pair, from its P = NQ * NX component logits l,
+//
+//     g  = W l + c + a_m + b_r                (gate logits; W already holds the learned scale: W + s I)
+//     pi = softmax(g)                         (gate)
+//     s  = sum_p keep_p pi_p l_p              (score; keep_p = 0 or 1 / (1 - dropout), the gate dropout)
+//
+// plus, over the pairs with r < stat_items, the sums of pi (the components' usage) and of H(pi) (for the
+// load-balancing loss), and the backward of all of it. Each pair's 32 or so values stay in registers: the
+// PyTorch version makes a dozen passes over (M, R, P) tensors of hundreds of MB, which is what makes MoL's
+// training step many times a two-tower step on a CPU. The backward recomputes g and pi instead of storing
+// them, and the dropout mask is a hash of (seed, pair, component), so nothing of size (M, R, P) is kept.
+//
+// Built by rails_lightning/similarity/fused_pair_gate.py with -DNQ=.. -DNX=.. (P a multiple of 8).
+// Layouts (row-major): logits (M, NQ, R, NX), the matmul's own output, read without a permute; a (M, P);
+// b (R, P); c (P); W and Wt = W^T (P, P); scores (M, R). Logits and their gradient are float or bfloat16.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#ifndef NQ
+#define NQ 8
+#endif
+#ifndef NX
+#define NX 4
+#endif
+#define NP (NQ * NX)
+#define NV (NP / 8)  // 8-float vectors per pair
+#define RB 4         // pairs processed together: 4 independent FMA chains per weight load
+static_assert(NP % 8 == 0, "P must be a multiple of 8");
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+static inline v8 bcast(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+static inline v8 load8(const float *p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, v8 v) { std::memcpy(p, &v, sizeof v); }
+static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// e^x for x <= 0 as 2^n p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6 Taylor polynomial
+// (relative error below 2e-7); x below -87 counts as -87 (e^-87 ~ 1.6e-38, near the smallest normal float).
+static inline v8 exp_nonpositive(v8 x) {
+    x = x < bcast(-87.f) ? bcast(-87.f) : x;
+    const v8i n = __builtin_convertvector(x * bcast(1.44269504f) - bcast(0.5f), v8i);  // rounds, as x <= 0
+    const v8 nf = __builtin_convertvector(n, v8);
+    const v8 r = (x - nf * bcast(0.693359375f)) - nf * bcast(-2.12194440e-4f);  // ln 2 in two parts
+    v8 p = bcast(1.f / 720.f);
+    p = p * r + bcast(1.f / 120.f);
+    p = p * r + bcast(1.f / 24.f);
+    p = p * r + bcast(1.f / 6.f);
+    p = p * r + bcast(0.5f);
+    p = p * r + bcast(1.f);
+    p = p * r + bcast(1.f);
+    const v8i bits = (n + 127) << 23;
+    v8 two_n;
+    std::memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+static inline uint32_t hash32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+static inline v8u hash32(v8u x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+
+static inline float to_float(float x) { return x; }
+static inline float to_float(uint16_t x) { uint32_t bits = uint32_t(x) << 16; float f; std::memcpy(&f, &bits, 4); return f; }
+static inline void from_float(float x, float *out) { *out = x; }
+static inline void from_float(float x, uint16_t *out) {  // round to nearest even (finite inputs)
+    uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    *out = uint16_t((bits + 0x7fffU + ((bits >> 16) & 1U)) >> 16);
+}
+
+struct Gate {  // the inputs shared by every pair
+    int64_t M, R, stat_items;
+    const float *a, *b, *c, *W, *Wt;
+    uint32_t seed, threshold;  // a component is dropped when its hash is below threshold (0: never)
+    float keep_scale;          // 1 / (1 - dropout)
+};
+
+// Component logits of the nb (<= RB) pairs (m, r0 .. r0 + nb - 1) from the (M, NQ, R, NX) layout.
+template <typename T>
+static inline __attribute__((always_inline)) void load_logits(const int nb, const T *L, const Gate &s, int64_t m, int64_t r0, float l[RB][NP]) {
+    for (int i = 0; i < NQ; ++i) {
+        const T *row = L + ((m * NQ + i) * s.R + r0) * NX;
+        for (int q = 0; q < nb; ++q)
+            for (int j = 0; j < NX; ++j) l[q][i * NX + j] = to_float(row[q * NX + j]);
+    }
+}
+
+// Gate logits g, gate pi, log-sum-exp and keep weights of the nb pairs.
+static inline __attribute__((always_inline)) void gate_block(const int nb, const Gate &s, int64_t m, int64_t r0, const float l[RB][NP],
+                                                             v8 g[RB][NV], v8 pi[RB][NV], v8 keep[RB][NV], float lse[RB]) {
+    for (int q = 0; q < nb; ++q)
+        for (int v = 0; v < NV; ++v) g[q][v] = load8(s.c + 8 * v) + load8(s.a + m * NP + 8 * v) + load8(s.b + (r0 + q) * NP + 8 * v);
+    for (int k = 0; k < NP; ++k) {
+        v8 w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = load8(s.Wt + k * NP + 8 * v);  // W[:, k]
+        for (int q = 0; q < nb; ++q) {
+            const v8 lk = bcast(l[q][k]);
+            for (int v = 0; v < NV; ++v) g[q][v] += w[v] * lk;
+        }
+    }
+    const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int q = 0; q < nb; ++q) {
+        v8 vmax = g[q][0];
+        for (int v = 1; v < NV; ++v) vmax = g[q][v] > vmax ? g[q][v] : vmax;
+        float top = vmax[0];
+        for (int i = 1; i < 8; ++i) top = vmax[i] > top ? vmax[i] : top;
+        v8 vsum = bcast(0.f);
+        for (int v = 0; v < NV; ++v) { pi[q][v] = exp_nonpositive(g[q][v] - bcast(top)); vsum += pi[q][v]; }
+        const float total = hsum(vsum);
+        for (int v = 0; v < NV; ++v) pi[q][v] *= bcast(1.f / total);
+        lse[q] = top + std::log(total);
+        const uint64_t pair = uint64_t(m) * uint64_t(s.R) + uint64_t(r0 + q);
+        const uint32_t base = hash32(s.seed ^ uint32_t(pair * 0x9e3779b9U) ^ hash32(uint32_t(pair >> 32)));
+        for (int v = 0; v < NV; ++v) {
+            const v8u h = hash32((base + (lane + uint32_t(8 * v)) * 0x85ebca6bU));
+            keep[q][v] = h >= s.threshold ? bcast(s.keep_scale) : bcast(0.f);
+        }
+    }
+}
+
+template <typename T>
+static inline __attribute__((always_inline)) void forward_block(const int nb, const T *L, const Gate &s, int64_t m, int64_t r0,
+                                                                float *scores, v8 usage[NV], v8 &entropy) {
+    float l[RB][NP];
+    v8 g[RB][NV], pi[RB][NV], keep[RB][NV];
+    float lse[RB];
+    load_logits(nb, L, s, m, r0, l);
+    gate_block(nb, s, m, r0, l, g, pi, keep, lse);
+    for (int q = 0; q < nb; ++q) {
+        v8 score = bcast(0.f), pi_g = bcast(0.f);
+        for (int v = 0; v < NV; ++v) score += pi[q][v] * keep[q][v] * load8(l[q] + 8 * v);
+        scores[m * s.R + r0 + q] = hsum(score);
+        if (r0 + q < s.stat_items) {
+            for (int v = 0; v < NV; ++v) { pi_g += pi[q][v] * g[q][v]; usage[v] += pi[q][v]; }
+            entropy += bcast(lse[q] / 8.f) - pi_g;  // H(pi) = lse - sum_p pi_p g_p, summed over the lanes later
+        }
+    }
+}
+
+template <typename T>
+static void forward(const T *L, const Gate &s, float *scores, double *usage_out, double *entropy_out, int num_threads) {
+    double usage_all[NP] = {0};
+    double entropy_all = 0.0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        double usage[NP] = {0};
+        double entropy = 0.0;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < s.M; ++m) {
+            v8 row_usage[NV];
+            v8 row_entropy = bcast(0.f);
+            for (int v = 0; v < NV; ++v) row_usage[v] = bcast(0.f);
+            int64_t r = 0;
+            for (; r + RB <= s.R; r += RB) forward_block(RB, L, s, m, r, scores, row_usage, row_entropy);
+            for (; r < s.R; ++r) forward_block(1, L, s, m, r, scores, row_usage, row_entropy);
+            for (int v = 0; v < NV; ++v)
+                for (int i = 0; i < 8; ++i) usage[8 * v + i] += row_usage[v][i];
+            entropy += hsum(row_entropy);
+        }
+#pragma omp critical
+        {
+            for (int p = 0; p < NP; ++p) usage_all[p] += usage[p];
+            entropy_all += entropy;
+        }
+    }
+    for (int p = 0; p < NP; ++p) usage_out[p] = usage_all[p];
+    *entropy_out = entropy_all;
+}
+
+struct Upstream {  // gradients of the forward's outputs
+    const float *scores;  // (M, R)
+    const float *usage;   // (P,)
+    float entropy;
+};
+
+template <typename T>
+static inline __attribute__((always_inline)) void backward_block(const int nb, const T *L, const Gate &s, const Upstream &up, int64_t m,
+                                                                 int64_t r0, T *dL, v8 da[NV], float *db, float *dWt) {
+    float l[RB][NP];
+    v8 g[RB][NV], pi[RB][NV], keep[RB][NV], dg[RB][NV], dl[RB][NV];
+    float lse[RB];
+    load_logits(nb, L, s, m, r0, l);
+    gate_block(nb, s, m, r0, l, g, pi, keep, lse);
+    for (int q = 0; q < nb; ++q) {
+        const v8 dscore = bcast(up.scores[m * s.R + r0 + q]);
+        const bool stats = r0 + q < s.stat_items;
+        v8 dpi[NV], pi_dpi = bcast(0.f);
+        for (int v = 0; v < NV; ++v) {
+            dpi[v] = dscore * keep[q][v] * load8(l[q] + 8 * v);
+            if (stats)  // d usage_p / d pi_p = 1; d H / d pi_p = -(log pi_p + 1)
+                dpi[v] += load8(up.usage + 8 * v) - bcast(up.entropy) * (g[q][v] - bcast(lse[q] - 1.f));
+            pi_dpi += pi[q][v] * dpi[v];
+        }
+        const v8 mean = bcast(hsum(pi_dpi));
+        float *db_row = db + (r0 + q) * NP;
+        for (int v = 0; v < NV; ++v) {
+            dg[q][v] = pi[q][v] * (dpi[v] - mean);  // softmax backward
+            da[v] += dg[q][v];
+            store8(db_row + 8 * v, load8(db_row + 8 * v) + dg[q][v]);
+            dl[q][v] = dscore * keep[q][v] * pi[q][v];
+        }
+    }
+    float dg_flat[RB][NP];
+    std::memcpy(dg_flat, dg, sizeof dg_flat);
+    for (int p = 0; p < NP; ++p) {  // dl += W^T dg
+        v8 w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = load8(s.W + p * NP + 8 * v);  // W[p, :]
+        for (int q = 0; q < nb; ++q) {
+            const v8 d = bcast(dg_flat[q][p]);
+            for (int v = 0; v < NV; ++v) dl[q][v] += w[v] * d;
+        }
+    }
+    for (int k = 0; k < NP; ++k) {  // dW^T[k, :] += l_k dg
+        v8 dw[NV];
+        for (int v = 0; v < NV; ++v) dw[v] = load8(dWt + k * NP + 8 * v);
+        for (int q = 0; q < nb; ++q) {
+            const v8 lk = bcast(l[q][k]);
+            for (int v = 0; v < NV; ++v) dw[v] += lk * dg[q][v];
+        }
+        for (int v = 0; v < NV; ++v) store8(dWt + k * NP + 8 * v, dw[v]);
+    }
+    float dl_flat[RB][NP];
+    std::memcpy(dl_flat, dl, sizeof dl_flat);
+    for (int i = 0; i < NQ; ++i) {
+        T *row = dL + ((m * NQ + i) * s.R + r0) * NX;
+        for (int q = 0; q < nb; ++q)
+            for (int j = 0; j < NX; ++j) from_float(dl_flat[q][i * NX + j], row + q * NX + j);
+    }
+}
+
+// Writes dL and da; adds into db and dWt (zeroed by the caller).
+template <typename T>
+static void backward(const T *L, const Gate &s, const Upstream &up, T *dL, float *da, float *db, float *dWt, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *db_local = static_cast<float *>(std::calloc(size_t(s.R) * NP, sizeof(float)));
+        float *dWt_local = static_cast<float *>(std::calloc(NP * NP, sizeof(float)));
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < s.M; ++m) {
+            v8 da_row[NV];
+            for (int v = 0; v < NV; ++v) da_row[v] = bcast(0.f);
+            int64_t r = 0;
+            for (; r + RB <= s.R; r += RB) backward_block(RB, L, s, up, m, r, dL, da_row, db_local, dWt_local);
+            for (; r < s.R; ++r) backward_block(1, L, s, up, m, r, dL, da_row, db_local, dWt_local);
+            for (int v = 0; v < NV; ++v) store8(da + m * NP + 8 * v, da_row[v]);
+        }
+#pragma omp critical
+        {
+            for (int64_t i = 0; i < s.R * NP; ++i) db[i] += db_local[i];
+            for (int i = 0; i < NP * NP; ++i) dWt[i] += dWt_local[i];
+        }
+        std::free(db_local);
+        std::free(dWt_local);
+    }
+}
+
+#define ENTRY_POINTS(SUFFIX, T)                                                                                              \
+    extern "C" void pair_gate_forward_##SUFFIX(int64_t M, int64_t R, int64_t stat_items, const T *L, const float *a,         \
+                                               const float *b, const float *c, const float *W, const float *Wt,              \
+                                               uint32_t seed, uint32_t threshold, float keep_scale, float *scores,           \
+                                               double *usage, double *entropy, int num_threads) {                            \
+        const Gate s{M, R, stat_items, a, b, c, W, Wt, seed, threshold, keep_scale};                                         \
+        forward(L, s, scores, usage, entropy, num_threads);                                                                  \
+    }                                                                                                                        \
+    extern "C" void pair_gate_backward_##SUFFIX(int64_t M, int64_t R, int64_t stat_items, const T *L, const float *a,        \
+                                                const float *b, const float *c, const float *W, const float *Wt,             \
+                                                uint32_t seed, uint32_t threshold, float keep_scale, const float *dscores,   \
+                                                const float *dusage, float dentropy, T *dL, float *da, float *db,            \
+                                                float *dWt, int num_threads) {                                               \
+        const Gate s{M, R, stat_items, a, b, c, W, Wt, seed, threshold, keep_scale};                                         \
+        backward(L, s, Upstream{dscores, dusage, dentropy}, dL, da, db, dWt, num_threads);                                   \
+    }
+
+ENTRY_POINTS(float32, float)
+ENTRY_POINTS(bfloat16, uint16_t)

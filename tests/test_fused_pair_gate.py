@@ -1,0 +1,194 @@
+"""The fused pair-gate kernel (``MixtureOfLogits(fused_pair_gate=True)``): the same scores, load-balancing loss and
+gradients as the PyTorch ops, a gate dropout of the right rate that the backward reproduces, bfloat16 logits, the
+fallback without a compiler, the config checks, and a real fit under bf16-mixed."""
+
+import functools
+
+import pytest
+import torch
+
+from conftest import LossRecorder, cpu_trainer, make_tiny_data
+from rails_lightning.callbacks import CorpusEvaluation
+from rails_lightning.errors import ConfigError
+from rails_lightning.models import MeanPoolEncoder, RetrievalModule
+from rails_lightning.objectives import SharedNegatives
+from rails_lightning.similarity import MixtureOfLogits
+from rails_lightning.similarity import fused_pair_gate as fused
+
+D, NUM_USERS = 16, 10
+
+
+def _pair(P_Q=4, P_X=2, **options):
+    """The same MoL twice, PyTorch ops and fused kernel, with identical weights."""
+    torch.manual_seed(0)
+    options = {"component_dim": 8, "gate_hidden_dim": 5, "logit_gate_hidden_dim": 0, "gate_logit_scale": 0.5, **options}
+    reference = MixtureOfLogits(D, NUM_USERS, P_Q, P_X, **options)
+    kernel = MixtureOfLogits(D, NUM_USERS, P_Q, P_X, fused_pair_gate=True, **options)
+    kernel.load_state_dict(reference.state_dict())
+    with torch.no_grad():  # a non-trivial pair gate: the identity-free part and its bias matter
+        for similarity in (reference, kernel):
+            similarity.logit_gate.weight.copy_(torch.randn(similarity.logit_gate.weight.shape, generator=torch.Generator().manual_seed(1)))
+            similarity.logit_gate.bias.copy_(torch.linspace(-1, 1, similarity.num_components))
+    return reference, kernel
+
+
+def _inputs(M=7, R=13, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, D, generator=g).requires_grad_(), torch.randn(R, D, generator=g).requires_grad_(), torch.zeros(M, dtype=torch.long)
+
+
+def _training_outputs(similarity, states, vectors, users, upstream):
+    """Scores, load-balancing loss and every gradient of a weighted sum of them."""
+    scores, auxiliary = similarity.cross_scores(similarity.query_representation(states, users), similarity.item_representation(vectors))
+    loss = (scores * upstream).sum() + 10 * auxiliary.losses["load_balancing_loss"]
+    parameters = dict(similarity.named_parameters())
+    grads = torch.autograd.grad(loss, [states, vectors, *parameters.values()])
+    return scores, auxiliary, dict(zip(["states", "vectors", *parameters], grads))
+
+
+def test_kernel_builds_on_this_machine():
+    """CI and these machines have g++: the kernel must build here, or every test below would test the fallback."""
+    assert fused.load_kernel(4, 2) is not None
+
+
+@pytest.mark.parametrize("balanced_negatives", [0, 5])
+@pytest.mark.parametrize("sizes", [(4, 2), (8, 4)])
+def test_training_scores_loss_and_gradients_equal_the_pytorch_ops(sizes, balanced_negatives):
+    reference, kernel = _pair(*sizes, gate_dropout=0.0, load_balancing_negatives=balanced_negatives)
+    states, vectors, users = _inputs()
+    upstream = torch.randn(7, 13, generator=torch.Generator().manual_seed(3))
+    scores, auxiliary, grads = _training_outputs(reference, states, vectors, users, upstream)
+    fused_scores, fused_auxiliary, fused_grads = _training_outputs(kernel, states, vectors, users, upstream)
+    torch.testing.assert_close(fused_scores, scores)
+    for name in ("load_balancing", "gate_entropy", "gate_usage_max", "gate_usage_min", "gate_effective_components"):
+        torch.testing.assert_close(fused_auxiliary.statistics[name], auxiliary.statistics[name], msg=name)
+    torch.testing.assert_close(fused_auxiliary.losses["load_balancing_loss"], auxiliary.losses["load_balancing_loss"])
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0 or name.startswith("user_component"), name
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_retrieval_scores_equal_the_pytorch_ops():
+    """The exact top-k's scoring (no gradient, no dropout) goes through the kernel too."""
+    reference, kernel = _pair(8, 4)
+    reference.eval(), kernel.eval()
+    states, vectors, users = _inputs(M=5, R=301)
+    with torch.inference_mode():
+        queries, items = reference.query_representation(states, users), reference.item_representation(vectors)
+        torch.testing.assert_close(kernel.scores(queries, items), reference.scores(queries, items))
+
+
+def test_bfloat16_logits_match_float32_to_bfloat16_precision():
+    """Under bf16-mixed the component matmul gives bfloat16 logits: the kernel reads and writes them as such."""
+    _, kernel = _pair(8, 4, gate_dropout=0.0)
+    states, vectors, users = _inputs(M=9, R=40)
+    upstream = torch.randn(9, 40)
+    scores, _, grads = _training_outputs(kernel, states, vectors, users, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_scores, _, bf16_grads = _training_outputs(kernel, states, vectors, users, upstream)
+    assert bf16_scores.dtype == torch.float32
+    torch.testing.assert_close(bf16_scores, scores, rtol=0.05, atol=0.02)
+    torch.testing.assert_close(bf16_grads["states"].float(), grads["states"], rtol=0.1, atol=0.05)
+
+
+def test_gate_dropout_rate_and_scale():
+    """Uniform gates over P logits all equal to 1: a pair's score is (kept components / P) / (1 - p), so the
+    kept share is read off each score; it must be a whole number of components, about 1 - p of them, and
+    the mean score about 1 (dropout without renormalising keeps the expectation)."""
+    P_Q, P_X, M, R, p = 4, 2, 64, 500, 0.25
+    kernel = fused.load_kernel(P_Q, P_X)
+    logits = torch.ones(M, P_Q, R, P_X)
+    torch.manual_seed(0)
+    scores, _, _ = fused.fused_pair_gate(kernel, logits, torch.zeros(M, 8), torch.zeros(R, 8), torch.zeros(8, 8), torch.zeros(8), 0, p)
+    kept = scores * (1 - p) * 8  # (M, R) kept components per pair
+    torch.testing.assert_close(kept, kept.round(), atol=1e-4, rtol=0)
+    assert abs(float(kept.mean()) / 8 - (1 - p)) < 0.01
+    assert abs(float(scores.mean()) - 1.0) < 0.015
+    assert kept.min() < 8 and kept.max() == 8  # some pairs lose components, some none
+    assert (scores[0] != scores[1]).any()  # different pairs, different masks
+
+
+def test_backward_reproduces_the_forward_dropout_mask():
+    """The directional derivative by finite differences (same torch seed, so the same mask) equals the analytic one:
+    the backward recomputes the forward's mask from its hash instead of drawing another."""
+    P_Q, P_X, M, R = 4, 2, 6, 50
+    kernel = fused.load_kernel(P_Q, P_X)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(M, P_Q, R, P_X, generator=g, dtype=torch.float32)
+    direction = torch.randn(logits.shape, generator=g)
+    query, item, weight, bias = torch.randn(M, 8, generator=g), torch.randn(R, 8, generator=g), torch.randn(8, 8, generator=g), torch.zeros(8)
+
+    def total(values):
+        torch.manual_seed(5)
+        return fused.fused_pair_gate(kernel, values, query, item, weight, bias, R, 0.5)[0].sum()
+
+    point = logits.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(total(point), point)
+    eps = 1e-2
+    numeric = (total(logits + eps * direction) - total(logits - eps * direction)) / (2 * eps)
+    analytic = (gradient * direction).sum()
+    assert abs(float(numeric - analytic)) < 0.02 * abs(float(analytic)) + 0.05
+    # and the mask really drops something: without dropout the derivative is another
+    torch.manual_seed(5)
+    undropped = fused.fused_pair_gate(kernel, point, query, item, weight, bias, R, 0.0)[0].sum()
+    (plain,) = torch.autograd.grad(undropped, point)
+    assert abs(float((plain * direction).sum() - analytic)) > 0.1
+
+
+def test_without_a_compiler_it_warns_once_and_uses_the_pytorch_ops(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("RAILS_LIGHTNING_CACHE", str(tmp_path))
+    fused.load_kernel.cache_clear()
+    try:
+        reference, kernel = _pair(gate_dropout=0.0)
+        states, vectors, users = _inputs()
+        with pytest.warns(UserWarning, match="cannot run the compiler"):
+            fused_scores, _ = kernel.cross_scores(kernel.query_representation(states, users), kernel.item_representation(vectors))
+        scores, _ = reference.cross_scores(reference.query_representation(states, users), reference.item_representation(vectors))
+        torch.testing.assert_close(fused_scores, scores)
+    finally:
+        fused.load_kernel.cache_clear()
+
+
+def test_a_failing_build_warns_with_the_compiler_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAILS_LIGHTNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(fused, "FLAGS", (*fused.FLAGS, "-DNO_SUCH_MACRO", "--no-such-flag"))
+    fused.load_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="compiling pair_gate.cpp failed"):
+            assert fused.load_kernel(4, 2) is None
+        assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left to be loaded later
+    finally:
+        fused.load_kernel.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"logit_gate_hidden_dim": 8}, "additive linear pair gate"),
+        ({"logit_gate_hidden_dim": 0, "multiplicative_gate": True}, "additive linear pair gate"),
+        ({"logit_gate_hidden_dim": 0, "gate_sees_logits": False}, "additive linear pair gate"),
+        ({"logit_gate_hidden_dim": 0, "num_query_components": 3, "num_item_components": 2}, "multiple of 8"),
+    ],
+)
+def test_options_are_checked(options, message):
+    with pytest.raises(ConfigError, match=message):
+        MixtureOfLogits(D, NUM_USERS, **{"num_query_components": 4, "num_item_components": 2, **options}, fused_pair_gate=True)
+
+
+def test_bf16_mixed_fit_with_the_fused_gate_learns_and_evaluates(tmp_path):
+    """A real Trainer fit: loss falls over the epochs and the full-corpus metrics come out (exact top-k through the kernel)."""
+    torch.manual_seed(0)
+    data = make_tiny_data()
+    module = RetrievalModule(
+        data.num_items, data.num_users, data.max_seq_len, item_dim=16, query_encoder=MeanPoolEncoder,
+        objective=functools.partial(SharedNegatives, num_negatives=32),
+        similarity=functools.partial(MixtureOfLogits, num_query_components=4, num_item_components=2, component_dim=8,
+                                     logit_gate_hidden_dim=0, fused_pair_gate=True),
+    )  # fmt: skip
+    losses = LossRecorder()
+    trainer = cpu_trainer(tmp_path, 3, [CorpusEvaluation(ks=(1, 10)), losses], enable_checkpointing=False, precision="bf16-mixed")
+    trainer.fit(module, datamodule=data)
+    assert losses.losses[-1] < losses.losses[0]
+    assert 0 < float(trainer.callback_metrics["val/hr@10"]) <= 1
+    assert torch.isfinite(trainer.callback_metrics["train/load_balancing_loss"])
