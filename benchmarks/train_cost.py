@@ -4,8 +4,9 @@ Both models are built by the CLI's own parser (`rails_lightning.cli.main(..., ru
 the embedded default, MoL with `--config configs/synthetic/mol.yaml` on top: the same synthetic
 data, SASRec encoder, batch size, negatives and optimiser, only the similarity differs. Each is
 fitted for a few epochs with the per-epoch full-corpus evaluation of the default (no logger, no
-checkpoints); the two alternate in rounds, so that the machine's noise hits both alike. Glibc's
-malloc is set as `python -m rails_lightning fit` sets it.
+checkpoints), in the precision its options ask for (``--trainer.precision``); the two alternate in
+rounds, so that the machine's noise hits both alike. Glibc's malloc is set as `python -m rails_lightning
+fit` sets it.
 
 Reported per round and as medians: seconds per epoch (training steps + the epoch's validation),
 of which training, and the ratio MoL / two-tower. The first epoch of every fit is a warm-up and is
@@ -61,6 +62,7 @@ def epoch_seconds(cli_args: list[str], epochs: int) -> tuple[float, float]:
             max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
             callbacks=[CorpusEvaluation(ks=(1, 10, 50, 200)), timer],
+            precision=cli.trainer.precision,  # e.g. --trainer.precision=bf16-mixed among the MoL options
         )
         trainer.fit(cli.model, datamodule=cli.datamodule)
     counted = timer.epochs[1:]

@@ -18,17 +18,18 @@ from rails_lightning.similarity import fused_pair_gate as fused
 D, NUM_USERS = 16, 10
 
 
-def _pair(P_Q=4, P_X=2, **options):
-    """The same MoL twice, PyTorch ops and fused kernel, with identical weights."""
+def _pair(P_Q=4, P_X=2, perturb=True, **options):
+    """The same MoL twice, PyTorch ops and fused kernel, with identical weights (the pair gate's drawn N(0, 1)
+    unless not ``perturb``)."""
     torch.manual_seed(0)
     options = {"component_dim": 8, "gate_hidden_dim": 5, "logit_gate_hidden_dim": 0, "gate_logit_scale": 0.5, **options}
     reference = MixtureOfLogits(D, NUM_USERS, P_Q, P_X, **options)
     kernel = MixtureOfLogits(D, NUM_USERS, P_Q, P_X, fused_pair_gate=True, **options)
+    with torch.no_grad():  # a pair gate far from its initialisation: every weight and bias matters
+        generator = torch.Generator().manual_seed(1)
+        for parameter in reference.logit_gate.parameters() if perturb else ():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
     kernel.load_state_dict(reference.state_dict())
-    with torch.no_grad():  # a non-trivial pair gate: the identity-free part and its bias matter
-        for similarity in (reference, kernel):
-            similarity.logit_gate.weight.copy_(torch.randn(similarity.logit_gate.weight.shape, generator=torch.Generator().manual_seed(1)))
-            similarity.logit_gate.bias.copy_(torch.linspace(-1, 1, similarity.num_components))
     return reference, kernel
 
 
@@ -51,10 +52,12 @@ def test_kernel_builds_on_this_machine():
     assert fused.load_kernel(4, 2) is not None
 
 
+@pytest.mark.parametrize("pair_gate_hidden", [0, 16])
 @pytest.mark.parametrize("balanced_negatives", [0, 5])
 @pytest.mark.parametrize("sizes", [(4, 2), (8, 4)])
-def test_training_scores_loss_and_gradients_equal_the_pytorch_ops(sizes, balanced_negatives):
-    reference, kernel = _pair(*sizes, gate_dropout=0.0, load_balancing_negatives=balanced_negatives)
+def test_training_scores_loss_and_gradients_equal_the_pytorch_ops(sizes, balanced_negatives, pair_gate_hidden):
+    """Linear (hidden 0) and MLP pair gates; the gate statistics of all negatives or of the first 5."""
+    reference, kernel = _pair(*sizes, gate_dropout=0.0, load_balancing_negatives=balanced_negatives, logit_gate_hidden_dim=pair_gate_hidden)
     states, vectors, users = _inputs()
     upstream = torch.randn(7, 13, generator=torch.Generator().manual_seed(3))
     scores, auxiliary, grads = _training_outputs(reference, states, vectors, users, upstream)
@@ -68,9 +71,10 @@ def test_training_scores_loss_and_gradients_equal_the_pytorch_ops(sizes, balance
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_retrieval_scores_equal_the_pytorch_ops():
+@pytest.mark.parametrize("pair_gate_hidden", [0, 16])
+def test_retrieval_scores_equal_the_pytorch_ops(pair_gate_hidden):
     """The exact top-k's scoring (no gradient, no dropout) goes through the kernel too."""
-    reference, kernel = _pair(8, 4)
+    reference, kernel = _pair(8, 4, logit_gate_hidden_dim=pair_gate_hidden)
     reference.eval(), kernel.eval()
     states, vectors, users = _inputs(M=5, R=301)
     with torch.inference_mode():
@@ -78,9 +82,11 @@ def test_retrieval_scores_equal_the_pytorch_ops():
         torch.testing.assert_close(kernel.scores(queries, items), reference.scores(queries, items))
 
 
-def test_bfloat16_logits_match_float32_to_bfloat16_precision():
-    """Under bf16-mixed the component matmul gives bfloat16 logits: the kernel reads and writes them as such."""
-    _, kernel = _pair(8, 4, gate_dropout=0.0)
+@pytest.mark.parametrize("pair_gate_hidden", [0, 16])
+def test_bfloat16_logits_match_float32_to_bfloat16_precision(pair_gate_hidden):
+    """Under bf16-mixed the component matmul gives bfloat16 logits: the kernel reads and writes them as such (the
+    initialised weights: N(0, 1) pair-gate weights turn bfloat16 rounding of the heads into large gate changes)."""
+    _, kernel = _pair(8, 4, perturb=False, gate_dropout=0.0, logit_gate_hidden_dim=pair_gate_hidden)
     states, vectors, users = _inputs(M=9, R=40)
     upstream = torch.randn(9, 40)
     scores, _, grads = _training_outputs(kernel, states, vectors, users, upstream)
@@ -165,10 +171,10 @@ def test_a_failing_build_warns_with_the_compiler_error(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"logit_gate_hidden_dim": 8}, "additive linear pair gate"),
-        ({"logit_gate_hidden_dim": 0, "multiplicative_gate": True}, "additive linear pair gate"),
-        ({"logit_gate_hidden_dim": 0, "gate_sees_logits": False}, "additive linear pair gate"),
-        ({"logit_gate_hidden_dim": 0, "num_query_components": 3, "num_item_components": 2}, "multiple of 8"),
+        ({"logit_gate_hidden_dim": 12}, "hidden width a multiple of 8"),
+        ({"multiplicative_gate": True}, "additive pair gate"),
+        ({"gate_sees_logits": False}, "additive pair gate"),
+        ({"num_query_components": 3, "num_item_components": 2}, "multiple of 8"),
     ],
 )
 def test_options_are_checked(options, message):
@@ -176,7 +182,8 @@ def test_options_are_checked(options, message):
         MixtureOfLogits(D, NUM_USERS, **{"num_query_components": 4, "num_item_components": 2, **options}, fused_pair_gate=True)
 
 
-def test_bf16_mixed_fit_with_the_fused_gate_learns_and_evaluates(tmp_path):
+@pytest.mark.parametrize("pair_gate_hidden", [0, 16])
+def test_bf16_mixed_fit_with_the_fused_gate_learns_and_evaluates(tmp_path, pair_gate_hidden):
     """A real Trainer fit: loss falls over the epochs and the full-corpus metrics come out (exact top-k through the kernel)."""
     torch.manual_seed(0)
     data = make_tiny_data()
@@ -184,7 +191,7 @@ def test_bf16_mixed_fit_with_the_fused_gate_learns_and_evaluates(tmp_path):
         data.num_items, data.num_users, data.max_seq_len, item_dim=16, query_encoder=MeanPoolEncoder,
         objective=functools.partial(SharedNegatives, num_negatives=32),
         similarity=functools.partial(MixtureOfLogits, num_query_components=4, num_item_components=2, component_dim=8,
-                                     logit_gate_hidden_dim=0, fused_pair_gate=True),
+                                     logit_gate_hidden_dim=pair_gate_hidden, fused_pair_gate=True),
     )  # fmt: skip
     losses = LossRecorder()
     trainer = cpu_trainer(tmp_path, 3, [CorpusEvaluation(ks=(1, 10)), losses], enable_checkpointing=False, precision="bf16-mixed")

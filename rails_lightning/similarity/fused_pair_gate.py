@@ -1,12 +1,13 @@
-"""MoL's linear pair gate as one fused CPU kernel (``pair_gate.cpp``), built on first use.
+"""MoL's pair gate as one fused CPU kernel (``pair_gate.cpp``), built on first use.
 
 ``MixtureOfLogits(fused_pair_gate=True)`` scores M queries x R items through ``fused_pair_gate``: for each
-(query, item) pair, gate logits W l + c + a + b from its P component logits l, softmax, gate dropout and the
-mixture, in registers, instead of a dozen PyTorch passes over (M, R, P) tensors; the backward recomputes
-them. Shape legend as in ``mixture_of_logits``: M queries, R items, P_Q / P_X query / item components,
-P = P_Q * P_X.
+(query, item) pair, the gate logits from its P component logits l (W l + c + a + b with the linear pair gate,
+plus V2 silu(V1 l + e1) with the MLP one), softmax, gate dropout and the mixture, in registers, instead of a
+dozen PyTorch passes over (M, R, P) tensors; the backward recomputes them. Shape legend as in
+``mixture_of_logits``: M queries, R items, P_Q / P_X query / item components, P = P_Q * P_X, H the MLP pair
+gate's hidden width.
 
-The kernel is compiled once per (P_Q, P_X) with the system C++ compiler (``$CXX`` or ``g++``, with OpenMP)
+The kernel is compiled once per (P_Q, P_X, H) with the system C++ compiler (``$CXX`` or ``g++``, with OpenMP)
 for this machine's CPU into ``$RAILS_LIGHTNING_CACHE`` (default ``~/.cache/rails_lightning``) and loaded
 with ctypes; ``load_kernel`` returns None, with one warning, where that fails, and the similarity falls
 back to the PyTorch ops.
@@ -46,20 +47,21 @@ def cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def load_kernel(num_query_components: int, num_item_components: int) -> ctypes.CDLL | None:
-    """The compiled kernel for P_Q x P_X components, built on first use; None (and a warning) if it cannot be."""
+def load_kernel(num_query_components: int, num_item_components: int, hidden_dim: int = 0) -> ctypes.CDLL | None:
+    """The compiled kernel for P_Q x P_X components and an H-wide MLP pair gate (0: linear), built on first use;
+    None (and a warning) if it cannot be."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         warnings.warn("fused_pair_gate: no C++ compiler (set CXX or install g++); using the PyTorch ops", stacklevel=2)
         return None
-    defines = (f"-DNQ={num_query_components}", f"-DNX={num_item_components}")
+    defines = (f"-DNQ={num_query_components}", f"-DNX={num_item_components}", f"-DNH={hidden_dim}")
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         warnings.warn(f"fused_pair_gate: cannot run the compiler {compiler!r} ({error}); using the PyTorch ops", stacklevel=2)
         return None
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *defines, version, _cpu_signature()]).encode()).hexdigest()[:16]
-    library = cache_dir() / f"pair_gate_{num_query_components}x{num_item_components}_{key}.so"
+    library = cache_dir() / f"pair_gate_{num_query_components}x{num_item_components}h{hidden_dim}_{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # built aside, then renamed: safe for parallel processes
@@ -75,10 +77,10 @@ def load_kernel(num_query_components: int, num_item_components: int) -> ctypes.C
     i64, u32, f32, ptr, i32 = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     for dtype in ("float32", "bfloat16"):
         forward = getattr(kernel, f"pair_gate_forward_{dtype}")
-        forward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, u32, u32, f32, ptr, ptr, ptr, i32]
+        forward.argtypes = [i64, i64, i64, *[ptr] * 11, u32, u32, f32, ptr, ptr, ptr, i32]
         forward.restype = None
         backward = getattr(kernel, f"pair_gate_backward_{dtype}")
-        backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, u32, u32, f32, ptr, ptr, f32, ptr, ptr, ptr, ptr, i32]
+        backward.argtypes = [i64, i64, i64, *[ptr] * 11, u32, u32, f32, ptr, ptr, f32, *[ptr] * 7, i32]
         backward.restype = None
     return kernel
 
@@ -88,39 +90,49 @@ def _dropout_threshold(dropout: float) -> int:
     return min(round(dropout * 2**32), 2**32 - 1)
 
 
+def _address(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
 class _PairGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, query_gate_logits, item_gate_logits, weight, bias, kernel, stat_items, dropout, seed):
+    def forward(ctx, logits, query_gate_logits, item_gate_logits, weight, bias, hidden_weight, hidden_bias, output_weight,
+                kernel, stat_items, dropout, seed):  # fmt: skip
         M, P_Q, R, P_X = logits.shape
         P = P_Q * P_X
-        weight_t = weight.t().contiguous()
+        mlp = hidden_weight is not None
+        transposed = [None if w is None else w.t().contiguous() for w in (weight, hidden_weight, output_weight)]
         scores = logits.new_empty((M, R), dtype=torch.float32)
         usage = torch.zeros(P, dtype=torch.float64)
         entropy = torch.zeros((), dtype=torch.float64)
         dtype = "bfloat16" if logits.dtype == torch.bfloat16 else "float32"
-        gate = (M, R, stat_items, logits.data_ptr(), query_gate_logits.data_ptr(), item_gate_logits.data_ptr(), bias.data_ptr(),
-                weight.data_ptr(), weight_t.data_ptr(), seed, _dropout_threshold(dropout), 1.0 / (1.0 - dropout))  # fmt: skip
+        gate = [M, R, stat_items, *map(_address, (logits, query_gate_logits, item_gate_logits, bias, weight, transposed[0],
+                hidden_weight, transposed[1], hidden_bias, output_weight, transposed[2])),
+                seed, _dropout_threshold(dropout), 1.0 / (1.0 - dropout)]  # fmt: skip
         getattr(kernel, f"pair_gate_forward_{dtype}")(*gate, scores.data_ptr(), usage.data_ptr(), entropy.data_ptr(), torch.get_num_threads())
-        ctx.save_for_backward(logits, query_gate_logits, item_gate_logits, weight, weight_t, bias)
-        ctx.kernel, ctx.dtype, ctx.stat_items, ctx.dropout, ctx.seed = kernel, dtype, stat_items, dropout, seed
+        ctx.save_for_backward(logits, query_gate_logits, item_gate_logits, weight, bias, *(hidden_weight, hidden_bias, output_weight) if mlp else ())
+        ctx.transposed, ctx.gate, ctx.kernel, ctx.dtype = transposed, gate, kernel, dtype
         return scores, usage.float(), entropy.float()
 
     @staticmethod
     def backward(ctx, dscores, dusage, dentropy):
-        logits, query_gate_logits, item_gate_logits, weight, weight_t, bias = ctx.saved_tensors
-        M, _, R, _ = logits.shape
+        logits, query_gate_logits, item_gate_logits, weight = ctx.saved_tensors[:4]
+        hidden_weight, hidden_bias, output_weight = ctx.saved_tensors[5:] if len(ctx.saved_tensors) > 5 else (None, None, None)
         dscores, dusage = dscores.float().contiguous(), dusage.float().contiguous()
         dlogits = torch.empty_like(logits)
         dquery = torch.empty_like(query_gate_logits)
         ditem = torch.zeros_like(item_gate_logits)
         dweight_t = torch.zeros_like(weight)
-        gate = (M, R, ctx.stat_items, logits.data_ptr(), query_gate_logits.data_ptr(), item_gate_logits.data_ptr(), bias.data_ptr(),
-                weight.data_ptr(), weight_t.data_ptr(), ctx.seed, _dropout_threshold(ctx.dropout), 1.0 / (1.0 - ctx.dropout))  # fmt: skip
+        dhidden_t = None if hidden_weight is None else torch.zeros_like(ctx.transposed[1])  # (P, H)
+        doutput_t = None if output_weight is None else torch.zeros_like(ctx.transposed[2])  # (H, P)
+        dhidden_bias = None if hidden_bias is None else torch.zeros_like(hidden_bias)
         getattr(ctx.kernel, f"pair_gate_backward_{ctx.dtype}")(
-            *gate, dscores.data_ptr(), dusage.data_ptr(), float(dentropy), dlogits.data_ptr(), dquery.data_ptr(),
-            ditem.data_ptr(), dweight_t.data_ptr(), torch.get_num_threads(),
+            *ctx.gate, dscores.data_ptr(), dusage.data_ptr(), float(dentropy),
+            *map(_address, (dlogits, dquery, ditem, dweight_t, dhidden_t, doutput_t, dhidden_bias)), torch.get_num_threads(),
         )  # fmt: skip
-        return dlogits, dquery, ditem, dweight_t.t(), dquery.sum(0), None, None, None, None
+        transpose = lambda gradient: None if gradient is None else gradient.t()  # noqa: E731
+        return (dlogits, dquery, ditem, dweight_t.t(), dquery.sum(0), transpose(dhidden_t), dhidden_bias, transpose(doutput_t),
+                None, None, None, None)  # fmt: skip
 
 
 def fused_pair_gate(
@@ -132,21 +144,28 @@ def fused_pair_gate(
     bias: Tensor,
     stat_items: int,
     dropout: float,
+    hidden: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Linear-pair-gate MoL scores of M queries x R items, and the gate statistics the load-balancing loss needs.
+    """MoL scores of M queries x R items, and the gate statistics the load-balancing loss needs.
 
     Args:
+        kernel: ``load_kernel(P_Q, P_X, H)``, H the width of ``hidden`` (0 without).
         logits: (M, P_Q, R, P_X) component logits, float32 or bfloat16 (the component matmul's output as it is).
         query_gate_logits: (M, P); item_gate_logits: (R, P).
-        weight: (P, P), the pair gate's linear map with the learned scale on its diagonal; bias: (P,).
+        weight: (P, P), the linear map of the logits into the gate logits (the linear pair gate with the learned
+            scale on its diagonal; with the MLP pair gate the scale times the identity); bias: (P,).
         stat_items: the gate statistics cover the pairs of the first this-many items.
         dropout: gate dropout probability (0 outside training).
+        hidden: the MLP pair gate's (H, P) first weight, (H,) first bias and (P, H) second weight (its second bias
+            is ``bias``); None for the linear pair gate.
 
     Returns: scores (M, R); the sum over the counted pairs of the gates (P,) and of their entropies ().
     The dropout mask is a hash of (a seed drawn from torch's generator, pair, component).
     """
     seed = int(torch.randint(0, 2**32, (), dtype=torch.int64)) if dropout > 0 else 0
+    hidden_weight, hidden_bias, output_weight = (None, None, None) if hidden is None else (h.float().contiguous() for h in hidden)
     return _PairGate.apply(
         logits.contiguous(), query_gate_logits.float().contiguous(), item_gate_logits.float().contiguous(),
-        weight.float().contiguous(), bias.float().contiguous(), kernel, stat_items, dropout, seed,
+        weight.float().contiguous(), bias.float().contiguous(), hidden_weight, hidden_bias, output_weight,
+        kernel, stat_items, dropout, seed,
     )  # fmt: skip

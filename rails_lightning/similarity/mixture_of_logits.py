@@ -38,7 +38,7 @@ apart at initialisation.
   (optionally over the first ``load_balancing_negatives`` negatives only, a random subset since
   the negatives are drawn at random), weighted and added to the loss as ``load_balancing_loss``;
   logged with the gate entropy and the per-component usage.
-* Fused pair gate (``fused_pair_gate=True``, the linear additive pair gate only): on the CPU, the gate
+* Fused pair gate (``fused_pair_gate=True``, the additive pair gate, linear or MLP): on the CPU, the gate
   arithmetic of the shared-negative training scores and of the exact top-k runs as one compiled kernel
   (``fused_pair_gate.py``) that keeps each pair's P values in registers and recomputes them in the
   backward, instead of a dozen passes over (M, R, P) tensors.
@@ -158,9 +158,9 @@ class MixtureOfLogits(Similarity):
             (float32 accumulation; the gate weights and the division stay float32).
         fused_pair_gate: compute the pair gate with a fused CPU kernel (C++, compiled on first use with the
             system compiler, ``g++``, for this CPU; ``rails_lightning/similarity/fused_pair_gate.py``): the
-            training scores against shared negatives and the exact top-k's scores. Needs the additive linear
-            pair gate (``logit_gate_hidden_dim: 0``, ``multiplicative_gate: false``) and P_Q x P_X a multiple
-            of 8. The gate dropout mask is then drawn by a hash of a seed from torch's generator rather than
+            training scores against shared negatives and the exact top-k's scores. Needs the additive pair gate
+            (``gate_sees_logits: true``, ``multiplicative_gate: false``), P_Q x P_X and the pair gate's hidden
+            width (0 for the linear one) multiples of 8. The gate dropout mask is then drawn by a hash of a seed from torch's generator rather than
             by torch's ``bernoulli`` (the same distribution, other draws). Per-query and per-sequence
             negatives, CUDA tensors, or a failed build (one warning) use the PyTorch ops.
         approximate_topk: a RAILS approximate top-k (``class_path`` of a class in
@@ -222,13 +222,12 @@ class MixtureOfLogits(Similarity):
         if multiplicative_gate and not gate_sees_logits:
             raise ConfigError("multiplicative_gate needs gate_sees_logits: true (a product gate is not separable)")
         logit_hidden_dim = gate_hidden_dim if logit_gate_hidden_dim is None else logit_gate_hidden_dim
-        if fused_pair_gate and (not gate_sees_logits or multiplicative_gate or logit_hidden_dim > 0):
-            raise ConfigError(
-                "fused_pair_gate needs the additive linear pair gate: gate_sees_logits: true, multiplicative_gate: false, "
-                "logit_gate_hidden_dim: 0"
-            )
+        if fused_pair_gate and (not gate_sees_logits or multiplicative_gate):
+            raise ConfigError("fused_pair_gate needs the additive pair gate: gate_sees_logits: true, multiplicative_gate: false")
         if fused_pair_gate and P % 8:
             raise ConfigError(f"fused_pair_gate needs num_query_components x num_item_components a multiple of 8, got {P_Q} x {P_X}")
+        if fused_pair_gate and logit_hidden_dim % 8:
+            raise ConfigError(f"fused_pair_gate needs the pair gate's hidden width a multiple of 8 (or 0), got {logit_hidden_dim}")
         self.load_balancing_weight = load_balancing_weight
         self.gate_sees_logits = gate_sees_logits
         self.load_balancing_negatives = load_balancing_negatives
@@ -251,6 +250,7 @@ class MixtureOfLogits(Similarity):
         self.item_gate = _mlp(input_dim, gate_hidden_dim, P)
         # The per-pair part of the gate (None with the separable gate).
         self.logit_gate = _mlp(P, logit_hidden_dim, P) if gate_sees_logits else None
+        self.logit_gate_hidden_dim = max(logit_hidden_dim, 0)
         self.logit_scale = nn.Parameter(torch.tensor(float(gate_logit_scale))) if gate_sees_logits else None
         self.gate_dropout = nn.Dropout(gate_dropout)
 
@@ -317,7 +317,7 @@ class MixtureOfLogits(Similarity):
         """The fused pair-gate kernel where it applies (``fused_pair_gate``, CPU tensors, built), else None."""
         if not self.fused_pair_gate or tensor.device.type != "cpu":
             return None
-        return load_kernel(self.num_query_components, self.num_item_components)
+        return load_kernel(self.num_query_components, self.num_item_components, self.logit_gate_hidden_dim)
 
     def fused_cross(self, kernel, queries: MoLQueries, items: MoLItems, stat_items: int) -> tuple[Tensor, Tensor, Tensor]:
         """M queries x R items through the fused kernel -> scores (M, R), and over the pairs of the first
@@ -326,9 +326,16 @@ class MixtureOfLogits(Similarity):
         # The component matmul's output as it is, (M, P_Q, R, P_X): the kernel reads it without a permute.
         logits = (queries.components.reshape(M * P_Q, D_P) @ items.components.reshape(R * P_X, D_P).T).view(M, P_Q, R, P_X)
         dropout = self.gate_dropout.p if self.gate_dropout.training else 0.0
+        if isinstance(self.logit_gate, nn.Linear):
+            return fused_pair_gate(
+                kernel, logits, queries.gate_logits, items.gate_logits, self._linear_pair_gate_weight(), self.logit_gate.bias,
+                stat_items, dropout,
+            )  # fmt: skip
+        hidden, output = self.logit_gate[0], self.logit_gate[2]  # Linear(P, H), SiLU, Linear(H, P)
+        scale = self.logit_scale * torch.eye(self.num_components, device=logits.device)  # (P, P), s l
         return fused_pair_gate(
-            kernel, logits, queries.gate_logits, items.gate_logits, self._linear_pair_gate_weight(), self.logit_gate.bias,
-            stat_items, dropout,
+            kernel, logits, queries.gate_logits, items.gate_logits, scale, output.bias, stat_items, dropout,
+            hidden=(hidden.weight, hidden.bias, output.weight),
         )  # fmt: skip
 
     def cross(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,8 @@
-// The per-pair part of Mixture-of-Logits with a linear pair gate, fused: for every (query m, item r)
-// pair, from its P = NQ * NX component logits l,
+// The per-pair part of Mixture-of-Logits, fused: for every (query m, item r) pair, from its P = NQ * NX
+// component logits l,
 //
-//     g  = W l + c + a_m + b_r                (gate logits; W already holds the learned scale: W + s I)
+//     g  = W l + c + a_m + b_r                (linear pair gate; W holds the learned scale: W + s I)
+//     g  = s l + c + a_m + b_r + V2 silu(V1 l + e1)   (MLP pair gate, NH hidden units: W = s I, c = its output bias)
 //     pi = softmax(g)                         (gate)
 //     s  = sum_p keep_p pi_p l_p              (score; keep_p = 0 or 1 / (1 - dropout), the gate dropout)
 //
@@ -11,9 +12,10 @@
 // training step many times a two-tower step on a CPU. The backward recomputes g and pi instead of storing
 // them, and the dropout mask is a hash of (seed, pair, component), so nothing of size (M, R, P) is kept.
 //
-// Built by rails_lightning/similarity/fused_pair_gate.py with -DNQ=.. -DNX=.. (P a multiple of 8).
-// Layouts (row-major): logits (M, NQ, R, NX), the matmul's own output, read without a permute; a (M, P);
-// b (R, P); c (P); W and Wt = W^T (P, P); scores (M, R). Logits and their gradient are float or bfloat16.
+// Built by rails_lightning/similarity/fused_pair_gate.py with -DNQ=.. -DNX=.. -DNH=.. (P and NH multiples of 8,
+// NH = 0 for the linear gate). Layouts (row-major): logits (M, NQ, R, NX), the matmul's own output, read without
+// a permute; a (M, P); b (R, P); c (P); W and Wt = W^T (P, P); V1 (NH, P) and V1t; e1 (NH); V2 (P, NH) and V2t;
+// scores (M, R). Logits and their gradient are float or bfloat16.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -25,10 +27,16 @@
 #ifndef NX
 #define NX 4
 #endif
+#ifndef NH
+#define NH 0
+#endif
 #define NP (NQ * NX)
-#define NV (NP / 8)  // 8-float vectors per pair
-#define RB 4         // pairs processed together: 4 independent FMA chains per weight load
+#define NV (NP / 8)            // 8-float vectors per pair
+#define HV (NH / 8)            // 8-float vectors of the hidden layer
+#define RB (NH > 0 ? 2 : 4)    // pairs processed together: independent FMA chains per weight load
 static_assert(NP % 8 == 0, "P must be a multiple of 8");
+static_assert(NH % 8 == 0, "the hidden width must be a multiple of 8");
+#define HV1 (HV > 0 ? HV : 1)  // array extent
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -68,6 +76,13 @@ static inline v8u hash32(v8u x) {
     return x;
 }
 
+// sigmoid(x) for any x, through e^-|x| <= 1.
+static inline v8 sigmoid(v8 x) {
+    const v8 e = exp_nonpositive(x < bcast(0.f) ? x : -x);
+    const v8 one = bcast(1.f);
+    return x < bcast(0.f) ? e / (one + e) : one / (one + e);
+}
+
 static inline float to_float(float x) { return x; }
 static inline float to_float(uint16_t x) { uint32_t bits = uint32_t(x) << 16; float f; std::memcpy(&f, &bits, 4); return f; }
 static inline void from_float(float x, float *out) { *out = x; }
@@ -80,6 +95,7 @@ static inline void from_float(float x, uint16_t *out) {  // round to nearest eve
 struct Gate {  // the inputs shared by every pair
     int64_t M, R, stat_items;
     const float *a, *b, *c, *W, *Wt;
+    const float *V1, *V1t, *e1, *V2, *V2t;  // the MLP pair gate (NH > 0), else unused
     uint32_t seed, threshold;  // a component is dropped when its hash is below threshold (0: never)
     float keep_scale;          // 1 / (1 - dropout)
 };
@@ -95,8 +111,10 @@ static inline __attribute__((always_inline)) void load_logits(const int nb, cons
 }
 
 // Gate logits g, gate pi, log-sum-exp and keep weights of the nb pairs.
+// With the MLP gate also its hidden pre-activations hp and activations h.
 static inline __attribute__((always_inline)) void gate_block(const int nb, const Gate &s, int64_t m, int64_t r0, const float l[RB][NP],
-                                                             v8 g[RB][NV], v8 pi[RB][NV], v8 keep[RB][NV], float lse[RB]) {
+                                                             v8 g[RB][NV], v8 pi[RB][NV], v8 keep[RB][NV], float lse[RB],
+                                                             v8 hp[RB][HV1], v8 h[RB][HV1]) {
     for (int q = 0; q < nb; ++q)
         for (int v = 0; v < NV; ++v) g[q][v] = load8(s.c + 8 * v) + load8(s.a + m * NP + 8 * v) + load8(s.b + (r0 + q) * NP + 8 * v);
     for (int k = 0; k < NP; ++k) {
@@ -105,6 +123,32 @@ static inline __attribute__((always_inline)) void gate_block(const int nb, const
         for (int q = 0; q < nb; ++q) {
             const v8 lk = bcast(l[q][k]);
             for (int v = 0; v < NV; ++v) g[q][v] += w[v] * lk;
+        }
+    }
+    if (NH > 0) {
+        for (int q = 0; q < nb; ++q)
+            for (int u = 0; u < HV; ++u) hp[q][u] = load8(s.e1 + 8 * u);
+        for (int k = 0; k < NP; ++k) {
+            v8 w[HV1];
+            for (int u = 0; u < HV; ++u) w[u] = load8(s.V1t + k * NH + 8 * u);  // V1[:, k]
+            for (int q = 0; q < nb; ++q) {
+                const v8 lk = bcast(l[q][k]);
+                for (int u = 0; u < HV; ++u) hp[q][u] += w[u] * lk;
+            }
+        }
+        float h_flat[RB][NH > 0 ? NH : 1];
+        for (int q = 0; q < nb; ++q)
+            for (int u = 0; u < HV; ++u) {
+                h[q][u] = hp[q][u] * sigmoid(hp[q][u]);
+                store8(h_flat[q] + 8 * u, h[q][u]);
+            }
+        for (int j = 0; j < NH; ++j) {
+            v8 w[NV];
+            for (int v = 0; v < NV; ++v) w[v] = load8(s.V2t + j * NP + 8 * v);  // V2[:, j]
+            for (int q = 0; q < nb; ++q) {
+                const v8 hj = bcast(h_flat[q][j]);
+                for (int v = 0; v < NV; ++v) g[q][v] += w[v] * hj;
+            }
         }
     }
     const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -131,10 +175,10 @@ template <typename T>
 static inline __attribute__((always_inline)) void forward_block(const int nb, const T *L, const Gate &s, int64_t m, int64_t r0,
                                                                 float *scores, v8 usage[NV], v8 &entropy) {
     float l[RB][NP];
-    v8 g[RB][NV], pi[RB][NV], keep[RB][NV];
+    v8 g[RB][NV], pi[RB][NV], keep[RB][NV], hp[RB][HV1], h[RB][HV1];
     float lse[RB];
     load_logits(nb, L, s, m, r0, l);
-    gate_block(nb, s, m, r0, l, g, pi, keep, lse);
+    gate_block(nb, s, m, r0, l, g, pi, keep, lse, hp, h);
     for (int q = 0; q < nb; ++q) {
         v8 score = bcast(0.f), pi_g = bcast(0.f);
         for (int v = 0; v < NV; ++v) score += pi[q][v] * keep[q][v] * load8(l[q] + 8 * v);
@@ -184,12 +228,13 @@ struct Upstream {  // gradients of the forward's outputs
 
 template <typename T>
 static inline __attribute__((always_inline)) void backward_block(const int nb, const T *L, const Gate &s, const Upstream &up, int64_t m,
-                                                                 int64_t r0, T *dL, v8 da[NV], float *db, float *dWt) {
+                                                                 int64_t r0, T *dL, v8 da[NV], float *db, float *dWt, float *dV1t,
+                                                                 float *dV2t, v8 de1[HV1]) {
     float l[RB][NP];
-    v8 g[RB][NV], pi[RB][NV], keep[RB][NV], dg[RB][NV], dl[RB][NV];
+    v8 g[RB][NV], pi[RB][NV], keep[RB][NV], dg[RB][NV], dl[RB][NV], hp[RB][HV1], h[RB][HV1];
     float lse[RB];
     load_logits(nb, L, s, m, r0, l);
-    gate_block(nb, s, m, r0, l, g, pi, keep, lse);
+    gate_block(nb, s, m, r0, l, g, pi, keep, lse, hp, h);
     for (int q = 0; q < nb; ++q) {
         const v8 dscore = bcast(up.scores[m * s.R + r0 + q]);
         const bool stats = r0 + q < s.stat_items;
@@ -228,6 +273,56 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
         }
         for (int v = 0; v < NV; ++v) store8(dWt + k * NP + 8 * v, dw[v]);
     }
+    if (NH > 0) {
+        v8 dhp[RB][HV1];
+        for (int q = 0; q < nb; ++q)
+            for (int u = 0; u < HV; ++u) dhp[q][u] = bcast(0.f);
+        for (int p = 0; p < NP; ++p) {  // dh = V2^T dg
+            v8 w[HV1];
+            for (int u = 0; u < HV; ++u) w[u] = load8(s.V2 + p * NH + 8 * u);  // V2[p, :]
+            for (int q = 0; q < nb; ++q) {
+                const v8 d = bcast(dg_flat[q][p]);
+                for (int u = 0; u < HV; ++u) dhp[q][u] += w[u] * d;
+            }
+        }
+        float dhp_flat[RB][NH > 0 ? NH : 1];
+        for (int q = 0; q < nb; ++q)
+            for (int u = 0; u < HV; ++u) {  // silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
+                const v8 sg = sigmoid(hp[q][u]);
+                dhp[q][u] *= sg * (bcast(1.f) + hp[q][u] * (bcast(1.f) - sg));
+                de1[u] += dhp[q][u];
+                store8(dhp_flat[q] + 8 * u, dhp[q][u]);
+            }
+        for (int j = 0; j < NH; ++j) {  // dl += V1^T dhp
+            v8 w[NV];
+            for (int v = 0; v < NV; ++v) w[v] = load8(s.V1 + j * NP + 8 * v);  // V1[j, :]
+            for (int q = 0; q < nb; ++q) {
+                const v8 d = bcast(dhp_flat[q][j]);
+                for (int v = 0; v < NV; ++v) dl[q][v] += w[v] * d;
+            }
+        }
+        float h_flat[RB][NH > 0 ? NH : 1];
+        for (int q = 0; q < nb; ++q)
+            for (int u = 0; u < HV; ++u) store8(h_flat[q] + 8 * u, h[q][u]);
+        for (int j = 0; j < NH; ++j) {  // dV2^T[j, :] += h_j dg
+            v8 dw[NV];
+            for (int v = 0; v < NV; ++v) dw[v] = load8(dV2t + j * NP + 8 * v);
+            for (int q = 0; q < nb; ++q) {
+                const v8 hj = bcast(h_flat[q][j]);
+                for (int v = 0; v < NV; ++v) dw[v] += hj * dg[q][v];
+            }
+            for (int v = 0; v < NV; ++v) store8(dV2t + j * NP + 8 * v, dw[v]);
+        }
+        for (int k = 0; k < NP; ++k) {  // dV1^T[k, :] += l_k dhp
+            v8 dw[HV1];
+            for (int u = 0; u < HV; ++u) dw[u] = load8(dV1t + k * NH + 8 * u);
+            for (int q = 0; q < nb; ++q) {
+                const v8 lk = bcast(l[q][k]);
+                for (int u = 0; u < HV; ++u) dw[u] += lk * dhp[q][u];
+            }
+            for (int u = 0; u < HV; ++u) store8(dV1t + k * NH + 8 * u, dw[u]);
+        }
+    }
     float dl_flat[RB][NP];
     std::memcpy(dl_flat, dl, sizeof dl_flat);
     for (int i = 0; i < NQ; ++i) {
@@ -237,47 +332,61 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
     }
 }
 
-// Writes dL and da; adds into db and dWt (zeroed by the caller).
+// Writes dL and da; adds into db, dWt, dV1t, dV2t, de1 (zeroed by the caller).
 template <typename T>
-static void backward(const T *L, const Gate &s, const Upstream &up, T *dL, float *da, float *db, float *dWt, int num_threads) {
+static void backward(const T *L, const Gate &s, const Upstream &up, T *dL, float *da, float *db, float *dWt, float *dV1t,
+                     float *dV2t, float *de1, int num_threads) {
 #pragma omp parallel num_threads(num_threads)
     {
         float *db_local = static_cast<float *>(std::calloc(size_t(s.R) * NP, sizeof(float)));
         float *dWt_local = static_cast<float *>(std::calloc(NP * NP, sizeof(float)));
+        float *dV1t_local = static_cast<float *>(std::calloc(NP * NH + 1, sizeof(float)));
+        float *dV2t_local = static_cast<float *>(std::calloc(NH * NP + 1, sizeof(float)));
+        v8 de1_local[HV1];
+        for (int u = 0; u < HV1; ++u) de1_local[u] = bcast(0.f);
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < s.M; ++m) {
             v8 da_row[NV];
             for (int v = 0; v < NV; ++v) da_row[v] = bcast(0.f);
             int64_t r = 0;
-            for (; r + RB <= s.R; r += RB) backward_block(RB, L, s, up, m, r, dL, da_row, db_local, dWt_local);
-            for (; r < s.R; ++r) backward_block(1, L, s, up, m, r, dL, da_row, db_local, dWt_local);
+            for (; r + RB <= s.R; r += RB) backward_block(RB, L, s, up, m, r, dL, da_row, db_local, dWt_local, dV1t_local, dV2t_local, de1_local);
+            for (; r < s.R; ++r) backward_block(1, L, s, up, m, r, dL, da_row, db_local, dWt_local, dV1t_local, dV2t_local, de1_local);
             for (int v = 0; v < NV; ++v) store8(da + m * NP + 8 * v, da_row[v]);
         }
 #pragma omp critical
         {
             for (int64_t i = 0; i < s.R * NP; ++i) db[i] += db_local[i];
             for (int i = 0; i < NP * NP; ++i) dWt[i] += dWt_local[i];
+            for (int i = 0; i < NP * NH; ++i) dV1t[i] += dV1t_local[i];
+            for (int i = 0; i < NH * NP; ++i) dV2t[i] += dV2t_local[i];
+            for (int u = 0; u < HV; ++u)
+                for (int i = 0; i < 8; ++i) de1[8 * u + i] += de1_local[u][i];
         }
         std::free(db_local);
         std::free(dWt_local);
+        std::free(dV1t_local);
+        std::free(dV2t_local);
     }
 }
 
 #define ENTRY_POINTS(SUFFIX, T)                                                                                              \
     extern "C" void pair_gate_forward_##SUFFIX(int64_t M, int64_t R, int64_t stat_items, const T *L, const float *a,         \
                                                const float *b, const float *c, const float *W, const float *Wt,              \
-                                               uint32_t seed, uint32_t threshold, float keep_scale, float *scores,           \
-                                               double *usage, double *entropy, int num_threads) {                            \
-        const Gate s{M, R, stat_items, a, b, c, W, Wt, seed, threshold, keep_scale};                                         \
+                                               const float *V1, const float *V1t, const float *e1, const float *V2,          \
+                                               const float *V2t, uint32_t seed, uint32_t threshold, float keep_scale,        \
+                                               float *scores, double *usage, double *entropy, int num_threads) {             \
+        const Gate s{M, R, stat_items, a, b, c, W, Wt, V1, V1t, e1, V2, V2t, seed, threshold, keep_scale};                   \
         forward(L, s, scores, usage, entropy, num_threads);                                                                  \
     }                                                                                                                        \
     extern "C" void pair_gate_backward_##SUFFIX(int64_t M, int64_t R, int64_t stat_items, const T *L, const float *a,        \
                                                 const float *b, const float *c, const float *W, const float *Wt,             \
-                                                uint32_t seed, uint32_t threshold, float keep_scale, const float *dscores,   \
-                                                const float *dusage, float dentropy, T *dL, float *da, float *db,            \
-                                                float *dWt, int num_threads) {                                               \
-        const Gate s{M, R, stat_items, a, b, c, W, Wt, seed, threshold, keep_scale};                                         \
-        backward(L, s, Upstream{dscores, dusage, dentropy}, dL, da, db, dWt, num_threads);                                   \
+                                                const float *V1, const float *V1t, const float *e1, const float *V2,         \
+                                                const float *V2t, uint32_t seed, uint32_t threshold, float keep_scale,       \
+                                                const float *dscores, const float *dusage, float dentropy, T *dL, float *da, \
+                                                float *db, float *dWt, float *dV1t, float *dV2t, float *de1,                 \
+                                                int num_threads) {                                                           \
+        const Gate s{M, R, stat_items, a, b, c, W, Wt, V1, V1t, e1, V2, V2t, seed, threshold, keep_scale};                   \
+        backward(L, s, Upstream{dscores, dusage, dentropy}, dL, da, db, dWt, dV1t, dV2t, de1, num_threads);                  \
     }
 
 ENTRY_POINTS(float32, float)
