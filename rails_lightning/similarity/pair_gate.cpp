@@ -2,7 +2,8 @@
 // component logits l,
 //
 //     g  = W l + c + a_m + b_r                (linear pair gate; W holds the learned scale: W + s I)
-//     g  = s l + c + a_m + b_r + V2 silu(V1 l + e1)   (MLP pair gate, NH hidden units: W = s I, c = its output bias)
+//     g  = s l + c + a_m + b_r + V2 silu(V1 l + e1)   (MLP pair gate, NH hidden units: W = s I, c = its output bias;
+//                                                      only W's diagonal is read)
 //     pi = softmax(g)                         (gate)
 //     s  = sum_p keep_p pi_p l_p              (score; keep_p = 0 or 1 / (1 - dropout), the gate dropout)
 //
@@ -98,6 +99,15 @@ struct Gate {  // the inputs shared by every pair
     const float *V1, *V1t, *e1, *V2, *V2t;  // the MLP pair gate (NH > 0), else unused
     uint32_t seed, threshold;  // a component is dropped when its hash is below threshold (0: never)
     float keep_scale;          // 1 / (1 - dropout)
+    float W_diagonal[NP];      // with the MLP gate W is diagonal (the learned scale)
+
+    Gate(int64_t M, int64_t R, int64_t stat_items, const float *a, const float *b, const float *c, const float *W, const float *Wt,
+         const float *V1, const float *V1t, const float *e1, const float *V2, const float *V2t, uint32_t seed, uint32_t threshold,
+         float keep_scale)
+        : M(M), R(R), stat_items(stat_items), a(a), b(b), c(c), W(W), Wt(Wt), V1(V1), V1t(V1t), e1(e1), V2(V2), V2t(V2t),
+          seed(seed), threshold(threshold), keep_scale(keep_scale) {
+        for (int k = 0; k < NP; ++k) W_diagonal[k] = W[k * NP + k];
+    }
 };
 
 // Component logits of the nb (<= RB) pairs (m, r0 .. r0 + nb - 1) from the (M, NQ, R, NX) layout.
@@ -117,15 +127,18 @@ static inline __attribute__((always_inline)) void gate_block(const int nb, const
                                                              v8 hp[RB][HV1], v8 h[RB][HV1]) {
     for (int q = 0; q < nb; ++q)
         for (int v = 0; v < NV; ++v) g[q][v] = load8(s.c + 8 * v) + load8(s.a + m * NP + 8 * v) + load8(s.b + (r0 + q) * NP + 8 * v);
-    for (int k = 0; k < NP; ++k) {
-        v8 w[NV];
-        for (int v = 0; v < NV; ++v) w[v] = load8(s.Wt + k * NP + 8 * v);  // W[:, k]
-        for (int q = 0; q < nb; ++q) {
-            const v8 lk = bcast(l[q][k]);
-            for (int v = 0; v < NV; ++v) g[q][v] += w[v] * lk;
+    if (NH == 0) {
+        for (int k = 0; k < NP; ++k) {
+            v8 w[NV];
+            for (int v = 0; v < NV; ++v) w[v] = load8(s.Wt + k * NP + 8 * v);  // W[:, k]
+            for (int q = 0; q < nb; ++q) {
+                const v8 lk = bcast(l[q][k]);
+                for (int v = 0; v < NV; ++v) g[q][v] += w[v] * lk;
+            }
         }
-    }
-    if (NH > 0) {
+    } else {
+        for (int q = 0; q < nb; ++q)
+            for (int v = 0; v < NV; ++v) g[q][v] += load8(s.W_diagonal + 8 * v) * load8(l[q] + 8 * v);
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) hp[q][u] = load8(s.e1 + 8 * u);
         for (int k = 0; k < NP; ++k) {
@@ -256,24 +269,30 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
     }
     float dg_flat[RB][NP];
     std::memcpy(dg_flat, dg, sizeof dg_flat);
-    for (int p = 0; p < NP; ++p) {  // dl += W^T dg
-        v8 w[NV];
-        for (int v = 0; v < NV; ++v) w[v] = load8(s.W + p * NP + 8 * v);  // W[p, :]
-        for (int q = 0; q < nb; ++q) {
-            const v8 d = bcast(dg_flat[q][p]);
-            for (int v = 0; v < NV; ++v) dl[q][v] += w[v] * d;
+    if (NH == 0) {
+        for (int p = 0; p < NP; ++p) {  // dl += W^T dg
+            v8 w[NV];
+            for (int v = 0; v < NV; ++v) w[v] = load8(s.W + p * NP + 8 * v);  // W[p, :]
+            for (int q = 0; q < nb; ++q) {
+                const v8 d = bcast(dg_flat[q][p]);
+                for (int v = 0; v < NV; ++v) dl[q][v] += w[v] * d;
+            }
         }
-    }
-    for (int k = 0; k < NP; ++k) {  // dW^T[k, :] += l_k dg
-        v8 dw[NV];
-        for (int v = 0; v < NV; ++v) dw[v] = load8(dWt + k * NP + 8 * v);
-        for (int q = 0; q < nb; ++q) {
-            const v8 lk = bcast(l[q][k]);
-            for (int v = 0; v < NV; ++v) dw[v] += lk * dg[q][v];
+        for (int k = 0; k < NP; ++k) {  // dW^T[k, :] += l_k dg
+            v8 dw[NV];
+            for (int v = 0; v < NV; ++v) dw[v] = load8(dWt + k * NP + 8 * v);
+            for (int q = 0; q < nb; ++q) {
+                const v8 lk = bcast(l[q][k]);
+                for (int v = 0; v < NV; ++v) dw[v] += lk * dg[q][v];
+            }
+            for (int v = 0; v < NV; ++v) store8(dWt + k * NP + 8 * v, dw[v]);
         }
-        for (int v = 0; v < NV; ++v) store8(dWt + k * NP + 8 * v, dw[v]);
-    }
-    if (NH > 0) {
+    } else {  // W diagonal: dl += diag(W) dg, and only dW's diagonal, kept in dWt's first row until the end
+        for (int q = 0; q < nb; ++q)
+            for (int v = 0; v < NV; ++v) {
+                dl[q][v] += load8(s.W_diagonal + 8 * v) * dg[q][v];
+                store8(dWt + 8 * v, load8(dWt + 8 * v) + load8(l[q] + 8 * v) * dg[q][v]);
+            }
         v8 dhp[RB][HV1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) dhp[q][u] = bcast(0.f);
@@ -356,7 +375,10 @@ static void backward(const T *L, const Gate &s, const Upstream &up, T *dL, float
 #pragma omp critical
         {
             for (int64_t i = 0; i < s.R * NP; ++i) db[i] += db_local[i];
-            for (int i = 0; i < NP * NP; ++i) dWt[i] += dWt_local[i];
+            if (NH == 0)
+                for (int i = 0; i < NP * NP; ++i) dWt[i] += dWt_local[i];
+            else  // the diagonal, accumulated in the first row
+                for (int k = 0; k < NP; ++k) dWt[k * NP + k] += dWt_local[k];
             for (int i = 0; i < NP * NH; ++i) dV1t[i] += dV1t_local[i];
             for (int i = 0; i < NH * NP; ++i) dV2t[i] += dV2t_local[i];
             for (int u = 0; u < HV; ++u)
