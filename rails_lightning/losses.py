@@ -37,12 +37,12 @@ def entropy(probabilities: Tensor, dim: int = -1) -> Tensor:
     return -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim)
 
 
-def load_balancing_loss(gates: Tensor) -> Tensor:
-    """Mutual-information regulariser for mixture gates, ``(..., P)`` probabilities.
+def load_balancing_loss(usage: Tensor, mean_entropy: Tensor) -> Tensor:
+    """Mutual-information regulariser for mixture gates, from their statistics over a batch of gates pi (P,):
+    ``usage`` (P,) the mean gate, ``mean_entropy`` () the mean of H(pi).
 
     ``-H(mean_batch pi) + mean_batch H(pi)``: low when the batch as a whole uses every
     component (high marginal entropy) while each single score commits to few components
     (low conditional entropy).
     """
-    flat = gates.reshape(-1, gates.shape[-1])  # (M * R, P)
-    return -entropy(flat.mean(0)) + entropy(flat).mean()
+    return -entropy(usage) + mean_entropy

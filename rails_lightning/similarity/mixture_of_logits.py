@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from rails_lightning.errors import ConfigError
 
-from rails_lightning.losses import entropy
+from rails_lightning.losses import entropy, load_balancing_loss
 from rails_lightning.retrieval import SearchOptions, TopKRetriever
 from rails_lightning.retrieval.mol_topk import MoLExactTopK
 from rails_lightning.similarity.base import Auxiliary, Similarity
@@ -160,9 +160,10 @@ class MixtureOfLogits(Similarity):
             system compiler, ``g++``, for this CPU; ``rails_lightning/similarity/fused_pair_gate.py``): the
             training scores against shared negatives and the exact top-k's scores. Needs the additive pair gate
             (``gate_sees_logits: true``, ``multiplicative_gate: false``), P_Q x P_X and the pair gate's hidden
-            width (0 for the linear one) multiples of 8. The gate dropout mask is then drawn by a hash of a seed from torch's generator rather than
-            by torch's ``bernoulli`` (the same distribution, other draws). Per-query and per-sequence
-            negatives, CUDA tensors, or a failed build (one warning) use the PyTorch ops.
+            width (0 for the linear one) multiples of 8. The gate dropout mask is then drawn by a hash of a seed
+            from torch's generator rather than by torch's ``bernoulli`` (the same distribution, other draws).
+            Per-query and per-sequence negatives, CUDA tensors, or a failed build (one warning) use the
+            PyTorch ops.
         approximate_topk: a RAILS approximate top-k (``class_path`` of a class in
             ``rails_lightning.retrieval.mol_topk`` with its ``k_prime``), evaluated next to the
             exact top-k; None for exact only.
@@ -430,7 +431,7 @@ class MixtureOfLogits(Similarity):
 
     def _auxiliary(self, usage: Tensor, mean_entropy: Tensor, queries: MoLQueries) -> Auxiliary:
         """The same from the mean gate (P,), each component's share of the gate mass, and the mean gate entropy ()."""
-        balance = -entropy(usage) + mean_entropy  # the negative mutual information, losses.load_balancing_loss
+        balance = load_balancing_loss(usage, mean_entropy)  # -H(usage) + mean H(pi)
         usage = usage.detach()
         statistics = {
             "load_balancing": balance.detach(),
