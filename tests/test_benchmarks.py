@@ -39,3 +39,18 @@ def test_train_step_cost_rejects_a_malformed_logit_floor():
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )
     assert result.returncode == 2 and "four positive integers P_Q,P_X,D_P,R, got '8,4,64'" in result.stderr
+
+
+@pytest.mark.parametrize("options", [[], ["--hidden", "16", "--bfloat16"]])
+def test_pair_gate_kernel_times_the_fused_and_the_pytorch_gate(options):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/pair_gate_kernel.py", "--queries", "50", "--items", "40", "--components", "4,2",
+         "--repeats", "1", *options],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"gate", "fused", "PyTorch ops"}
+    assert float(rows["fused"][-1]) == 1.0 and float(rows["PyTorch ops"][-1]) > 0
+    forward, backward, total = (float(cell) for cell in rows["PyTorch ops"][:3])
+    assert forward >= 0 and backward >= 0 and total == pytest.approx(forward + backward, abs=0.2)
