@@ -168,6 +168,18 @@ def test_a_failing_build_warns_with_the_compiler_error(monkeypatch, tmp_path):
         fused.load_kernel.cache_clear()
 
 
+def test_an_unusable_cache_warns_and_falls_back(monkeypatch, tmp_path):
+    """The cache path is a file: the kernel cannot be stored; MoL warns and runs the PyTorch ops."""
+    (tmp_path / "not-a-directory").write_text("")
+    monkeypatch.setenv("RAILS_LIGHTNING_CACHE", str(tmp_path / "not-a-directory"))
+    fused.load_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="cannot build or load"):
+            assert fused.load_kernel(4, 2) is None
+    finally:
+        fused.load_kernel.cache_clear()
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

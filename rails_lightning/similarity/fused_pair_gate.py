@@ -62,18 +62,22 @@ def load_kernel(num_query_components: int, num_item_components: int, hidden_dim:
         return None
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *defines, version, _cpu_signature()]).encode()).hexdigest()[:16]
     library = cache_dir() / f"pair_gate_{num_query_components}x{num_item_components}h{hidden_dim}_{key}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # built aside, then renamed: safe for parallel processes
-            built = Path(scratch) / library.name
-            result = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-            if result.returncode != 0:
-                warnings.warn(
-                    f"fused_pair_gate: compiling {SOURCE.name} failed, using the PyTorch ops:\n{result.stderr[-2000:]}", stacklevel=2
-                )
-                return None
-            os.replace(built, library)
-    kernel = ctypes.CDLL(str(library))
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # built aside, then renamed: safe for parallel processes
+                built = Path(scratch) / library.name
+                result = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+                if result.returncode != 0:
+                    warnings.warn(
+                        f"fused_pair_gate: compiling {SOURCE.name} failed, using the PyTorch ops:\n{result.stderr[-2000:]}", stacklevel=2
+                    )
+                    return None
+                os.replace(built, library)
+        kernel = ctypes.CDLL(str(library))
+    except OSError as error:  # an unwritable cache, a library that does not load
+        warnings.warn(f"fused_pair_gate: cannot build or load {library} ({error}); using the PyTorch ops", stacklevel=2)
+        return None
     i64, u32, f32, ptr, i32 = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     for dtype in ("float32", "bfloat16"):
         forward = getattr(kernel, f"pair_gate_forward_{dtype}")
