@@ -12,6 +12,8 @@ from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.errors import ConfigError
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule
 from rails_lightning.objectives import SharedNegatives
+from rails_lightning.retrieval import SearchOptions
+from rails_lightning.retrieval.mol_topk import CombinedTopK, select_items
 from rails_lightning.similarity import MixtureOfLogits
 from rails_lightning.similarity import fused_pair_gate as fused
 
@@ -80,6 +82,26 @@ def test_retrieval_scores_equal_the_pytorch_ops(pair_gate_hidden):
     with torch.inference_mode():
         queries, items = reference.query_representation(states, users), reference.item_representation(vectors)
         torch.testing.assert_close(kernel.scores(queries, items), reference.scores(queries, items))
+
+
+@pytest.mark.parametrize("pair_gate_hidden", [0, 16])
+def test_gathered_scores_equal_the_pytorch_ops_and_rerank_alike(pair_gate_hidden):
+    """Each query against its own candidates (the RAILS re-ranking): the kernel's scores equal the PyTorch ops', and a
+    CombinedTopK over a corpus returns the same ids through either."""
+    reference, kernel = _pair(8, 4, logit_gate_hidden_dim=pair_gate_hidden)
+    reference.eval(), kernel.eval()
+    states, vectors, users = _inputs(M=6, R=120)
+    with torch.inference_mode():
+        queries, items = reference.query_representation(states, users), reference.item_representation(vectors)
+        candidates = torch.randint(0, 120, (6, 17), generator=torch.Generator().manual_seed(4))
+        gathered = select_items(items, candidates)  # (6, 17, ...)
+        expected = reference.gathered(queries, gathered)[0]
+        torch.testing.assert_close(kernel.gathered_scores(queries, gathered), expected)
+        torch.testing.assert_close(reference.gathered_scores(queries, gathered), expected)  # without the kernel: the same method
+        found = [CombinedTopK(similarity, items, SearchOptions(), k_prime=4, averaged_k_prime=16).fetch(queries, 10)
+                 for similarity in (reference, kernel)]
+        torch.testing.assert_close(found[1][0], found[0][0])
+        assert torch.equal(found[1][1], found[0][1])
 
 
 @pytest.mark.parametrize("pair_gate_hidden", [0, 16])

@@ -49,6 +49,8 @@ class MixtureScorer(Protocol):
 
     def gathered(self, queries: Any, items: Any) -> tuple[Tensor, Tensor]: ...  # (B,..) x (B, C,..) -> (B, C), gates
 
+    def gathered_scores(self, queries: Any, items: Any) -> Tensor: ...  # (B,..) x (B, C,..) -> (B, C), without the gates
+
 
 def select_items(items: Any, index: Any) -> Any:
     """Index every field of an item representation (a NamedTuple of tensors) by the same rows."""
@@ -101,7 +103,7 @@ class RerankedTopK(TopKRetriever):
         for start in range(0, C, step):
             block = ids[:, start : start + step]  # (B, c)
             gathered = select_items(self.items, (block - 1).clamp_min(0))  # components (B, c, P_X, D_P)
-            parts.append(self.similarity.gathered(queries, gathered)[0])  # (B, c)
+            parts.append(self.similarity.gathered_scores(queries, gathered))  # (B, c)
         scores = torch.cat(parts, dim=1).masked_fill(ids < 1, NEG_INF)  # (B, C)
         scores, order = scores.topk(min(C, k), dim=1)
         return scores, ids.gather(1, order)

@@ -86,6 +86,8 @@ def load_kernel(num_query_components: int, num_item_components: int, hidden_dim:
         backward = getattr(kernel, f"pair_gate_backward_{dtype}")
         backward.argtypes = [i64, i64, i64, *[ptr] * 11, u32, u32, f32, ptr, ptr, f32, *[ptr] * 7, i32]
         backward.restype = None
+    kernel.pair_gate_gathered_scores_float32.argtypes = [i64, i64, *[ptr] * 11, ptr, i32]
+    kernel.pair_gate_gathered_scores_float32.restype = None
     return kernel
 
 
@@ -173,3 +175,28 @@ def fused_pair_gate(
         weight.float().contiguous(), bias.float().contiguous(), hidden_weight, hidden_bias, output_weight,
         kernel, stat_items, dropout, seed,
     )  # fmt: skip
+
+
+def fused_gathered_scores(
+    kernel: ctypes.CDLL,
+    logits: Tensor,
+    query_gate_logits: Tensor,
+    item_gate_logits: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    hidden: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Scores (M, C) of M queries x their own C candidates, without gradients or dropout (the re-ranking of a
+    RAILS approximate top-k): logits (M, P_Q, C, P_X) float32, item gate logits (M, C, P); the rest as
+    ``fused_pair_gate``."""
+    M, P_Q, C, P_X = logits.shape
+    with torch.no_grad():
+        tensors = [t.float().contiguous() for t in (logits, query_gate_logits, item_gate_logits, bias, weight)]
+        tensors.append(tensors[-1].t().contiguous())  # W^T
+        for weight_matrix, bias_vector, output in [hidden] if hidden is not None else []:
+            tensors += [weight_matrix.float().contiguous(), weight_matrix.float().t().contiguous(), bias_vector.float().contiguous(),
+                        output.float().contiguous(), output.float().t().contiguous()]  # fmt: skip
+        scores = torch.empty(M, C, dtype=torch.float32)
+        kernel.pair_gate_gathered_scores_float32(M, C, *map(_address, tensors), *[None] * (11 - len(tensors)), scores.data_ptr(),
+                                                 torch.get_num_threads())  # fmt: skip
+    return scores

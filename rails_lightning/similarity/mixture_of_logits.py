@@ -58,7 +58,7 @@ from rails_lightning.losses import entropy, load_balancing_loss
 from rails_lightning.retrieval import SearchOptions, TopKRetriever
 from rails_lightning.retrieval.mol_topk import MoLExactTopK
 from rails_lightning.similarity.base import Auxiliary, Similarity
-from rails_lightning.similarity.fused_pair_gate import fused_pair_gate, load_kernel
+from rails_lightning.similarity.fused_pair_gate import fused_gathered_scores, fused_pair_gate, load_kernel
 
 
 class MoLQueries(NamedTuple):
@@ -392,6 +392,22 @@ class MixtureOfLogits(Similarity):
         """M queries x their own C candidates (items with leading (M, C)) -> scores (M, C), gates (M, C, P)."""
         scores, gates = self.grouped(MoLQueries(*(field[:, None] for field in queries)), items)  # M groups of one query
         return scores[:, 0], gates[:, 0]
+
+    def gathered_scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
+        """The same, scores (M, C) only: through the fused kernel where it applies and no gradient is wanted."""
+        kernel = self._fused_kernel(queries.components) if not torch.is_grad_enabled() else None
+        if kernel is None:
+            return self.gathered(queries, items)[0]
+        (M, P_Q, D_P), (C, P_X) = queries.components.shape, items.components.shape[1:3]
+        # (M, P_Q, D_P) @ (M, D_P, C * P_X): each query against its own candidates, in the kernel's (M, P_Q, C, P_X) layout.
+        logits = torch.bmm(queries.components, items.components.reshape(M, C * P_X, D_P).transpose(1, 2)).view(M, P_Q, C, P_X)
+        if isinstance(self.logit_gate, nn.Linear):
+            return fused_gathered_scores(kernel, logits, queries.gate_logits, items.gate_logits, self._linear_pair_gate_weight(),
+                                         self.logit_gate.bias)  # fmt: skip
+        hidden, output = self.logit_gate[0], self.logit_gate[2]
+        scale = self.logit_scale * torch.eye(self.num_components, device=logits.device)
+        return fused_gathered_scores(kernel, logits, queries.gate_logits, items.gate_logits, scale, output.bias,
+                                     hidden=(hidden.weight, hidden.bias, output.weight))  # fmt: skip
 
     # ------------------------------------------------------------------ the Similarity contract
     def pair_scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:

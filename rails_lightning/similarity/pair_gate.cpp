@@ -100,6 +100,7 @@ struct Gate {  // the inputs shared by every pair
     uint32_t seed, threshold;  // a component is dropped when its hash is below threshold (0: never)
     float keep_scale;          // 1 / (1 - dropout)
     float W_diagonal[NP];      // with the MLP gate W is diagonal (the learned scale)
+    int64_t b_query_stride = 0;  // b is (R, P), shared by the queries; (M, R, P) with R * P here (gathered items)
 
     Gate(int64_t M, int64_t R, int64_t stat_items, const float *a, const float *b, const float *c, const float *W, const float *Wt,
          const float *V1, const float *V1t, const float *e1, const float *V2, const float *V2t, uint32_t seed, uint32_t threshold,
@@ -126,7 +127,7 @@ static inline __attribute__((always_inline)) void gate_block(const int nb, const
                                                              v8 g[RB][NV], v8 pi[RB][NV], v8 keep[RB][NV], float lse[RB],
                                                              v8 hp[RB][HV1], v8 h[RB][HV1]) {
     for (int q = 0; q < nb; ++q)
-        for (int v = 0; v < NV; ++v) g[q][v] = load8(s.c + 8 * v) + load8(s.a + m * NP + 8 * v) + load8(s.b + (r0 + q) * NP + 8 * v);
+        for (int v = 0; v < NV; ++v) g[q][v] = load8(s.c + 8 * v) + load8(s.a + m * NP + 8 * v) + load8(s.b + m * s.b_query_stride + (r0 + q) * NP + 8 * v);
     if (NH == 0) {
         for (int k = 0; k < NP; ++k) {
             v8 w[NV];
@@ -413,3 +414,14 @@ static void backward(const T *L, const Gate &s, const Upstream &up, T *dL, float
 
 ENTRY_POINTS(float32, float)
 ENTRY_POINTS(bfloat16, uint16_t)
+
+// Scores only of M queries x their own R items (logits (M, NQ, R, NX), item gate logits b (M, R, P)): the
+// re-ranking of candidates; no dropout, no statistics, no backward.
+extern "C" void pair_gate_gathered_scores_float32(int64_t M, int64_t R, const float *L, const float *a, const float *b, const float *c,
+                                                  const float *W, const float *Wt, const float *V1, const float *V1t, const float *e1,
+                                                  const float *V2, const float *V2t, float *scores, int num_threads) {
+    Gate s{M, R, 0, a, b, c, W, Wt, V1, V1t, e1, V2, V2t, 0, 0, 1.f};
+    s.b_query_stride = R * NP;
+    double usage[NP], entropy;
+    forward(L, s, scores, usage, &entropy, num_threads);
+}
