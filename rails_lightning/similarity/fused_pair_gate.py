@@ -100,38 +100,41 @@ def _address(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _gate_weights(bias: Tensor, weight: Tensor, hidden_weight: Tensor | None, hidden_bias: Tensor | None,
+                  output_weight: Tensor | None) -> list[Tensor | None]:  # fmt: skip
+    """The gate's weights in the kernel's argument order: c, W, W^T, V1, V1^T, e1, V2, V2^T (None without the MLP)."""
+    transpose = lambda w: None if w is None else w.t().contiguous()  # noqa: E731
+    return [bias, weight, transpose(weight), hidden_weight, transpose(hidden_weight), hidden_bias, output_weight, transpose(output_weight)]
+
+
 class _PairGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, query_gate_logits, item_gate_logits, weight, bias, hidden_weight, hidden_bias, output_weight,
                 kernel, stat_items, dropout, seed):  # fmt: skip
         M, P_Q, R, P_X = logits.shape
         P = P_Q * P_X
-        mlp = hidden_weight is not None
-        transposed = [None if w is None else w.t().contiguous() for w in (weight, hidden_weight, output_weight)]
+        weights = _gate_weights(bias, weight, hidden_weight, hidden_bias, output_weight)
         scores = logits.new_empty((M, R), dtype=torch.float32)
         usage = torch.zeros(P, dtype=torch.float64)
         entropy = torch.zeros((), dtype=torch.float64)
         dtype = "bfloat16" if logits.dtype == torch.bfloat16 else "float32"
-        gate = [M, R, stat_items, *map(_address, (logits, query_gate_logits, item_gate_logits, bias, weight, transposed[0],
-                hidden_weight, transposed[1], hidden_bias, output_weight, transposed[2])),
+        gate = [M, R, stat_items, *map(_address, (logits, query_gate_logits, item_gate_logits, *weights)),
                 seed, _dropout_threshold(dropout), 1.0 / (1.0 - dropout)]  # fmt: skip
         getattr(kernel, f"pair_gate_forward_{dtype}")(*gate, scores.data_ptr(), usage.data_ptr(), entropy.data_ptr(), torch.get_num_threads())
-        ctx.save_for_backward(logits, query_gate_logits, item_gate_logits, weight, bias, *(hidden_weight, hidden_bias, output_weight) if mlp else ())
-        ctx.transposed, ctx.gate, ctx.kernel, ctx.dtype = transposed, gate, kernel, dtype
+        ctx.save_for_backward(logits, query_gate_logits, item_gate_logits)
+        ctx.weights, ctx.gate, ctx.kernel, ctx.dtype = weights, gate, kernel, dtype  # the weights' addresses are in gate
         return scores, usage.float(), entropy.float()
 
     @staticmethod
     def backward(ctx, dscores, dusage, dentropy):
-        logits, query_gate_logits, item_gate_logits, weight = ctx.saved_tensors[:4]
-        hidden_weight, hidden_bias, output_weight = ctx.saved_tensors[5:] if len(ctx.saved_tensors) > 5 else (None, None, None)
+        logits, query_gate_logits, item_gate_logits = ctx.saved_tensors
+        _, weight, _, _, hidden_t, hidden_bias, _, output_t = ctx.weights
+        zeros = lambda like: None if like is None else torch.zeros_like(like)  # noqa: E731
         dscores, dusage = dscores.float().contiguous(), dusage.float().contiguous()
         dlogits = torch.empty_like(logits)
         dquery = torch.empty_like(query_gate_logits)
         ditem = torch.zeros_like(item_gate_logits)
-        dweight_t = torch.zeros_like(weight)
-        dhidden_t = None if hidden_weight is None else torch.zeros_like(ctx.transposed[1])  # (P, H)
-        doutput_t = None if output_weight is None else torch.zeros_like(ctx.transposed[2])  # (H, P)
-        dhidden_bias = None if hidden_bias is None else torch.zeros_like(hidden_bias)
+        dweight_t, dhidden_t, doutput_t, dhidden_bias = zeros(weight), zeros(hidden_t), zeros(output_t), zeros(hidden_bias)  # W^T, V1^T, V2^T, e1
         getattr(ctx.kernel, f"pair_gate_backward_{ctx.dtype}")(
             *ctx.gate, dscores.data_ptr(), dusage.data_ptr(), float(dentropy),
             *map(_address, (dlogits, dquery, ditem, dweight_t, dhidden_t, doutput_t, dhidden_bias)), torch.get_num_threads(),
@@ -191,12 +194,9 @@ def fused_gathered_scores(
     ``fused_pair_gate``."""
     M, P_Q, C, P_X = logits.shape
     with torch.no_grad():
-        tensors = [t.float().contiguous() for t in (logits, query_gate_logits, item_gate_logits, bias, weight)]
-        tensors.append(tensors[-1].t().contiguous())  # W^T
-        for weight_matrix, bias_vector, output in [hidden] if hidden is not None else []:
-            tensors += [weight_matrix.float().contiguous(), weight_matrix.float().t().contiguous(), bias_vector.float().contiguous(),
-                        output.float().contiguous(), output.float().t().contiguous()]  # fmt: skip
+        hidden_weight, hidden_bias, output_weight = (None, None, None) if hidden is None else (h.float().contiguous() for h in hidden)
+        tensors = [t.float().contiguous() for t in (logits, query_gate_logits, item_gate_logits)]
+        tensors += _gate_weights(bias.float().contiguous(), weight.float().contiguous(), hidden_weight, hidden_bias, output_weight)
         scores = torch.empty(M, C, dtype=torch.float32)
-        kernel.pair_gate_gathered_scores_float32(M, C, *map(_address, tensors), *[None] * (11 - len(tensors)), scores.data_ptr(),
-                                                 torch.get_num_threads())  # fmt: skip
+        kernel.pair_gate_gathered_scores_float32(M, C, *map(_address, tensors), scores.data_ptr(), torch.get_num_threads())
     return scores
