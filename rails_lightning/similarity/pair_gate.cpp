@@ -16,8 +16,7 @@
 // Built by rails_lightning/similarity/fused_pair_gate.py with -DNQ=.. -DNX=.. -DNH=.. (P and NH multiples of 8,
 // NH = 0 for the linear gate). Layouts (row-major): logits (M, NQ, R, NX), the matmul's own output, read without
 // a permute; a (M, P); b (R, P), or (M, R, P) for gathered items; c (P); W and Wt = W^T (P, P); V1 (NH, P) and V1t;
-// e1 (NH); V2 (P, NH) and V2t;
-// scores (M, R). Logits and their gradient are float or bfloat16.
+// e1 (NH); V2 (P, NH) and V2t; scores (M, R). Logits and their gradient are float or bfloat16.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
