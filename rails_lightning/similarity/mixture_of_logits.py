@@ -327,17 +327,17 @@ class MixtureOfLogits(Similarity):
         # The component matmul's output as it is, (M, P_Q, R, P_X): the kernel reads it without a permute.
         logits = (queries.components.reshape(M * P_Q, D_P) @ items.components.reshape(R * P_X, D_P).T).view(M, P_Q, R, P_X)
         dropout = self.gate_dropout.p if self.gate_dropout.training else 0.0
+        weight, bias, hidden = self._fused_gate_weights()
+        return fused_pair_gate(kernel, logits, queries.gate_logits, items.gate_logits, weight, bias, stat_items, dropout, hidden)
+
+    def _fused_gate_weights(self) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+        """The pair gate as the kernel takes it: the (P, P) linear map of the logits, its (P,) bias, and the MLP's
+        (H, P) weight, (H,) bias, (P, H) weight (None for the linear gate)."""
         if isinstance(self.logit_gate, nn.Linear):
-            return fused_pair_gate(
-                kernel, logits, queries.gate_logits, items.gate_logits, self._linear_pair_gate_weight(), self.logit_gate.bias,
-                stat_items, dropout,
-            )  # fmt: skip
+            return self._linear_pair_gate_weight(), self.logit_gate.bias, None
         hidden, output = self.logit_gate[0], self.logit_gate[2]  # Linear(P, H), SiLU, Linear(H, P)
-        scale = self.logit_scale * torch.eye(self.num_components, device=logits.device)  # (P, P), s l
-        return fused_pair_gate(
-            kernel, logits, queries.gate_logits, items.gate_logits, scale, output.bias, stat_items, dropout,
-            hidden=(hidden.weight, hidden.bias, output.weight),
-        )  # fmt: skip
+        scale = self.logit_scale * torch.eye(self.num_components, device=self.logit_scale.device)  # (P, P), s l
+        return scale, output.bias, (hidden.weight, hidden.bias, output.weight)
 
     def cross(self, queries: MoLQueries, items: MoLItems) -> tuple[Tensor, Tensor]:
         """M queries x R items -> scores (M, R), gates (M, R, P)."""
@@ -401,13 +401,7 @@ class MixtureOfLogits(Similarity):
         (M, P_Q, D_P), (C, P_X) = queries.components.shape, items.components.shape[1:3]
         # (M, P_Q, D_P) @ (M, D_P, C * P_X): each query against its own candidates, in the kernel's (M, P_Q, C, P_X) layout.
         logits = torch.bmm(queries.components, items.components.reshape(M, C * P_X, D_P).transpose(1, 2)).view(M, P_Q, C, P_X)
-        if isinstance(self.logit_gate, nn.Linear):
-            return fused_gathered_scores(kernel, logits, queries.gate_logits, items.gate_logits, self._linear_pair_gate_weight(),
-                                         self.logit_gate.bias)  # fmt: skip
-        hidden, output = self.logit_gate[0], self.logit_gate[2]
-        scale = self.logit_scale * torch.eye(self.num_components, device=logits.device)
-        return fused_gathered_scores(kernel, logits, queries.gate_logits, items.gate_logits, scale, output.bias,
-                                     hidden=(hidden.weight, hidden.bias, output.weight))  # fmt: skip
+        return fused_gathered_scores(kernel, logits, queries.gate_logits, items.gate_logits, *self._fused_gate_weights())
 
     # ------------------------------------------------------------------ the Similarity contract
     def pair_scores(self, queries: MoLQueries, items: MoLItems) -> Tensor:
