@@ -37,7 +37,8 @@
 #define RB (NH > 0 ? 2 : 4)    // pairs processed together: independent FMA chains per weight load
 static_assert(NP % 8 == 0, "P must be a multiple of 8");
 static_assert(NH % 8 == 0, "the hidden width must be a multiple of 8");
-#define HV1 (HV > 0 ? HV : 1)  // array extent
+#define HV1 (HV > 0 ? HV : 1)  // array extents (the MLP's arrays exist, unused, in the linear gate's build)
+#define NH1 (NH > 0 ? NH : 1)
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -93,6 +94,35 @@ static inline void from_float(float x, uint16_t *out) {  // round to nearest eve
     *out = uint16_t((bits + 0x7fffU + ((bits >> 16) & 1U)) >> 16);
 }
 
+// y[q] += sum_k x[q][k] rows[k] for the nb pairs q: a matrix of IN rows of OUT 8-float vectors, row-major, times
+// each pair's IN values; every row is loaded once for the nb pairs.
+template <int IN, int OUT>
+static inline __attribute__((always_inline)) void add_matvec(const int nb, const float *rows, const float (*x)[IN], v8 (*y)[OUT]) {
+    for (int k = 0; k < IN; ++k) {
+        v8 w[OUT];
+        for (int v = 0; v < OUT; ++v) w[v] = load8(rows + (k * OUT + v) * 8);
+        for (int q = 0; q < nb; ++q) {
+            const v8 xk = bcast(x[q][k]);
+            for (int v = 0; v < OUT; ++v) y[q][v] += w[v] * xk;
+        }
+    }
+}
+
+// rows[k] += sum_q x[q][k] y[q] for k < IN: the outer products of the nb pairs added into a row-major matrix in memory
+// (a weight's gradient); every row is loaded and stored once for the nb pairs.
+template <int IN, int OUT>
+static inline __attribute__((always_inline)) void add_outer(const int nb, float *rows, const float (*x)[IN], const v8 (*y)[OUT]) {
+    for (int k = 0; k < IN; ++k) {
+        v8 acc[OUT];
+        for (int v = 0; v < OUT; ++v) acc[v] = load8(rows + (k * OUT + v) * 8);
+        for (int q = 0; q < nb; ++q) {
+            const v8 xk = bcast(x[q][k]);
+            for (int v = 0; v < OUT; ++v) acc[v] += xk * y[q][v];
+        }
+        for (int v = 0; v < OUT; ++v) store8(rows + (k * OUT + v) * 8, acc[v]);
+    }
+}
+
 struct Gate {  // the inputs shared by every pair
     int64_t M, R, stat_items;
     const float *a, *b, *c, *W, *Wt;
@@ -129,41 +159,20 @@ static inline __attribute__((always_inline)) void gate_block(const int nb, const
     for (int q = 0; q < nb; ++q)
         for (int v = 0; v < NV; ++v) g[q][v] = load8(s.c + 8 * v) + load8(s.a + m * NP + 8 * v) + load8(s.b + m * s.b_query_stride + (r0 + q) * NP + 8 * v);
     if (NH == 0) {
-        for (int k = 0; k < NP; ++k) {
-            v8 w[NV];
-            for (int v = 0; v < NV; ++v) w[v] = load8(s.Wt + k * NP + 8 * v);  // W[:, k]
-            for (int q = 0; q < nb; ++q) {
-                const v8 lk = bcast(l[q][k]);
-                for (int v = 0; v < NV; ++v) g[q][v] += w[v] * lk;
-            }
-        }
+        add_matvec<NP, NV>(nb, s.Wt, l, g);  // g += W l
     } else {
         for (int q = 0; q < nb; ++q)
             for (int v = 0; v < NV; ++v) g[q][v] += load8(s.W_diagonal + 8 * v) * load8(l[q] + 8 * v);
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) hp[q][u] = load8(s.e1 + 8 * u);
-        for (int k = 0; k < NP; ++k) {
-            v8 w[HV1];
-            for (int u = 0; u < HV; ++u) w[u] = load8(s.V1t + k * NH + 8 * u);  // V1[:, k]
-            for (int q = 0; q < nb; ++q) {
-                const v8 lk = bcast(l[q][k]);
-                for (int u = 0; u < HV; ++u) hp[q][u] += w[u] * lk;
-            }
-        }
-        float h_flat[RB][NH > 0 ? NH : 1];
+        add_matvec<NP, HV1>(nb, s.V1t, l, hp);  // hp = V1 l + e1
+        float h_flat[RB][NH1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) {
                 h[q][u] = hp[q][u] * sigmoid(hp[q][u]);
                 store8(h_flat[q] + 8 * u, h[q][u]);
             }
-        for (int j = 0; j < NH; ++j) {
-            v8 w[NV];
-            for (int v = 0; v < NV; ++v) w[v] = load8(s.V2t + j * NP + 8 * v);  // V2[:, j]
-            for (int q = 0; q < nb; ++q) {
-                const v8 hj = bcast(h_flat[q][j]);
-                for (int v = 0; v < NV; ++v) g[q][v] += w[v] * hj;
-            }
-        }
+        add_matvec<NH1, NV>(nb, s.V2t, h_flat, g);  // g += V2 h
     }
     const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
     for (int q = 0; q < nb; ++q) {
@@ -271,23 +280,8 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
     float dg_flat[RB][NP];
     std::memcpy(dg_flat, dg, sizeof dg_flat);
     if (NH == 0) {
-        for (int p = 0; p < NP; ++p) {  // dl += W^T dg
-            v8 w[NV];
-            for (int v = 0; v < NV; ++v) w[v] = load8(s.W + p * NP + 8 * v);  // W[p, :]
-            for (int q = 0; q < nb; ++q) {
-                const v8 d = bcast(dg_flat[q][p]);
-                for (int v = 0; v < NV; ++v) dl[q][v] += w[v] * d;
-            }
-        }
-        for (int k = 0; k < NP; ++k) {  // dW^T[k, :] += l_k dg
-            v8 dw[NV];
-            for (int v = 0; v < NV; ++v) dw[v] = load8(dWt + k * NP + 8 * v);
-            for (int q = 0; q < nb; ++q) {
-                const v8 lk = bcast(l[q][k]);
-                for (int v = 0; v < NV; ++v) dw[v] += lk * dg[q][v];
-            }
-            for (int v = 0; v < NV; ++v) store8(dWt + k * NP + 8 * v, dw[v]);
-        }
+        add_matvec<NP, NV>(nb, s.W, dg_flat, dl);  // dl += W^T dg
+        add_outer<NP, NV>(nb, dWt, l, dg);         // dW^T[k, :] += l_k dg
     } else {  // W diagonal: dl += diag(W) dg, and only dW's diagonal, kept in dWt's first row until the end
         for (int q = 0; q < nb; ++q)
             for (int v = 0; v < NV; ++v) {
@@ -297,15 +291,8 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
         v8 dhp[RB][HV1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) dhp[q][u] = bcast(0.f);
-        for (int p = 0; p < NP; ++p) {  // dh = V2^T dg
-            v8 w[HV1];
-            for (int u = 0; u < HV; ++u) w[u] = load8(s.V2 + p * NH + 8 * u);  // V2[p, :]
-            for (int q = 0; q < nb; ++q) {
-                const v8 d = bcast(dg_flat[q][p]);
-                for (int u = 0; u < HV; ++u) dhp[q][u] += w[u] * d;
-            }
-        }
-        float dhp_flat[RB][NH > 0 ? NH : 1];
+        add_matvec<NP, HV1>(nb, s.V2, dg_flat, dhp);  // dh = V2^T dg
+        float dhp_flat[RB][NH1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) {  // silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
                 const v8 sg = sigmoid(hp[q][u]);
@@ -313,35 +300,12 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
                 de1[u] += dhp[q][u];
                 store8(dhp_flat[q] + 8 * u, dhp[q][u]);
             }
-        for (int j = 0; j < NH; ++j) {  // dl += V1^T dhp
-            v8 w[NV];
-            for (int v = 0; v < NV; ++v) w[v] = load8(s.V1 + j * NP + 8 * v);  // V1[j, :]
-            for (int q = 0; q < nb; ++q) {
-                const v8 d = bcast(dhp_flat[q][j]);
-                for (int v = 0; v < NV; ++v) dl[q][v] += w[v] * d;
-            }
-        }
-        float h_flat[RB][NH > 0 ? NH : 1];
+        add_matvec<NH1, NV>(nb, s.V1, dhp_flat, dl);  // dl += V1^T dhp
+        float h_flat[RB][NH1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) store8(h_flat[q] + 8 * u, h[q][u]);
-        for (int j = 0; j < NH; ++j) {  // dV2^T[j, :] += h_j dg
-            v8 dw[NV];
-            for (int v = 0; v < NV; ++v) dw[v] = load8(dV2t + j * NP + 8 * v);
-            for (int q = 0; q < nb; ++q) {
-                const v8 hj = bcast(h_flat[q][j]);
-                for (int v = 0; v < NV; ++v) dw[v] += hj * dg[q][v];
-            }
-            for (int v = 0; v < NV; ++v) store8(dV2t + j * NP + 8 * v, dw[v]);
-        }
-        for (int k = 0; k < NP; ++k) {  // dV1^T[k, :] += l_k dhp
-            v8 dw[HV1];
-            for (int u = 0; u < HV; ++u) dw[u] = load8(dV1t + k * NH + 8 * u);
-            for (int q = 0; q < nb; ++q) {
-                const v8 lk = bcast(l[q][k]);
-                for (int u = 0; u < HV; ++u) dw[u] += lk * dhp[q][u];
-            }
-            for (int u = 0; u < HV; ++u) store8(dV1t + k * NH + 8 * u, dw[u]);
-        }
+        add_outer<NH1, NV>(nb, dV2t, h_flat, dg);  // dV2^T[j, :] += h_j dg
+        add_outer<NP, HV1>(nb, dV1t, l, dhp);      // dV1^T[k, :] += l_k dhp
     }
     float dl_flat[RB][NP];
     std::memcpy(dl_flat, dl, sizeof dl_flat);
