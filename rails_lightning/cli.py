@@ -14,7 +14,9 @@ import pickle
 import sys
 import time
 from pathlib import Path
+from typing import Literal, Optional
 
+import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
@@ -122,6 +124,14 @@ class RailsCLI(LightningCLI):
             help="Directory of this run (config.yaml, checkpoints, W&B files, run.json). "
             "Default: <trainer.default_root_dir or .>/runs/<date-time>-<model>.",
         )
+        parser.add_argument(
+            "--float32_matmul_precision",
+            type=Optional[Literal["highest", "high", "medium"]],
+            default=None,
+            help="torch.set_float32_matmul_precision for this run: 'high' lets float32 matrix products run in "
+            "TF32 on a GPU with tensor cores (faster, ~1e-3 relative error), 'medium' in bf16; 'highest' is full "
+            "float32. Default: leave PyTorch's setting (full float32).",
+        )
         # Data facts the model is built from.
         for name in ("num_items", "num_users", "num_item_features"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
@@ -139,6 +149,8 @@ class RailsCLI(LightningCLI):
             root = Path(config.trainer.default_root_dir or ".")
             model_name = build_factory({"class_path": str(config.model.similarity.class_path)}, Similarity).func.model_name
             run_dir = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}-{os.getpid()}"
+        if config.get("float32_matmul_precision"):
+            torch.set_float32_matmul_precision(config.float32_matmul_precision)
         self.run_dir = Path(run_dir).resolve()
         os.environ[RUN_DIR_ENV] = str(self.run_dir)  # for the processes a DDP launch starts from this one
         config.run_dir = str(self.run_dir)

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, SHARED_DATA
 from rails_lightning.cli import DEFAULT_CONFIG, MODEL_PRESETS, main
+from rails_lightning.errors import ConfigError
 from rails_lightning.models import RetrievalModule
 from rails_lightning.runs import RunRecord
 from rails_lightning.similarity import DotProduct, MixtureOfLogits
@@ -100,6 +102,24 @@ def test_ready_made_models_by_name(name, similarity, tmp_path, monkeypatch):
     cli = main([f"--model={name}", "--model.objective.init_args.num_negatives=77", f"--run_dir={tmp_path}"], run=False)
     assert isinstance(cli.model.similarity, similarity) and cli.model.model_name == name
     assert cli.model.hparams.objective["init_args"]["num_negatives"] == 77
+
+
+
+def test_float32_matmul_precision_option_sets_torch_and_defaults_to_leaving_it(tmp_path, monkeypatch):
+    """``--float32_matmul_precision=high`` (TF32 on a GPU) is applied before the model is built; without it the
+    process's setting stays as it was."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        main([f"--run_dir={tmp_path / 'a'}"], run=False)
+        assert torch.get_float32_matmul_precision() == "highest"
+        main(["--float32_matmul_precision=high", f"--run_dir={tmp_path / 'b'}"], run=False)
+        assert torch.get_float32_matmul_precision() == "high"
+        with pytest.raises(ConfigError, match="float32_matmul_precision"):
+            main(["--float32_matmul_precision=fast", f"--run_dir={tmp_path / 'c'}"], run=False)
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_print_config_shows_the_whole_run(tmp_path, monkeypatch, capsys):

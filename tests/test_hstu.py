@@ -172,6 +172,26 @@ def test_time_bias_gets_gradients():
     assert all(layer.relative_time_bias.grad.abs().sum() > 0 for layer in model.layers)
 
 
+
+@pytest.mark.parametrize("index_shape, grad_shape", [((L, L), (2, 3, L, L)), ((2, L, L), (2, 1, L, L))])
+def test_bias_lookup_gradient_is_that_of_indexing(index_shape, grad_shape):
+    """The bias tables' lookup (index_add_ in the backward) has indexing's values and gradients, broadcast over
+    batch and heads as the layer uses it (position bias: (L, L) read into (B, H, L, L); time bias: (B, L, L))."""
+    from rails_lightning.models.hstu import _BiasLookup
+
+    torch.manual_seed(0)
+    table = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 16, index_shape)
+    upstream = torch.randn(grad_shape, dtype=torch.float64)
+    expanded = (lambda t: t[:, None]) if len(index_shape) == 3 else (lambda t: t)
+    looked_up = _BiasLookup.apply(table, index)
+    assert torch.equal(looked_up, table[index])
+    (grad_lookup,) = torch.autograd.grad((expanded(looked_up) * upstream).sum(), table)
+    (grad_indexing,) = torch.autograd.grad((expanded(table[index]) * upstream).sum(), table)
+    torch.testing.assert_close(grad_lookup, grad_indexing)
+    assert torch.autograd.gradcheck(lambda t: _BiasLookup.apply(t, index[..., :3, :3]), (table,))
+
+
 def _env() -> dict:
     return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 

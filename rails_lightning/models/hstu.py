@@ -58,6 +58,25 @@ from rails_lightning.errors import ConfigError, UserError
 from rails_lightning.models.encoders import QueryEncoder
 
 
+class _BiasLookup(torch.autograd.Function):
+    """``table[index]`` for a small bias table read at many positions, whose backward sums the gradient into the
+    table with ``index_add_``. Indexing's own backward (``index_put_`` with accumulation) serialises over repeated
+    indices, and a relative-bias table of 64-200 entries is read at B * L * L positions: on an H100 it took 1.7 s
+    of a 1.8 s training step of configs/ml-1m/hstu_mol.yaml; ``index_add_`` does the same sums in milliseconds
+    (CPU and GPU)."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.num_entries = table.shape[0]
+        return table[index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.num_entries).index_add_(0, index.reshape(-1), grad.reshape(-1)), None
+
+
 class HSTULayer(nn.Module):
     """One HSTU layer: pointwise projection, pointwise aggregated attention, gated output, residual."""
 
@@ -97,9 +116,9 @@ class HSTULayer(nn.Module):
         v = v.view(B, L, H, d_v).transpose(1, 2)  # (B, H, L, d_v)
         q = q.view(B, L, H, d_qk).transpose(1, 2)  # (B, H, L, d_qk)
         k = k.view(B, L, H, d_qk).transpose(1, 2)  # (B, H, L, d_qk)
-        scores = q @ k.transpose(-2, -1) + self.relative_position_bias[distance]  # (B, H, L, L)
+        scores = q @ k.transpose(-2, -1) + _BiasLookup.apply(self.relative_position_bias, distance)  # (B, H, L, L)
         if self.relative_time_bias is not None:
-            scores = scores + self.relative_time_bias[time_buckets][:, None]  # (B, H, L, L), shared by the heads
+            scores = scores + _BiasLookup.apply(self.relative_time_bias, time_buckets)[:, None]  # (B, H, L, L), shared by the heads
         a = F.silu(scores) / self.max_seq_len * attend  # (B, H, L, L), zero where not attended
         a = self.attention_dropout(a)
         y = (a @ v).transpose(1, 2).reshape(B, L, H * d_v)  # (B, L, H * d_v)
