@@ -54,3 +54,17 @@ def test_pair_gate_kernel_times_the_fused_and_the_pytorch_gate(options):
     assert float(rows["fused"][-1]) == 1.0 and float(rows["PyTorch ops"][-1]) > 0
     forward, backward, total = (float(cell) for cell in rows["PyTorch ops"][:3])
     assert forward >= 0 and backward >= 0 and total == pytest.approx(forward + backward, abs=0.2)
+
+
+@pytest.mark.slow
+def test_step_profile_times_the_phases_and_profiles():
+    tiny = [arg for arg in TINY_CLI_ARGS if not arg.startswith("--trainer.")]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/step_profile.py", *tiny, "--model=MoL", "--data.batch_size=8"],
+        capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in steps] == ["step 2", "step 3", "step 4", "step 5"]
+    assert all(float(line.split("forward ")[1].split()[0]) > 0 for line in steps)
+    assert "aten::" in result.stdout and "Self CPU time total" in result.stdout
