@@ -14,7 +14,7 @@ What ``wandb sweep`` + ``wandb agent`` do with a server, done locally with W&B's
   functions (``${args}`` -> ``--model.temperature=0.05``; a whole-dict value renders as
   ``--model={'similarity': {'class_path': ...}}``, which LightningCLI parses as a config string), with one difference: ``${interpreter}``
   (and a bare ``python``) is this Python, so that trials run in the same environment;
-* trials run one after another as subprocesses, each with ``--run_dir=<out>/<trial>`` and W&B
+* trials run one after another (or ``--parallel N`` at once) as subprocesses, each with ``--run_dir=<out>/<trial>`` and W&B
   offline (``wandb sync <out>/*/wandb/offline-run-*`` uploads them later, grouped by sweep);
 * a failed trial is reported as failed and the sweep goes on; progress is printed as trials go.
 
@@ -187,8 +187,10 @@ def trial_name(index: int, config: dict[str, Any], run_config: dict[str, Any]) -
 
 
 # ---------------------------------------------------------------------------------------- running
-def _trial_env(group: str, name: str) -> dict[str, str]:
+def _trial_env(group: str, name: str, threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     # W&B offline (a disabled W&B, e.g. in tests, stays disabled): nothing waits for a server.
     env["WANDB_MODE"] = "disabled" if os.environ.get("WANDB_MODE") == "disabled" else "offline"
     env["WANDB_RUN_GROUP"] = group
@@ -209,8 +211,11 @@ def run_sweep(
     out_dir: str | Path | None = None,
     extra_args: Sequence[str] = (),
     timeout: float | None = None,
+    parallel: int = 1,
 ) -> tuple[Path, str]:
-    """Run a sweep's trials locally; returns the output folder and the markdown summary."""
+    """Run a sweep's trials locally, up to ``parallel`` at once; returns the output folder and the markdown summary."""
+    if parallel < 1:
+        raise SweepError(f"--parallel takes a number of trials at once (1 or more), got {parallel}")
     sweeps = _sweeps()
     config = load_sweep_config(sweep_file)
     violations = schema_violations(config)
@@ -226,42 +231,59 @@ def run_sweep(
         grid_size = len(proposals(config))
         total = grid_size if limit is None else min(limit, grid_size)
     record: dict[str, Any] = {"sweep_file": str(Path(sweep_file).resolve()), "config": config, "out": str(out), "trials": []}
-    runs: list = []
-    _say(f"sweep {name} ({config['method']}, metric {metric}), {total} trials, output: {out}")
+    runs: list = []  # W&B's proposals, finished or not: the search sees every trial proposed so far
+    running: list[_Trial] = []
+    threads = _threads_per_trial(parallel)
+    _say(f"sweep {name} ({config['method']}, metric {metric}), {total} trials"
+         + (f", up to {parallel} at once" if parallel > 1 else "") + f", output: {out}")
     try:
-        while limit is None or len(runs) < limit:
-            proposal = propose(config, runs)
-            if proposal is None:
+        exhausted = False
+        while True:
+            while not exhausted and len(running) < parallel and (limit is None or len(runs) < limit):
+                proposal = propose(config, runs)
+                if proposal is None:
+                    exhausted = True
+                    break
+                proposal.state = sweeps.RunState.running
+                index = len(runs)
+                trial = trial_name(index, config, proposal.config)
+                run_dir = out / trial
+                run_dir.mkdir(parents=True, exist_ok=True)
+                argv = expand_command(config, proposal.config, args_json_file=run_dir / "args.json")
+                argv += [f"--run_dir={run_dir}", *extra_args]
+                entry = {
+                    "name": trial, "params": short_params(proposal.config), "model": _model_of(config, proposal.config),
+                    "config": proposal.config, "argv": argv, "status": "running",
+                }
+                record["trials"].append(entry)
+                runs.append(proposal)
+                _write(out / "sweep.json", record)
+                _say(f"trial {index + 1}/{total} {trial}: {' '.join(argv[1:] if argv[0].endswith('/env') else argv)}")
+                running.append(_Trial.start(index, proposal, entry, argv, run_dir, _trial_env(out.name, trial, threads)))
+            if not running:
                 break
-            index = len(runs)
-            trial = trial_name(index, config, proposal.config)
-            run_dir = out / trial
-            run_dir.mkdir(parents=True, exist_ok=True)
-            argv = expand_command(config, proposal.config, args_json_file=run_dir / "args.json")
-            argv += [f"--run_dir={run_dir}", *extra_args]
-            entry = {
-                "name": trial, "params": short_params(proposal.config), "model": _model_of(config, proposal.config),
-                "config": proposal.config, "argv": argv, "status": "running",
-            }
-            record["trials"].append(entry)
-            _write(out / "sweep.json", record)
-            _say(f"trial {index + 1}/{total} {trial}: {' '.join(argv[1:] if argv[0].endswith('/env') else argv)}")
-            started = time.perf_counter()
-            returncode = _run_trial(argv, run_dir, _trial_env(out.name, trial), timeout)
-            entry["seconds"] = round(time.perf_counter() - started, 1)
-            metrics = _summary_metrics(run_dir) if returncode == 0 else {}
-            if returncode == 0 and metric in metrics:
+            done = _wait_for_one(running, timeout)
+            running.remove(done)
+            entry, proposal = done.entry, done.proposal
+            entry["seconds"] = round(time.perf_counter() - done.started, 1)
+            metrics = _summary_metrics(done.run_dir) if done.returncode == 0 else {}
+            if done.returncode == 0 and metric in metrics:
                 entry["status"], proposal.state = "finished", sweeps.RunState.finished
                 proposal.summary_metrics = metrics
                 entry["metric"] = metrics[metric]
-                _say(f"trial {index + 1} {trial} finished in {entry['seconds']:.0f} s: {metric} = {metrics[metric]:.4f}")
+                _say(f"trial {done.index + 1} {entry['name']} finished in {entry['seconds']:.0f} s: {metric} = {metrics[metric]:.4f}")
             else:
-                why = f"exit {returncode}" if returncode != 0 else f"no {metric} in run.json"
+                why = f"exit {done.returncode}" if done.returncode != 0 else f"no {metric} in run.json"
                 entry["status"], proposal.state = f"failed ({why})", sweeps.RunState.failed
-                _say(f"trial {index + 1} {trial} FAILED ({why}) after {entry['seconds']:.0f} s; log: {run_dir / 'trial.log'}")
-            runs.append(proposal)
+                _say(f"trial {done.index + 1} {entry['name']} FAILED ({why}) after {entry['seconds']:.0f} s; "
+                     f"log: {done.run_dir / 'trial.log'}")
             _write(out / "sweep.json", record)
     finally:
+        for trial in running:  # interrupted (Ctrl-C) or failed here: no trial outlives the sweep
+            trial.stop()
+            trial.entry["status"] = "interrupted"
+        if running:
+            _write(out / "sweep.json", record)
         markdown = ""
         if record["trials"]:
             title = f"Sweep {name} ({config['method']}, {len(record['trials'])} trials): {metric}"
@@ -304,15 +326,58 @@ def check_metric_is_logged(config: dict[str, Any], metric: str, extra_args: Sequ
         raise SweepError(f"metric.name {metric!r} is not logged by these runs; they log e.g. {shown}")
 
 
-def _run_trial(argv: list[str], run_dir: Path, env: dict[str, str], timeout: float | None) -> int:
-    import subprocess
+class _Trial:
+    """One trial's subprocess (its output in ``run_dir/trial.log``)."""
 
-    with open(run_dir / "trial.log", "w") as log:
-        try:
-            return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            log.write(f"\n[rails_lightning sweep] killed after {timeout} s\n")
-            return -9
+    def __init__(self, index: int, proposal: Any, entry: dict[str, Any], run_dir: Path, process, log) -> None:
+        self.index, self.proposal, self.entry, self.run_dir = index, proposal, entry, run_dir
+        self.process, self.log, self.started = process, log, time.perf_counter()
+        self.returncode: int | None = None
+
+    @classmethod
+    def start(cls, index: int, proposal: Any, entry: dict[str, Any], argv: list[str], run_dir: Path, env: dict[str, str]) -> "_Trial":
+        import subprocess
+
+        log = open(run_dir / "trial.log", "w")
+        entry["started_at"] = round(time.time(), 3)  # Unix time: which trials ran side by side
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return cls(index, proposal, entry, run_dir, process, log)
+
+    def poll(self, timeout: float | None) -> bool:
+        """Whether the trial has ended (killed, returncode -9, once it has run ``timeout`` seconds)."""
+        returncode = self.process.poll()
+        if returncode is None and timeout is not None and time.perf_counter() - self.started > timeout:
+            self.stop()
+            self.log.write(f"\n[rails_lightning sweep] killed after {timeout} s\n")
+            returncode = -9
+        if returncode is None:
+            return False
+        self.returncode = returncode
+        self.log.close()
+        return True
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.log.flush()
+
+
+def _wait_for_one(running: list[_Trial], timeout: float | None) -> _Trial:
+    """The first of the running trials to end (polled: each may have its own timeout clock)."""
+    while True:
+        for trial in running:
+            if trial.poll(timeout):
+                return trial
+        time.sleep(0.2)
+
+
+def _threads_per_trial(parallel: int) -> int | None:
+    """With several trials at once and no OMP_NUM_THREADS set, each gets its share of the cores (else PyTorch
+    starts one thread per core in every trial and they fight over them)."""
+    if parallel == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // parallel)
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
@@ -338,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=int, default=None, help="number of trials (default: every grid point; run_cap for random/bayes)")
     parser.add_argument("--out", default=None, help="output folder (default: sweeps_out/<sweep name>-<date-time>)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds after which a trial is killed and counted as failed")
+    parser.add_argument("--parallel", type=int, default=1, help="trials run at once (default 1), e.g. 3 seeds sharing one "
+                        "GPU; bayes proposes the next trials from those finished so far. Without OMP_NUM_THREADS set, "
+                        "each trial gets cpu_count // N threads")
     parser.add_argument("--dry_run", action="store_true", help="print the trial commands W&B proposes and stop")
     return parser
 
@@ -358,7 +426,7 @@ def main(argv: Sequence[str]) -> int:
             argv_ = expand_command(config, run_config) + [f"--run_dir=<out>/{trial_name(index, config, run_config)}", *extra]
             print(" ".join(argv_))
         return 0
-    out, _ = run_sweep(args.sweep_file, args.count, args.out, extra, args.timeout)
+    out, _ = run_sweep(args.sweep_file, args.count, args.out, extra, args.timeout, args.parallel)
     record = json.loads((out / "sweep.json").read_text())
     if not any(trial["status"] == "finished" for trial in record["trials"]):
         raise SweepError(f"no trial of {args.sweep_file} succeeded; each trial's log is in {out}/<trial>/trial.log")

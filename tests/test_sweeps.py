@@ -28,6 +28,7 @@ from conftest import REPO, SHARED_DATA, TINY_CLI_ARGS as TINY  # noqa: E402
 from rails_lightning import sweep  # noqa: E402
 from rails_lightning.__main__ import main as command_main  # noqa: E402
 from rails_lightning.cli import main  # noqa: E402
+from rails_lightning.errors import SweepError  # noqa: E402
 from rails_lightning.runs import RunRecord  # noqa: E402
 SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
 # Keys the CorpusEvaluation callback logs on validation (default ks 1, 10, 50, 200).
@@ -308,3 +309,25 @@ def test_best_checkpoint_artifact_only_when_online(tmp_path):
     run.offline, run.logged = True, []
     WandbBestCheckpoint().on_fit_end(trainer, None)
     assert run.logged == []
+
+
+def test_parallel_trials_run_side_by_side_and_each_gets_its_share_of_threads(tmp_path, monkeypatch, capsys):
+    """``--parallel 2``: two trials at once (their runs overlap in time), both recorded and summarised; with no
+    OMP_NUM_THREADS set each trial's environment gives it cpu_count // 2 threads."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.chdir(REPO)
+    out, markdown = sweep.run_sweep("sweeps/mol_vs_dot.yaml", count=2, out_dir=tmp_path / "parallel", extra_args=TINY, parallel=2)
+    assert "up to 2 at once" in capsys.readouterr().out
+    first, second = json.loads((out / "sweep.json").read_text())["trials"]
+    assert first["status"] == second["status"] == "finished", (first, second)
+    assert second["started_at"] < first["started_at"] + first["seconds"]  # started before the first had ended
+    assert "2 / 2" in markdown
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    for trial in (first, second):
+        assert RunRecord.read(out / trial["name"]).ok
+    assert sweep._trial_env("g", "n", sweep._threads_per_trial(2))["OMP_NUM_THREADS"] == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
+    assert sweep._threads_per_trial(2) is None and sweep._threads_per_trial(1) is None
+    with pytest.raises(SweepError, match="--parallel"):
+        sweep.run_sweep("sweeps/mol_vs_dot.yaml", count=1, out_dir=tmp_path / "zero", parallel=0)
