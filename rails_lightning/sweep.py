@@ -281,6 +281,7 @@ def run_sweep(
     finally:
         for trial in running:  # interrupted (Ctrl-C) or failed here: no trial outlives the sweep
             trial.stop()
+            trial.log.close()
             trial.entry["status"] = "interrupted"
         if running:
             _write(out / "sweep.json", record)

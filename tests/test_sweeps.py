@@ -331,3 +331,18 @@ def test_parallel_trials_run_side_by_side_and_each_gets_its_share_of_threads(tmp
     assert sweep._threads_per_trial(2) is None and sweep._threads_per_trial(1) is None
     with pytest.raises(SweepError, match="--parallel"):
         sweep.run_sweep("sweeps/mol_vs_dot.yaml", count=1, out_dir=tmp_path / "zero", parallel=0)
+
+
+def test_trials_past_the_timeout_are_killed_and_reported(tmp_path, monkeypatch, capsys):
+    """``--timeout``: every trial still running after it is killed (here two at once, both well inside start-up),
+    counted as failed, its log saying so."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(REPO)
+    out, markdown = sweep.run_sweep("sweeps/mol_vs_dot.yaml", count=2, out_dir=tmp_path / "slow", extra_args=TINY,
+                                    timeout=1.0, parallel=2)
+    trials = json.loads((out / "sweep.json").read_text())["trials"]
+    assert [trial["status"] for trial in trials] == ["failed (exit -9)"] * 2
+    assert all(trial["seconds"] < 60 for trial in trials)
+    for trial in trials:
+        assert "[rails_lightning sweep] killed after 1.0 s" in (out / trial["name"] / "trial.log").read_text()
+    assert "FAILED (exit -9)" in capsys.readouterr().out and "0 / 2" in markdown
