@@ -53,6 +53,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _restore_float32_matmul_precision():
+    """A config with ``float32_matmul_precision`` (configs/ml-1m/hstu_mol.yaml) sets it for the whole process when
+    the CLI builds it; every test starts from the setting the session started with."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 @pytest.fixture
 def tiny_cli_args() -> list[str]:
     return list(TINY_CLI_ARGS)

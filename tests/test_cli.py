@@ -109,17 +109,13 @@ def test_float32_matmul_precision_option_sets_torch_and_defaults_to_leaving_it(t
     """``--float32_matmul_precision=high`` (TF32 on a GPU) is applied before the model is built; without it the
     process's setting stays as it was."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        main([f"--run_dir={tmp_path / 'a'}"], run=False)
-        assert torch.get_float32_matmul_precision() == "highest"
-        main(["--float32_matmul_precision=high", f"--run_dir={tmp_path / 'b'}"], run=False)
-        assert torch.get_float32_matmul_precision() == "high"
-        with pytest.raises(ConfigError, match="float32_matmul_precision"):
-            main(["--float32_matmul_precision=fast", f"--run_dir={tmp_path / 'c'}"], run=False)
-    finally:
-        torch.set_float32_matmul_precision(before)
+    torch.set_float32_matmul_precision("highest")  # conftest restores the session's setting after the test
+    main([f"--run_dir={tmp_path / 'a'}"], run=False)
+    assert torch.get_float32_matmul_precision() == "highest"
+    main(["--float32_matmul_precision=high", f"--run_dir={tmp_path / 'b'}"], run=False)
+    assert torch.get_float32_matmul_precision() == "high"
+    with pytest.raises(ConfigError, match="float32_matmul_precision"):
+        main(["--float32_matmul_precision=fast", f"--run_dir={tmp_path / 'c'}"], run=False)
 
 
 def test_print_config_shows_the_whole_run(tmp_path, monkeypatch, capsys):
