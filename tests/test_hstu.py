@@ -192,6 +192,19 @@ def test_bias_lookup_gradient_is_that_of_indexing(index_shape, grad_shape):
     assert torch.autograd.gradcheck(lambda t: _BiasLookup.apply(t, index[..., :3, :3]), (table,))
 
 
+
+def test_bias_lookup_sums_a_bfloat16_gradient_in_float32():
+    """Millions of bfloat16 terms per entry: summed in bfloat16 each entry would stall near 256 (its spacing there
+    outgrows 1); summed in float32 they are the counts, to bfloat16's rounding."""
+    from rails_lightning.models.hstu import _BiasLookup
+
+    table = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    index = torch.arange(100_000) % 4  # 25,000 reads of each entry
+    _BiasLookup.apply(table, index).backward(torch.ones(100_000, dtype=torch.bfloat16))
+    assert table.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(table.grad.float(), torch.full((4,), 25_000.0), rtol=1e-2, atol=0)
+
+
 def _env() -> dict:
     return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 

@@ -74,7 +74,9 @@ class _BiasLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.num_entries).index_add_(0, index.reshape(-1), grad.reshape(-1)), None
+        # Summed in float32 at least: a bfloat16 gradient would lose the small terms of sums over millions of positions.
+        total = torch.zeros(ctx.num_entries, dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device)
+        return total.index_add_(0, index.reshape(-1), grad.reshape(-1).to(total.dtype)), None
 
 
 class HSTULayer(nn.Module):
