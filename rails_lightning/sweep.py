@@ -187,10 +187,12 @@ def trial_name(index: int, config: dict[str, Any], run_config: dict[str, Any]) -
 
 
 # ---------------------------------------------------------------------------------------- running
-def _trial_env(group: str, name: str, threads: int | None = None) -> dict[str, str]:
+def _trial_env(group: str, name: str, threads: int | None = None, gpu: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     # W&B offline (a disabled W&B, e.g. in tests, stays disabled): nothing waits for a server.
     env["WANDB_MODE"] = "disabled" if os.environ.get("WANDB_MODE") == "disabled" else "offline"
     env["WANDB_RUN_GROUP"] = group
@@ -234,6 +236,7 @@ def run_sweep(
     runs: list = []  # W&B's proposals, finished or not: the search sees every trial proposed so far
     running: list[_Trial] = []
     threads = _threads_per_trial(parallel)
+    gpus = _visible_gpus() if parallel > 1 else []  # with several, trials side by side go to different GPUs
     _say(f"sweep {name} ({config['method']}, metric {metric}), {total} trials"
          + (f", up to {parallel} at once" if parallel > 1 else "") + f", output: {out}")
     try:
@@ -259,7 +262,12 @@ def run_sweep(
                 runs.append(proposal)
                 _write(out / "sweep.json", record)
                 _say(f"trial {index + 1}/{total} {trial}: {' '.join(argv[1:] if argv[0].endswith('/env') else argv)}")
-                running.append(_Trial.start(index, proposal, entry, argv, run_dir, _trial_env(out.name, trial, threads)))
+                slot = min(set(range(parallel)) - {t.slot for t in running})
+                gpu = gpus[slot % len(gpus)] if len(gpus) > 1 else None
+                if gpu is not None:
+                    entry["gpu"] = gpu
+                env = _trial_env(out.name, trial, threads, gpu)
+                running.append(_Trial.start(index, slot, proposal, entry, argv, run_dir, env))
             if not running:
                 break
             done = _wait_for_one(running, timeout)
@@ -330,19 +338,21 @@ def check_metric_is_logged(config: dict[str, Any], metric: str, extra_args: Sequ
 class _Trial:
     """One trial's subprocess (its output in ``run_dir/trial.log``)."""
 
-    def __init__(self, index: int, proposal: Any, entry: dict[str, Any], run_dir: Path, process, log) -> None:
-        self.index, self.proposal, self.entry, self.run_dir = index, proposal, entry, run_dir
+    def __init__(self, index: int, slot: int, proposal: Any, entry: dict[str, Any], run_dir: Path, process, log) -> None:
+        self.index, self.slot, self.proposal, self.entry, self.run_dir = index, slot, proposal, entry, run_dir
         self.process, self.log, self.started = process, log, time.perf_counter()
         self.returncode: int | None = None
 
     @classmethod
-    def start(cls, index: int, proposal: Any, entry: dict[str, Any], argv: list[str], run_dir: Path, env: dict[str, str]) -> "_Trial":
+    def start(cls, index: int, slot: int, proposal: Any, entry: dict[str, Any], argv: list[str], run_dir: Path,
+              env: dict[str, str]) -> "_Trial":
+        """Trial ``index`` started in ``slot`` (0 .. parallel - 1: which of the trials running at once it is)."""
         import subprocess
 
         log = open(run_dir / "trial.log", "w")
         entry["started_at"] = round(time.time(), 3)  # Unix time: which trials ran side by side
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        return cls(index, proposal, entry, run_dir, process, log)
+        return cls(index, slot, proposal, entry, run_dir, process, log)
 
     def poll(self, timeout: float | None) -> bool:
         """Whether the trial has ended (killed, returncode -9, once it has run ``timeout`` seconds)."""
@@ -371,6 +381,16 @@ def _wait_for_one(running: list[_Trial], timeout: float | None) -> _Trial:
             if trial.poll(timeout):
                 return trial
         time.sleep(0.2)
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs trials may use: the entries of CUDA_VISIBLE_DEVICES when set, else every device torch counts."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [device.strip() for device in listed.split(",") if device.strip()]
+    import torch
+
+    return [str(device) for device in range(torch.cuda.device_count())]
 
 
 def _threads_per_trial(parallel: int) -> int | None:
@@ -405,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="output folder (default: sweeps_out/<sweep name>-<date-time>)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds after which a trial is killed and counted as failed")
     parser.add_argument("--parallel", type=int, default=1, help="trials run at once (default 1), e.g. 3 seeds sharing one "
-                        "GPU; bayes proposes the next trials from those finished so far. Without OMP_NUM_THREADS set, "
-                        "each trial gets cpu_count // N threads")
+                        "GPU; bayes proposes the next trials from those finished so far. With several GPUs visible, the "
+                        "trials running at once go to different ones (CUDA_VISIBLE_DEVICES, round robin); without "
+                        "OMP_NUM_THREADS set, each trial gets cpu_count // N threads")
     parser.add_argument("--dry_run", action="store_true", help="print the trial commands W&B proposes and stop")
     return parser
 

@@ -312,9 +312,11 @@ def test_best_checkpoint_artifact_only_when_online(tmp_path):
 
 
 def test_parallel_trials_run_side_by_side_and_each_gets_its_share_of_threads(tmp_path, monkeypatch, capsys):
-    """``--parallel 2``: two trials at once (their runs overlap in time), both recorded and summarised; with no
+    """``--parallel 2``: two trials at once (their runs overlap in time), both recorded and summarised, on different
+    GPUs of those listed (here two that do not exist: the trials see none and run on the CPU); with no
     OMP_NUM_THREADS set each trial's environment gives it cpu_count // 2 threads."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.chdir(REPO)
     out, markdown = sweep.run_sweep("sweeps/mol_vs_dot.yaml", count=2, out_dir=tmp_path / "parallel", extra_args=TINY, parallel=2)
@@ -322,11 +324,15 @@ def test_parallel_trials_run_side_by_side_and_each_gets_its_share_of_threads(tmp
     first, second = json.loads((out / "sweep.json").read_text())["trials"]
     assert first["status"] == second["status"] == "finished", (first, second)
     assert second["started_at"] < first["started_at"] + first["seconds"]  # started before the first had ended
+    assert {first["gpu"], second["gpu"]} == {"5", "7"}
     assert "2 / 2" in markdown
     threads = str(max(1, (os.cpu_count() or 1) // 2))
     for trial in (first, second):
         assert RunRecord.read(out / trial["name"]).ok
     assert sweep._trial_env("g", "n", sweep._threads_per_trial(2))["OMP_NUM_THREADS"] == threads
+    assert sweep._trial_env("g", "n", None, "7")["CUDA_VISIBLE_DEVICES"] == "7"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # none listed: nothing to spread over
+    assert sweep._visible_gpus() == []
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
     assert sweep._threads_per_trial(2) is None and sweep._threads_per_trial(1) is None
     with pytest.raises(SweepError, match="--parallel"):
