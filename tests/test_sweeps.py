@@ -352,3 +352,31 @@ def test_trials_past_the_timeout_are_killed_and_reported(tmp_path, monkeypatch, 
     for trial in trials:
         assert "[rails_lightning sweep] killed after 1.0 s" in (out / trial["name"] / "trial.log").read_text()
     assert "FAILED (exit -9)" in capsys.readouterr().out and "0 / 2" in markdown
+
+
+def test_interrupting_a_parallel_sweep_stops_every_trial(tmp_path):
+    """Ctrl-C (SIGINT to the sweep process alone) while two trials run: both are killed, recorded as interrupted,
+    and the summary is still written."""
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    sweep_process = subprocess.Popen(
+        [sys.executable, "-m", "rails_lightning", "sweep", "sweeps/mol_vs_dot.yaml", "--count", "2", "--parallel", "2",
+         "--out", str(out), "--", *TINY, "--trainer.max_epochs=50"],
+        cwd=REPO, env=_env(WANDB_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # both trials started
+        trials = json.loads((out / "sweep.json").read_text())["trials"] if (out / "sweep.json").is_file() else []
+        if len(trials) == 2:
+            break
+        time.sleep(0.2)
+    time.sleep(2)
+    sweep_process.send_signal(signal.SIGINT)
+    output, _ = sweep_process.communicate(timeout=120)
+    trials = json.loads((out / "sweep.json").read_text())["trials"]
+    assert [trial["status"] for trial in trials] == ["interrupted", "interrupted"], output[-2000:]
+    assert (out / "summary.md").is_file()
+    still_running = subprocess.run(["pgrep", "-f", f"run_dir={out}"], capture_output=True, text=True).stdout
+    assert still_running == "", still_running
