@@ -71,6 +71,31 @@ def test_grouped_scores_equal_cross_scores(model, separable):
             torch.testing.assert_close(grouped[row], crossed, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("model", MODELS)
+def test_repeated_items_encode_as_each_alone_with_the_same_gradients(model):
+    """Per-query negatives (many repeats) are encoded once per distinct id and gathered: the same values as encoding
+    every id, and the same gradients for every parameter."""
+    data = make_tiny_data()
+    module = make_tiny_model(data, model).eval()  # no dropout: both paths see the same function
+    ids = torch.randint(1, data.num_items + 1, (7, 30))  # (M, R_Q), many repeats
+
+    def values_and_gradients(encode):
+        module.zero_grad()
+        fields = encode(ids)
+        fields = fields if isinstance(fields, tuple) else (fields,)
+        sum(field.square().sum() for field in fields if field.is_floating_point()).backward()
+        return fields, {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+    gathered, gathered_grads = values_and_gradients(module.encode_repeated_items)
+    direct, direct_grads = values_and_gradients(module.encode_items)
+    for a, b in zip(gathered, direct, strict=True):
+        torch.testing.assert_close(a, b)
+    assert gathered_grads.keys() == direct_grads.keys() and gathered_grads
+    for name in direct_grads:
+        torch.testing.assert_close(gathered_grads[name], direct_grads[name], msg=name)
+
+
 def test_shared_and_per_query_negatives_have_their_shapes_and_logq():
     torch.manual_seed(0)
     data = make_tiny_data()
