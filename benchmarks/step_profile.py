@@ -1,7 +1,7 @@
 """Where a training step's time goes, on the GPU when there is one: per-phase times and the PyTorch profiler.
 
 The model and data are built by the CLI's own parser from the embedded default plus the options given (as on the
-`fit` command line); matrix products run in TF32 (`torch.set_float32_matmul_precision("high")`). A step is the
+`fit` command line), with glibc's malloc set as `fit` sets it; matrix products run in TF32 (`torch.set_float32_matmul_precision("high")`). A step is the
 module's `training_step` (in the trainer's precision context), the backward pass and an AdamW step on real
 training batches moved to the device, each phase timed after a device synchronisation. Two uncounted warm-up steps,
 four timed ones, then the profiler over two more; the first table is sorted by device (CUDA) time on a GPU, by
@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from rails_lightning.cli import _keep_freed_memory
 from train_step_cost import build  # benchmarks/ is the script's own folder, hence on sys.path
 
 
@@ -25,6 +26,7 @@ def main_() -> None:
     options = sys.argv[1:]
     sys.argv[1:] = []
     warnings.filterwarnings("ignore", message=".*self.log.*")
+    _keep_freed_memory()  # glibc's malloc as `fit` sets it (on the CPU, large buffers are otherwise re-zeroed every step)
     torch.set_float32_matmul_precision("high")
     model, _, datamodule, step_context = build(options)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
