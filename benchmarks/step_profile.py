@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from rails_lightning.cli import _keep_freed_memory
-from train_step_cost import build  # benchmarks/ is the script's own folder, hence on sys.path
+from train_step_cost import build, timed_step  # benchmarks/ is the script's own folder, hence on sys.path
 
 
 def main_() -> None:
@@ -46,21 +46,11 @@ def main_() -> None:
 
     def step(batch, index: int) -> tuple[float, float, float, float]:
         """Seconds of the transfer, forward, backward and optimiser step."""
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         batch = model.transfer_batch_to_device(batch, device, 0)
         synchronise()
-        t1 = time.perf_counter()
-        with step_context():
-            loss = model.training_step(batch, index)
-        synchronise()
-        t2 = time.perf_counter()
-        loss.backward()
-        synchronise()
-        t3 = time.perf_counter()
-        optimiser.step()
-        optimiser.zero_grad(set_to_none=True)
-        synchronise()
-        return t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3
+        transfer = time.perf_counter() - started
+        return (transfer, *timed_step(model, optimiser, batch, index, step_context, synchronise))
 
     for index in range(2):
         step(batches[index], index)

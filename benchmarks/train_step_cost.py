@@ -48,16 +48,20 @@ def build(options: list[str]):
     return model, optimiser, datamodule, cli.trainer.precision_plugin.train_step_context
 
 
-def timed_step(model, optimiser, batch, index: int, step_context) -> tuple[float, float, float]:
-    """Seconds of the forward (training_step, in the trainer's precision context), backward and optimiser step."""
+def timed_step(model, optimiser, batch, index: int, step_context, synchronise=lambda: None) -> tuple[float, float, float]:
+    """Seconds of the forward (training_step, in the trainer's precision context), backward and optimiser step;
+    ``synchronise`` ends each phase (``torch.cuda.synchronize`` on a GPU, whose kernels run asynchronously)."""
     start = time.perf_counter()
     with step_context():
         loss = model.training_step(batch, index)
+    synchronise()
     forward = time.perf_counter()
     loss.backward()
+    synchronise()
     backward = time.perf_counter()
     optimiser.step()
     optimiser.zero_grad(set_to_none=True)
+    synchronise()
     end = time.perf_counter()
     return forward - start, backward - forward, end - backward
 

@@ -104,7 +104,6 @@ def test_ready_made_models_by_name(name, similarity, tmp_path, monkeypatch):
     assert cli.model.hparams.objective["init_args"]["num_negatives"] == 77
 
 
-
 def test_float32_matmul_precision_option_sets_torch_and_defaults_to_leaving_it(tmp_path, monkeypatch):
     """``--float32_matmul_precision=high`` (TF32 on a GPU) is applied before the model is built; without it the
     process's setting stays as it was."""

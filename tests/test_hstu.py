@@ -172,7 +172,6 @@ def test_time_bias_gets_gradients():
     assert all(layer.relative_time_bias.grad.abs().sum() > 0 for layer in model.layers)
 
 
-
 @pytest.mark.parametrize("index_shape, grad_shape", [((L, L), (2, 3, L, L)), ((2, L, L), (2, 1, L, L))])
 def test_bias_lookup_gradient_is_that_of_indexing(index_shape, grad_shape):
     """The bias tables' lookup (index_add_ in the backward) has indexing's values and gradients, broadcast over
