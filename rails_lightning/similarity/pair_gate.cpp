@@ -32,39 +32,50 @@
 #define NH 0
 #endif
 #define NP (NQ * NX)
-#define NV (NP / 8)            // 8-float vectors per pair
-#define HV (NH / 8)            // 8-float vectors of the hidden layer
-#define RB (NH > 0 ? 2 : 4)    // pairs processed together: independent FMA chains per weight load
+#if NP % 16 == 0 && NH % 16 == 0
+#define VW 16                  // floats per vector: AVX-512's 16 where P and H allow, else 8
+#else
+#define VW 8
+#endif
+#define NV (NP / VW)           // vectors per pair
+#define HV (NH / VW)           // vectors of the hidden layer
+#define RB 6                   // pairs processed together: independent FMA chains per weight load
 static_assert(NP % 8 == 0, "P must be a multiple of 8");
 static_assert(NH % 8 == 0, "the hidden width must be a multiple of 8");
 #define HV1 (HV > 0 ? HV : 1)  // array extents (the MLP's arrays exist, unused, in the linear gate's build)
 #define NH1 (NH > 0 ? NH : 1)
 
+typedef float vf __attribute__((vector_size(4 * VW)));
+typedef int32_t vi __attribute__((vector_size(4 * VW)));
+typedef uint32_t vu __attribute__((vector_size(4 * VW)));
 typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
 
-static inline v8 bcast(float x) { return (v8){x, x, x, x, x, x, x, x}; }
-static inline v8 load8(const float *p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
-static inline void store8(float *p, v8 v) { std::memcpy(p, &v, sizeof v); }
+static inline vf bcast(float x) { return vf{} + x; }
+static inline vf loadv(const float *p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void storev(float *p, vf v) { std::memcpy(p, &v, sizeof v); }
 static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+#if VW == 16
+static inline float hsum(vf v) {
+    return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+#endif
 
 // e^x for x <= 0 as 2^n p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6 Taylor polynomial
 // (relative error below 2e-7); x below -87 counts as -87 (e^-87 ~ 1.6e-38, near the smallest normal float).
-static inline v8 exp_nonpositive(v8 x) {
+static inline vf exp_nonpositive(vf x) {
     x = x < bcast(-87.f) ? bcast(-87.f) : x;
-    const v8i n = __builtin_convertvector(x * bcast(1.44269504f) - bcast(0.5f), v8i);  // rounds, as x <= 0
-    const v8 nf = __builtin_convertvector(n, v8);
-    const v8 r = (x - nf * bcast(0.693359375f)) - nf * bcast(-2.12194440e-4f);  // ln 2 in two parts
-    v8 p = bcast(1.f / 720.f);
+    const vi n = __builtin_convertvector(x * bcast(1.44269504f) - bcast(0.5f), vi);  // rounds, as x <= 0
+    const vf nf = __builtin_convertvector(n, vf);
+    const vf r = (x - nf * bcast(0.693359375f)) - nf * bcast(-2.12194440e-4f);  // ln 2 in two parts
+    vf p = bcast(1.f / 720.f);
     p = p * r + bcast(1.f / 120.f);
     p = p * r + bcast(1.f / 24.f);
     p = p * r + bcast(1.f / 6.f);
     p = p * r + bcast(0.5f);
     p = p * r + bcast(1.f);
     p = p * r + bcast(1.f);
-    const v8i bits = (n + 127) << 23;
-    v8 two_n;
+    const vi bits = (n + 127) << 23;
+    vf two_n;
     std::memcpy(&two_n, &bits, sizeof two_n);
     return p * two_n;
 }
@@ -73,15 +84,15 @@ static inline uint32_t hash32(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
     return x;
 }
-static inline v8u hash32(v8u x) {
+static inline vu hash32(vu x) {
     x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
     return x;
 }
 
 // sigmoid(x) for any x, through e^-|x| <= 1.
-static inline v8 sigmoid(v8 x) {
-    const v8 e = exp_nonpositive(x < bcast(0.f) ? x : -x);
-    const v8 one = bcast(1.f);
+static inline vf sigmoid(vf x) {
+    const vf e = exp_nonpositive(x < bcast(0.f) ? x : -x);
+    const vf one = bcast(1.f);
     return x < bcast(0.f) ? e / (one + e) : one / (one + e);
 }
 
@@ -94,15 +105,15 @@ static inline void from_float(float x, uint16_t *out) {  // round to nearest eve
     *out = uint16_t((bits + 0x7fffU + ((bits >> 16) & 1U)) >> 16);
 }
 
-// y[q] += sum_k x[q][k] rows[k] for the nb pairs q: a matrix of IN rows of OUT 8-float vectors, row-major, times
+// y[q] += sum_k x[q][k] rows[k] for the nb pairs q: a matrix of IN rows of OUT vectors, row-major, times
 // each pair's IN values; every row is loaded once for the nb pairs.
 template <int IN, int OUT>
-static inline __attribute__((always_inline)) void add_matvec(const int nb, const float *rows, const float (*x)[IN], v8 (*y)[OUT]) {
+static inline __attribute__((always_inline)) void add_matvec(const int nb, const float *rows, const float (*x)[IN], vf (*y)[OUT]) {
     for (int k = 0; k < IN; ++k) {
-        v8 w[OUT];
-        for (int v = 0; v < OUT; ++v) w[v] = load8(rows + (k * OUT + v) * 8);
+        vf w[OUT];
+        for (int v = 0; v < OUT; ++v) w[v] = loadv(rows + (k * OUT + v) * VW);
         for (int q = 0; q < nb; ++q) {
-            const v8 xk = bcast(x[q][k]);
+            const vf xk = bcast(x[q][k]);
             for (int v = 0; v < OUT; ++v) y[q][v] += w[v] * xk;
         }
     }
@@ -111,15 +122,15 @@ static inline __attribute__((always_inline)) void add_matvec(const int nb, const
 // rows[k] += sum_q x[q][k] y[q] for k < IN: the outer products of the nb pairs added into a row-major matrix in memory
 // (a weight's gradient); every row is loaded and stored once for the nb pairs.
 template <int IN, int OUT>
-static inline __attribute__((always_inline)) void add_outer(const int nb, float *rows, const float (*x)[IN], const v8 (*y)[OUT]) {
+static inline __attribute__((always_inline)) void add_outer(const int nb, float *rows, const float (*x)[IN], const vf (*y)[OUT]) {
     for (int k = 0; k < IN; ++k) {
-        v8 acc[OUT];
-        for (int v = 0; v < OUT; ++v) acc[v] = load8(rows + (k * OUT + v) * 8);
+        vf acc[OUT];
+        for (int v = 0; v < OUT; ++v) acc[v] = loadv(rows + (k * OUT + v) * VW);
         for (int q = 0; q < nb; ++q) {
-            const v8 xk = bcast(x[q][k]);
+            const vf xk = bcast(x[q][k]);
             for (int v = 0; v < OUT; ++v) acc[v] += xk * y[q][v];
         }
-        for (int v = 0; v < OUT; ++v) store8(rows + (k * OUT + v) * 8, acc[v]);
+        for (int v = 0; v < OUT; ++v) storev(rows + (k * OUT + v) * VW, acc[v]);
     }
 }
 
@@ -154,33 +165,34 @@ static inline __attribute__((always_inline)) void load_logits(const int nb, cons
 // Gate logits g, gate pi, log-sum-exp and keep weights of the nb pairs.
 // With the MLP gate also its hidden pre-activations hp and activations h.
 static inline __attribute__((always_inline)) void gate_block(const int nb, const Gate &s, int64_t m, int64_t r0, const float l[RB][NP],
-                                                             v8 g[RB][NV], v8 pi[RB][NV], v8 keep[RB][NV], float lse[RB],
-                                                             v8 hp[RB][HV1], v8 h[RB][HV1]) {
+                                                             vf g[RB][NV], vf pi[RB][NV], vf keep[RB][NV], float lse[RB],
+                                                             vf hp[RB][HV1], vf h[RB][HV1]) {
     for (int q = 0; q < nb; ++q)
-        for (int v = 0; v < NV; ++v) g[q][v] = load8(s.c + 8 * v) + load8(s.a + m * NP + 8 * v) + load8(s.b + m * s.b_query_stride + (r0 + q) * NP + 8 * v);
+        for (int v = 0; v < NV; ++v) g[q][v] = loadv(s.c + VW * v) + loadv(s.a + m * NP + VW * v) + loadv(s.b + m * s.b_query_stride + (r0 + q) * NP + VW * v);
     if (NH == 0) {
         add_matvec<NP, NV>(nb, s.Wt, l, g);  // g += W l
     } else {
         for (int q = 0; q < nb; ++q)
-            for (int v = 0; v < NV; ++v) g[q][v] += load8(s.W_diagonal + 8 * v) * load8(l[q] + 8 * v);
+            for (int v = 0; v < NV; ++v) g[q][v] += loadv(s.W_diagonal + VW * v) * loadv(l[q] + VW * v);
         for (int q = 0; q < nb; ++q)
-            for (int u = 0; u < HV; ++u) hp[q][u] = load8(s.e1 + 8 * u);
+            for (int u = 0; u < HV; ++u) hp[q][u] = loadv(s.e1 + VW * u);
         add_matvec<NP, HV1>(nb, s.V1t, l, hp);  // hp = V1 l + e1
         float h_flat[RB][NH1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) {
                 h[q][u] = hp[q][u] * sigmoid(hp[q][u]);
-                store8(h_flat[q] + 8 * u, h[q][u]);
+                storev(h_flat[q] + VW * u, h[q][u]);
             }
         add_matvec<NH1, NV>(nb, s.V2t, h_flat, g);  // g += V2 h
     }
-    const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    vu lane;
+    for (int i = 0; i < VW; ++i) lane[i] = uint32_t(i);
     for (int q = 0; q < nb; ++q) {
-        v8 vmax = g[q][0];
+        vf vmax = g[q][0];
         for (int v = 1; v < NV; ++v) vmax = g[q][v] > vmax ? g[q][v] : vmax;
         float top = vmax[0];
-        for (int i = 1; i < 8; ++i) top = vmax[i] > top ? vmax[i] : top;
-        v8 vsum = bcast(0.f);
+        for (int i = 1; i < VW; ++i) top = vmax[i] > top ? vmax[i] : top;
+        vf vsum = bcast(0.f);
         for (int v = 0; v < NV; ++v) { pi[q][v] = exp_nonpositive(g[q][v] - bcast(top)); vsum += pi[q][v]; }
         const float total = hsum(vsum);
         for (int v = 0; v < NV; ++v) pi[q][v] *= bcast(1.f / total);
@@ -188,7 +200,7 @@ static inline __attribute__((always_inline)) void gate_block(const int nb, const
         const uint64_t pair = uint64_t(m) * uint64_t(s.R) + uint64_t(r0 + q);
         const uint32_t base = hash32(s.seed ^ uint32_t(pair * 0x9e3779b9U) ^ hash32(uint32_t(pair >> 32)));
         for (int v = 0; v < NV; ++v) {
-            const v8u h = hash32((base + (lane + uint32_t(8 * v)) * 0x85ebca6bU));
+            const vu h = hash32((base + (lane + uint32_t(VW * v)) * 0x85ebca6bU));
             keep[q][v] = h >= s.threshold ? bcast(s.keep_scale) : bcast(0.f);
         }
     }
@@ -196,19 +208,19 @@ static inline __attribute__((always_inline)) void gate_block(const int nb, const
 
 template <typename T>
 static inline __attribute__((always_inline)) void forward_block(const int nb, const T *L, const Gate &s, int64_t m, int64_t r0,
-                                                                float *scores, v8 usage[NV], v8 &entropy) {
+                                                                float *scores, vf usage[NV], vf &entropy) {
     float l[RB][NP];
-    v8 g[RB][NV], pi[RB][NV], keep[RB][NV], hp[RB][HV1], h[RB][HV1];
+    vf g[RB][NV], pi[RB][NV], keep[RB][NV], hp[RB][HV1], h[RB][HV1];
     float lse[RB];
     load_logits(nb, L, s, m, r0, l);
     gate_block(nb, s, m, r0, l, g, pi, keep, lse, hp, h);
     for (int q = 0; q < nb; ++q) {
-        v8 score = bcast(0.f), pi_g = bcast(0.f);
-        for (int v = 0; v < NV; ++v) score += pi[q][v] * keep[q][v] * load8(l[q] + 8 * v);
+        vf score = bcast(0.f), pi_g = bcast(0.f);
+        for (int v = 0; v < NV; ++v) score += pi[q][v] * keep[q][v] * loadv(l[q] + VW * v);
         scores[m * s.R + r0 + q] = hsum(score);
         if (r0 + q < s.stat_items) {
             for (int v = 0; v < NV; ++v) { pi_g += pi[q][v] * g[q][v]; usage[v] += pi[q][v]; }
-            entropy += bcast(lse[q] / 8.f) - pi_g;  // H(pi) = lse - sum_p pi_p g_p, summed over the lanes later
+            entropy += bcast(lse[q] / float(VW)) - pi_g;  // H(pi) = lse - sum_p pi_p g_p, summed over the lanes later
         }
     }
 }
@@ -223,14 +235,14 @@ static void forward(const T *L, const Gate &s, float *scores, double *usage_out,
         double entropy = 0.0;
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < s.M; ++m) {
-            v8 row_usage[NV];
-            v8 row_entropy = bcast(0.f);
+            vf row_usage[NV];
+            vf row_entropy = bcast(0.f);
             for (int v = 0; v < NV; ++v) row_usage[v] = bcast(0.f);
             int64_t r = 0;
             for (; r + RB <= s.R; r += RB) forward_block(RB, L, s, m, r, scores, row_usage, row_entropy);
             for (; r < s.R; ++r) forward_block(1, L, s, m, r, scores, row_usage, row_entropy);
             for (int v = 0; v < NV; ++v)
-                for (int i = 0; i < 8; ++i) usage[8 * v + i] += row_usage[v][i];
+                for (int i = 0; i < VW; ++i) usage[VW * v + i] += row_usage[v][i];
             entropy += hsum(row_entropy);
         }
 #pragma omp critical
@@ -251,29 +263,29 @@ struct Upstream {  // gradients of the forward's outputs
 
 template <typename T>
 static inline __attribute__((always_inline)) void backward_block(const int nb, const T *L, const Gate &s, const Upstream &up, int64_t m,
-                                                                 int64_t r0, T *dL, v8 da[NV], float *db, float *dWt, float *dV1t,
-                                                                 float *dV2t, v8 de1[HV1]) {
+                                                                 int64_t r0, T *dL, vf da[NV], float *db, float *dWt, float *dV1t,
+                                                                 float *dV2t, vf de1[HV1]) {
     float l[RB][NP];
-    v8 g[RB][NV], pi[RB][NV], keep[RB][NV], dg[RB][NV], dl[RB][NV], hp[RB][HV1], h[RB][HV1];
+    vf g[RB][NV], pi[RB][NV], keep[RB][NV], dg[RB][NV], dl[RB][NV], hp[RB][HV1], h[RB][HV1];
     float lse[RB];
     load_logits(nb, L, s, m, r0, l);
     gate_block(nb, s, m, r0, l, g, pi, keep, lse, hp, h);
     for (int q = 0; q < nb; ++q) {
-        const v8 dscore = bcast(up.scores[m * s.R + r0 + q]);
+        const vf dscore = bcast(up.scores[m * s.R + r0 + q]);
         const bool stats = r0 + q < s.stat_items;
-        v8 dpi[NV], pi_dpi = bcast(0.f);
+        vf dpi[NV], pi_dpi = bcast(0.f);
         for (int v = 0; v < NV; ++v) {
-            dpi[v] = dscore * keep[q][v] * load8(l[q] + 8 * v);
+            dpi[v] = dscore * keep[q][v] * loadv(l[q] + VW * v);
             if (stats)  // d usage_p / d pi_p = 1; d H / d pi_p = -(log pi_p + 1)
-                dpi[v] += load8(up.usage + 8 * v) - bcast(up.entropy) * (g[q][v] - bcast(lse[q] - 1.f));
+                dpi[v] += loadv(up.usage + VW * v) - bcast(up.entropy) * (g[q][v] - bcast(lse[q] - 1.f));
             pi_dpi += pi[q][v] * dpi[v];
         }
-        const v8 mean = bcast(hsum(pi_dpi));
+        const vf mean = bcast(hsum(pi_dpi));
         float *db_row = db + (r0 + q) * NP;
         for (int v = 0; v < NV; ++v) {
             dg[q][v] = pi[q][v] * (dpi[v] - mean);  // softmax backward
             da[v] += dg[q][v];
-            store8(db_row + 8 * v, load8(db_row + 8 * v) + dg[q][v]);
+            storev(db_row + VW * v, loadv(db_row + VW * v) + dg[q][v]);
             dl[q][v] = dscore * keep[q][v] * pi[q][v];
         }
     }
@@ -285,25 +297,25 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
     } else {  // W diagonal: dl += diag(W) dg, and only dW's diagonal, kept in dWt's first row until the end
         for (int q = 0; q < nb; ++q)
             for (int v = 0; v < NV; ++v) {
-                dl[q][v] += load8(s.W_diagonal + 8 * v) * dg[q][v];
-                store8(dWt + 8 * v, load8(dWt + 8 * v) + load8(l[q] + 8 * v) * dg[q][v]);
+                dl[q][v] += loadv(s.W_diagonal + VW * v) * dg[q][v];
+                storev(dWt + VW * v, loadv(dWt + VW * v) + loadv(l[q] + VW * v) * dg[q][v]);
             }
-        v8 dhp[RB][HV1];
+        vf dhp[RB][HV1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) dhp[q][u] = bcast(0.f);
         add_matvec<NP, HV1>(nb, s.V2, dg_flat, dhp);  // dh = V2^T dg
         float dhp_flat[RB][NH1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) {  // silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
-                const v8 sg = sigmoid(hp[q][u]);
+                const vf sg = sigmoid(hp[q][u]);
                 dhp[q][u] *= sg * (bcast(1.f) + hp[q][u] * (bcast(1.f) - sg));
                 de1[u] += dhp[q][u];
-                store8(dhp_flat[q] + 8 * u, dhp[q][u]);
+                storev(dhp_flat[q] + VW * u, dhp[q][u]);
             }
         add_matvec<NH1, NV>(nb, s.V1, dhp_flat, dl);  // dl += V1^T dhp
         float h_flat[RB][NH1];
         for (int q = 0; q < nb; ++q)
-            for (int u = 0; u < HV; ++u) store8(h_flat[q] + 8 * u, h[q][u]);
+            for (int u = 0; u < HV; ++u) storev(h_flat[q] + VW * u, h[q][u]);
         add_outer<NH1, NV>(nb, dV2t, h_flat, dg);  // dV2^T[j, :] += h_j dg
         add_outer<NP, HV1>(nb, dV1t, l, dhp);      // dV1^T[k, :] += l_k dhp
     }
@@ -326,16 +338,16 @@ static void backward(const T *L, const Gate &s, const Upstream &up, T *dL, float
         float *dWt_local = static_cast<float *>(std::calloc(NP * NP, sizeof(float)));
         float *dV1t_local = static_cast<float *>(std::calloc(NP * NH + 1, sizeof(float)));
         float *dV2t_local = static_cast<float *>(std::calloc(NH * NP + 1, sizeof(float)));
-        v8 de1_local[HV1];
+        vf de1_local[HV1];
         for (int u = 0; u < HV1; ++u) de1_local[u] = bcast(0.f);
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < s.M; ++m) {
-            v8 da_row[NV];
+            vf da_row[NV];
             for (int v = 0; v < NV; ++v) da_row[v] = bcast(0.f);
             int64_t r = 0;
             for (; r + RB <= s.R; r += RB) backward_block(RB, L, s, up, m, r, dL, da_row, db_local, dWt_local, dV1t_local, dV2t_local, de1_local);
             for (; r < s.R; ++r) backward_block(1, L, s, up, m, r, dL, da_row, db_local, dWt_local, dV1t_local, dV2t_local, de1_local);
-            for (int v = 0; v < NV; ++v) store8(da + m * NP + 8 * v, da_row[v]);
+            for (int v = 0; v < NV; ++v) storev(da + m * NP + VW * v, da_row[v]);
         }
 #pragma omp critical
         {
@@ -347,7 +359,7 @@ static void backward(const T *L, const Gate &s, const Upstream &up, T *dL, float
             for (int i = 0; i < NP * NH; ++i) dV1t[i] += dV1t_local[i];
             for (int i = 0; i < NH * NP; ++i) dV2t[i] += dV2t_local[i];
             for (int u = 0; u < HV; ++u)
-                for (int i = 0; i < 8; ++i) de1[8 * u + i] += de1_local[u][i];
+                for (int i = 0; i < VW; ++i) de1[VW * u + i] += de1_local[u][i];
         }
         std::free(db_local);
         std::free(dWt_local);
