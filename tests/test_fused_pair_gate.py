@@ -119,6 +119,37 @@ def test_bfloat16_logits_match_float32_to_bfloat16_precision(pair_gate_hidden):
     torch.testing.assert_close(bf16_grads["states"].float(), grads["states"], rtol=0.1, atol=0.05)
 
 
+@pytest.mark.parametrize("pair_gate_hidden", [0, 16])
+def test_bfloat16_gate_products_stay_within_bfloat16_precision(pair_gate_hidden):
+    """With bfloat16 logits the kernel's matrix-vector products run in bfloat16 (float32 accumulation) where the CPU
+    has AVX512-BF16: on the same logit values, once bfloat16 and once float32, the scores, gate statistics and every
+    gradient agree to bfloat16 precision (N(0, 1)-scaled gate weights, so every product counts)."""
+    P_Q, P_X, M, R, H = 8, 4, 9, 40, pair_gate_hidden
+    P = P_Q * P_X
+    kernel = fused.load_kernel(P_Q, P_X, H)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(M, P_Q, R, P_X, generator=g).bfloat16()
+    query, item, bias = torch.randn(M, P, generator=g), torch.randn(R, P, generator=g), torch.randn(P, generator=g)
+    weight = torch.randn(P, P, generator=g) / P**0.5 if H == 0 else 0.5 * torch.eye(P)  # the MLP gate reads W's diagonal
+    hidden = None if H == 0 else (torch.randn(H, P, generator=g) / P**0.5, torch.randn(H, generator=g), torch.randn(P, H, generator=g) / H**0.5)
+    upstream, usage_weights = torch.randn(M, R, generator=g), torch.randn(P, generator=g)
+
+    def outputs(logit_dtype):
+        leaves = [t.clone().requires_grad_() for t in (logits.to(logit_dtype), query, item, weight, bias, *(hidden or ()))]
+        scores, usage, entropy = fused.fused_pair_gate(kernel, *leaves[:5], R, 0.0, hidden=tuple(leaves[5:]) or None)
+        grads = torch.autograd.grad((scores * upstream).sum() + usage @ usage_weights + entropy, leaves)
+        return [scores.detach(), usage.detach(), entropy.detach()], [grad.float() for grad in grads]
+
+    (values_bf16, grads_bf16), (values_fp32, grads_fp32) = outputs(torch.bfloat16), outputs(torch.float32)
+    for name, got, expected in zip(["scores", "usage", "entropy"], values_bf16, values_fp32):
+        assert float((got - expected).norm() / expected.norm()) < 0.01, name  # measured <= 0.0011
+    names = ["logits", "query", "item", "weight", "bias", "hidden weight", "hidden bias", "output weight"]
+    for name, got, expected in zip(names, grads_bf16, grads_fp32):
+        if H > 0 and name == "weight":  # only the diagonal is a gradient there
+            got, expected = got.diagonal(), expected.diagonal()
+        assert float((got - expected).norm() / expected.norm()) < 0.01, name  # measured <= 0.0031
+
+
 def test_gate_dropout_rate_and_scale():
     """Uniform gates over P logits all equal to 1: a pair's score is (kept components / P) / (1 - p), so the
     kept share is read off each score; it must be a whole number of components, about 1 - p of them, and

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #ifndef NQ
 #define NQ 8
@@ -49,6 +50,16 @@ typedef float vf __attribute__((vector_size(4 * VW)));
 typedef int32_t vi __attribute__((vector_size(4 * VW)));
 typedef uint32_t vu __attribute__((vector_size(4 * VW)));
 typedef float v8 __attribute__((vector_size(32)));
+
+// With bfloat16 logits (bf16-mixed) on a CPU with AVX512-BF16, the gate's matrix-vector products take bfloat16
+// inputs and weights and accumulate in float32 (two products per instruction, twice the float32 rate), as autocast's
+// bfloat16 linear layers would; everything else stays in float32.
+#if defined(__AVX512BF16__) && VW == 16
+#include <immintrin.h>
+#define BF16_DOTS 1
+#else
+#define BF16_DOTS 0
+#endif
 
 static inline vf bcast(float x) { return vf{} + x; }
 static inline vf loadv(const float *p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
@@ -119,6 +130,38 @@ static inline __attribute__((always_inline)) void add_matvec(const int nb, const
     }
 }
 
+#if BF16_DOTS
+// add_matvec with bfloat16 rows and inputs: pairs holds the rows two at a time, interleaved ((IN / 2, OUT * VW, 2), as
+// interleave_pairs writes them), and each step takes two of a pair's inputs, side by side in memory, as one 32-bit word.
+template <int IN, int OUT>
+static inline __attribute__((always_inline)) void add_matvec_bf16(const int nb, const uint16_t *pairs, const uint16_t (*x)[IN], vf (*y)[OUT]) {
+    for (int k = 0; k < IN / 2; ++k) {
+        __m512bh w[OUT];
+        for (int v = 0; v < OUT; ++v) w[v] = (__m512bh)_mm512_loadu_si512(pairs + (k * OUT + v) * 2 * VW);
+        for (int q = 0; q < nb; ++q) {
+            uint32_t two;
+            std::memcpy(&two, x[q] + 2 * k, sizeof two);
+            const __m512bh xk = (__m512bh)_mm512_set1_epi32(int32_t(two));
+            for (int v = 0; v < OUT; ++v) y[q][v] = (vf)_mm512_dpbf16_ps((__m512)y[q][v], w[v], xk);
+        }
+    }
+}
+
+static inline void store_bf16(uint16_t *p, vf v) {  // round to nearest even
+    const __m256bh rounded = _mm512_cvtneps_pbh((__m512)v);
+    std::memcpy(p, &rounded, sizeof rounded);
+}
+#endif
+
+// A row-major (IN, OUT) float matrix as bfloat16 rows two at a time, interleaved: pairs[(k * OUT + o) * 2 + t] =
+// rows[2k + t][o]. Unused (never called) without BF16_DOTS.
+static void interleave_pairs(const float *rows, int in, int out, uint16_t *pairs) {
+    if (rows == nullptr) return;
+    for (int k = 0; k < in / 2; ++k)
+        for (int o = 0; o < out; ++o)
+            for (int t = 0; t < 2; ++t) from_float(rows[(2 * k + t) * out + o], pairs + (k * out + o) * 2 + t);
+}
+
 // rows[k] += sum_q x[q][k] y[q] for k < IN: the outer products of the nb pairs added into a row-major matrix in memory
 // (a weight's gradient); every row is loaded and stored once for the nb pairs.
 template <int IN, int OUT>
@@ -142,6 +185,11 @@ struct Gate {  // the inputs shared by every pair
     float keep_scale;          // 1 / (1 - dropout)
     float W_diagonal[NP];      // with the MLP gate W is diagonal (the learned scale)
     int64_t b_query_stride = 0;  // b is (R, P), shared by the queries; (M, R, P) with R * P here (gathered items)
+#if BF16_DOTS
+    // W^T, W, V1^T, V2^T, V2, V1 (as the float32 products use them) in bfloat16, rows interleaved in pairs
+    alignas(64) uint16_t Wt_pairs[NP * NP], W_pairs[NP * NP], V1t_pairs[NP * NH1], V2t_pairs[NH1 * NP], V2_pairs[NP * NH1],
+        V1_pairs[NH1 * NP];
+#endif
 
     Gate(int64_t M, int64_t R, int64_t stat_items, const float *a, const float *b, const float *c, const float *W, const float *Wt,
          const float *V1, const float *V1t, const float *e1, const float *V2, const float *V2t, uint32_t seed, uint32_t threshold,
@@ -149,12 +197,43 @@ struct Gate {  // the inputs shared by every pair
         : M(M), R(R), stat_items(stat_items), a(a), b(b), c(c), W(W), Wt(Wt), V1(V1), V1t(V1t), e1(e1), V2(V2), V2t(V2t),
           seed(seed), threshold(threshold), keep_scale(keep_scale) {
         for (int k = 0; k < NP; ++k) W_diagonal[k] = W[k * NP + k];
+#if BF16_DOTS
+        interleave_pairs(Wt, NP, NP, Wt_pairs);
+        interleave_pairs(W, NP, NP, W_pairs);
+        if (NH > 0) {
+            interleave_pairs(V1t, NP, NH, V1t_pairs);
+            interleave_pairs(V2t, NH, NP, V2t_pairs);
+            interleave_pairs(V2, NP, NH, V2_pairs);
+            interleave_pairs(V1, NH, NP, V1_pairs);
+        }
+#endif
     }
 };
 
-// Component logits of the nb (<= RB) pairs (m, r0 .. r0 + nb - 1) from the (M, NQ, R, NX) layout.
+// Whether the gate's products run in bfloat16 (BF16_DOTS, above): with bfloat16 logits only.
 template <typename T>
-static inline __attribute__((always_inline)) void load_logits(const int nb, const T *L, const Gate &s, int64_t m, int64_t r0, float l[RB][NP]) {
+constexpr bool bf16_dots = BF16_DOTS && std::is_same<T, uint16_t>::value;
+
+// Component logits of the nb (<= RB) pairs (m, r0 .. r0 + nb - 1) from the (M, NQ, R, NX) layout; with bf16_dots also
+// their bfloat16 bits.
+template <typename T>
+static inline __attribute__((always_inline)) void load_logits(const int nb, const T *L, const Gate &s, int64_t m, int64_t r0, float l[RB][NP],
+                                                              uint16_t l_bf16[RB][NP]) {
+#if BF16_DOTS
+    if constexpr (bf16_dots<T>) {  // the bits as they are, then widened 16 at a time
+        for (int i = 0; i < NQ; ++i) {
+            const T *row = L + ((m * NQ + i) * s.R + r0) * NX;
+            for (int q = 0; q < nb; ++q) std::memcpy(l_bf16[q] + i * NX, row + q * NX, NX * sizeof(T));
+        }
+        for (int q = 0; q < nb; ++q)
+            for (int v = 0; v < NV; ++v) {
+                __m256i bits;
+                std::memcpy(&bits, l_bf16[q] + VW * v, sizeof bits);
+                storev(l[q] + VW * v, (vf)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+            }
+        return;
+    }
+#endif
     for (int i = 0; i < NQ; ++i) {
         const T *row = L + ((m * NQ + i) * s.R + r0) * NX;
         for (int q = 0; q < nb; ++q)
@@ -164,26 +243,45 @@ static inline __attribute__((always_inline)) void load_logits(const int nb, cons
 
 // Gate logits g, gate pi, log-sum-exp and keep weights of the nb pairs.
 // With the MLP gate also its hidden pre-activations hp and activations h.
+template <bool BF16>
 static inline __attribute__((always_inline)) void gate_block(const int nb, const Gate &s, int64_t m, int64_t r0, const float l[RB][NP],
-                                                             vf g[RB][NV], vf pi[RB][NV], vf keep[RB][NV], float lse[RB],
-                                                             vf hp[RB][HV1], vf h[RB][HV1]) {
+                                                             const uint16_t l_bf16[RB][NP], vf g[RB][NV], vf pi[RB][NV],
+                                                             vf keep[RB][NV], float lse[RB], vf hp[RB][HV1], vf h[RB][HV1]) {
     for (int q = 0; q < nb; ++q)
         for (int v = 0; v < NV; ++v) g[q][v] = loadv(s.c + VW * v) + loadv(s.a + m * NP + VW * v) + loadv(s.b + m * s.b_query_stride + (r0 + q) * NP + VW * v);
     if (NH == 0) {
+#if BF16_DOTS
+        if constexpr (BF16) add_matvec_bf16<NP, NV>(nb, s.Wt_pairs, l_bf16, g);
+        else
+#endif
         add_matvec<NP, NV>(nb, s.Wt, l, g);  // g += W l
     } else {
         for (int q = 0; q < nb; ++q)
             for (int v = 0; v < NV; ++v) g[q][v] += loadv(s.W_diagonal + VW * v) * loadv(l[q] + VW * v);
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) hp[q][u] = loadv(s.e1 + VW * u);
-        add_matvec<NP, HV1>(nb, s.V1t, l, hp);  // hp = V1 l + e1
-        float h_flat[RB][NH1];
-        for (int q = 0; q < nb; ++q)
-            for (int u = 0; u < HV; ++u) {
-                h[q][u] = hp[q][u] * sigmoid(hp[q][u]);
-                storev(h_flat[q] + VW * u, h[q][u]);
-            }
-        add_matvec<NH1, NV>(nb, s.V2t, h_flat, g);  // g += V2 h
+#if BF16_DOTS
+        if constexpr (BF16) {
+            add_matvec_bf16<NP, HV1>(nb, s.V1t_pairs, l_bf16, hp);  // hp = V1 l + e1
+            uint16_t h_bf16[RB][NH1];
+            for (int q = 0; q < nb; ++q)
+                for (int u = 0; u < HV; ++u) {
+                    h[q][u] = hp[q][u] * sigmoid(hp[q][u]);
+                    store_bf16(h_bf16[q] + VW * u, h[q][u]);
+                }
+            add_matvec_bf16<NH1, NV>(nb, s.V2t_pairs, h_bf16, g);  // g += V2 h
+        } else
+#endif
+        {
+            add_matvec<NP, HV1>(nb, s.V1t, l, hp);  // hp = V1 l + e1
+            float h_flat[RB][NH1];
+            for (int q = 0; q < nb; ++q)
+                for (int u = 0; u < HV; ++u) {
+                    h[q][u] = hp[q][u] * sigmoid(hp[q][u]);
+                    storev(h_flat[q] + VW * u, h[q][u]);
+                }
+            add_matvec<NH1, NV>(nb, s.V2t, h_flat, g);  // g += V2 h
+        }
     }
     vu lane;
     for (int i = 0; i < VW; ++i) lane[i] = uint32_t(i);
@@ -210,10 +308,11 @@ template <typename T>
 static inline __attribute__((always_inline)) void forward_block(const int nb, const T *L, const Gate &s, int64_t m, int64_t r0,
                                                                 float *scores, vf usage[NV], vf &entropy) {
     float l[RB][NP];
+    uint16_t l_bf16[RB][NP];
     vf g[RB][NV], pi[RB][NV], keep[RB][NV], hp[RB][HV1], h[RB][HV1];
     float lse[RB];
-    load_logits(nb, L, s, m, r0, l);
-    gate_block(nb, s, m, r0, l, g, pi, keep, lse, hp, h);
+    load_logits(nb, L, s, m, r0, l, l_bf16);
+    gate_block<bf16_dots<T>>(nb, s, m, r0, l, l_bf16, g, pi, keep, lse, hp, h);
     for (int q = 0; q < nb; ++q) {
         vf score = bcast(0.f), pi_g = bcast(0.f);
         for (int v = 0; v < NV; ++v) score += pi[q][v] * keep[q][v] * loadv(l[q] + VW * v);
@@ -266,10 +365,11 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
                                                                  int64_t r0, T *dL, vf da[NV], float *db, float *dWt, float *dV1t,
                                                                  float *dV2t, vf de1[HV1]) {
     float l[RB][NP];
+    uint16_t l_bf16[RB][NP];
     vf g[RB][NV], pi[RB][NV], keep[RB][NV], dg[RB][NV], dl[RB][NV], hp[RB][HV1], h[RB][HV1];
     float lse[RB];
-    load_logits(nb, L, s, m, r0, l);
-    gate_block(nb, s, m, r0, l, g, pi, keep, lse, hp, h);
+    load_logits(nb, L, s, m, r0, l, l_bf16);
+    gate_block<bf16_dots<T>>(nb, s, m, r0, l, l_bf16, g, pi, keep, lse, hp, h);
     for (int q = 0; q < nb; ++q) {
         const vf dscore = bcast(up.scores[m * s.R + r0 + q]);
         const bool stats = r0 + q < s.stat_items;
@@ -291,7 +391,17 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
     }
     float dg_flat[RB][NP];
     std::memcpy(dg_flat, dg, sizeof dg_flat);
+#if BF16_DOTS
+    uint16_t dg_bf16[RB][NP];
+    if constexpr (bf16_dots<T>)
+        for (int q = 0; q < nb; ++q)
+            for (int v = 0; v < NV; ++v) store_bf16(dg_bf16[q] + VW * v, dg[q][v]);
+#endif
     if (NH == 0) {
+#if BF16_DOTS
+        if constexpr (bf16_dots<T>) add_matvec_bf16<NP, NV>(nb, s.W_pairs, dg_bf16, dl);
+        else
+#endif
         add_matvec<NP, NV>(nb, s.W, dg_flat, dl);  // dl += W^T dg
         add_outer<NP, NV>(nb, dWt, l, dg);         // dW^T[k, :] += l_k dg
     } else {  // W diagonal: dl += diag(W) dg, and only dW's diagonal, kept in dWt's first row until the end
@@ -303,6 +413,10 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
         vf dhp[RB][HV1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) dhp[q][u] = bcast(0.f);
+#if BF16_DOTS
+        if constexpr (bf16_dots<T>) add_matvec_bf16<NP, HV1>(nb, s.V2_pairs, dg_bf16, dhp);
+        else
+#endif
         add_matvec<NP, HV1>(nb, s.V2, dg_flat, dhp);  // dh = V2^T dg
         float dhp_flat[RB][NH1];
         for (int q = 0; q < nb; ++q)
@@ -312,6 +426,14 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
                 de1[u] += dhp[q][u];
                 storev(dhp_flat[q] + VW * u, dhp[q][u]);
             }
+#if BF16_DOTS
+        if constexpr (bf16_dots<T>) {
+            uint16_t dhp_bf16[RB][NH1];
+            for (int q = 0; q < nb; ++q)
+                for (int u = 0; u < HV; ++u) store_bf16(dhp_bf16[q] + VW * u, dhp[q][u]);
+            add_matvec_bf16<NH1, NV>(nb, s.V1_pairs, dhp_bf16, dl);
+        } else
+#endif
         add_matvec<NH1, NV>(nb, s.V1, dhp_flat, dl);  // dl += V1^T dhp
         float h_flat[RB][NH1];
         for (int q = 0; q < nb; ++q)
@@ -319,6 +441,18 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
         add_outer<NH1, NV>(nb, dV2t, h_flat, dg);  // dV2^T[j, :] += h_j dg
         add_outer<NP, HV1>(nb, dV1t, l, dhp);      // dV1^T[k, :] += l_k dhp
     }
+#if BF16_DOTS
+    if constexpr (bf16_dots<T>) {  // rounded 16 at a time, then written NX at a time
+        uint16_t dl_bf16[RB][NP];
+        for (int q = 0; q < nb; ++q)
+            for (int v = 0; v < NV; ++v) store_bf16(dl_bf16[q] + VW * v, dl[q][v]);
+        for (int i = 0; i < NQ; ++i) {
+            T *row = dL + ((m * NQ + i) * s.R + r0) * NX;
+            for (int q = 0; q < nb; ++q) std::memcpy(row + q * NX, dl_bf16[q] + i * NX, NX * sizeof(T));
+        }
+        return;
+    }
+#endif
     float dl_flat[RB][NP];
     std::memcpy(dl_flat, dl, sizeof dl_flat);
     for (int i = 0; i < NQ; ++i) {
