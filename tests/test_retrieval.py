@@ -86,6 +86,25 @@ def test_keep_allowed_keeps_order_and_pads():
     assert kept_ids.tolist() == [[5, 9, 1, 2, 0, 0, 0]] and torch.isinf(kept_scores[0, 4:]).all()
 
 
+@pytest.mark.parametrize("dense_limit", [0, 1 << 25])
+def test_keep_allowed_drops_every_excluded_and_invalid_id_either_way(dense_limit):
+    """The lookup table (small B x N) and the sorted membership test (beyond dense_limit) drop the same entries: every
+    excluded id of its own row only, ids outside 1..N, -inf scores; what is left keeps its order."""
+    g = torch.Generator().manual_seed(0)
+    B, N, K = 40, 30, 12
+    ids = torch.randint(-1, N + 3, (B, K), generator=g)  # 0, -1 and N+1.. are not items
+    scores = torch.randn(B, K, generator=g).sort(dim=1, descending=True).values
+    scores[::7, -1] = float("-inf")
+    excluded = [torch.randint(1, N + 1, (int(n),), generator=g).tolist() for n in torch.randint(0, 8, (B,), generator=g)]
+    kept_scores, kept_ids = keep_allowed(scores, ids, K, _csr(excluded), num_items=N, dense_limit=dense_limit)
+    for row in range(B):
+        allowed = [(float(s), int(i)) for s, i in zip(scores[row], ids[row])
+                   if 1 <= i <= N and i not in excluded[row] and s != float("-inf")]  # fmt: skip
+        assert kept_ids[row, : len(allowed)].tolist() == [i for _, i in allowed]
+        assert kept_scores[row, : len(allowed)].tolist() == [s for s, _ in allowed]
+        assert (kept_ids[row, len(allowed) :] == 0).all() and torch.isinf(kept_scores[row, len(allowed) :]).all()
+
+
 def test_exclusion_repeat_and_unique_ids():
     exclusion = _csr([[1, 2], [], [7]])
     repeated = exclusion.repeat(2)
