@@ -13,6 +13,9 @@
 // training step many times a two-tower step on a CPU. The backward recomputes g and pi instead of storing
 // them, and the dropout mask is a hash of (seed, pair, component), so nothing of size (M, R, P) is kept.
 //
+// Pairs are taken RB at a time in VW-float vectors (16, AVX-512, where P and NH allow; else 8); with bfloat16 logits
+// and AVX512-BF16 the gate's matrix-vector products run in bfloat16 (BF16_DOTS below).
+//
 // Built by rails_lightning/similarity/fused_pair_gate.py with -DNQ=.. -DNX=.. -DNH=.. (P and NH multiples of 8,
 // NH = 0 for the linear gate). Layouts (row-major): logits (M, NQ, R, NX), the matmul's own output, read without
 // a permute; a (M, P); b (R, P), or (M, R, P) for gathered items; c (P); W and Wt = W^T (P, P); V1 (NH, P) and V1t;
