@@ -154,16 +154,16 @@ static inline void store_bf16(uint16_t *p, vf v) {  // round to nearest even
     const __m256bh rounded = _mm512_cvtneps_pbh((__m512)v);
     std::memcpy(p, &rounded, sizeof rounded);
 }
-#endif
 
 // A row-major (IN, OUT) float matrix as bfloat16 rows two at a time, interleaved: pairs[(k * OUT + o) * 2 + t] =
-// rows[2k + t][o]. Unused (never called) without BF16_DOTS.
+// rows[2k + t][o].
 static void interleave_pairs(const float *rows, int in, int out, uint16_t *pairs) {
     if (rows == nullptr) return;
     for (int k = 0; k < in / 2; ++k)
         for (int o = 0; o < out; ++o)
             for (int t = 0; t < 2; ++t) from_float(rows[(2 * k + t) * out + o], pairs + (k * out + o) * 2 + t);
 }
+#endif
 
 // rows[k] += sum_q x[q][k] y[q] for k < IN: the outer products of the nb pairs added into a row-major matrix in memory
 // (a weight's gradient); every row is loaded and stored once for the nb pairs.
