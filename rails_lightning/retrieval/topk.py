@@ -51,10 +51,10 @@ class Exclusion(NamedTuple):
 def keep_allowed(
     scores: Tensor, ids: Tensor, k: int, exclude: Exclusion | None, num_items: int, dense_limit: int = 1 << 25
 ) -> tuple[Tensor, Tensor]:
-    """Fetched results (B, K') best first -> the first k allowed ones (B, k): excluded and invalid (< 1) ids dropped.
+    """Fetched results (B, K') best first -> the first k allowed ones (B, k): excluded ids and ids outside 1..N dropped.
 
-    Exclusions are looked up in a (B, N + 1) boolean table while it has at most ``dense_limit`` entries (a few
-    times faster than the sorted membership test used beyond, which the MoL candidate searches' many rows felt)."""
+    Exclusions are looked up in a (B, N + 1) boolean table while it has at most ``dense_limit`` entries, a few times
+    faster than the sorted membership test used beyond (the MoL candidate searches call this with B x P_Q rows)."""
     bad = (ids < 1) | (ids > num_items) | (scores == NEG_INF)
     if exclude is not None and exclude.items.numel():
         rows, items = exclude.to(ids.device).pairs()
