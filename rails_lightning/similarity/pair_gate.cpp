@@ -188,11 +188,10 @@ struct Gate {  // the inputs shared by every pair
     float keep_scale;          // 1 / (1 - dropout)
     float W_diagonal[NP];      // with the MLP gate W is diagonal (the learned scale)
     int64_t b_query_stride = 0;  // b is (R, P), shared by the queries; (M, R, P) with R * P here (gathered items)
-#if BF16_DOTS
-    // W^T, W, V1^T, V2^T, V2, V1 (as the float32 products use them) in bfloat16, rows interleaved in pairs
+    // W^T, W, V1^T, V2^T, V2, V1 (as the float32 products use them) in bfloat16, rows interleaved in pairs: filled and
+    // read only with BF16_DOTS
     alignas(64) uint16_t Wt_pairs[NP * NP], W_pairs[NP * NP], V1t_pairs[NP * NH1], V2t_pairs[NH1 * NP], V2_pairs[NP * NH1],
         V1_pairs[NH1 * NP];
-#endif
 
     Gate(int64_t M, int64_t R, int64_t stat_items, const float *a, const float *b, const float *c, const float *W, const float *Wt,
          const float *V1, const float *V1t, const float *e1, const float *V2, const float *V2t, uint32_t seed, uint32_t threshold,
@@ -216,6 +215,32 @@ struct Gate {  // the inputs shared by every pair
 // Whether the gate's products run in bfloat16 (BF16_DOTS, above): with bfloat16 logits only.
 template <typename T>
 constexpr bool bf16_dots = BF16_DOTS && std::is_same<T, uint16_t>::value;
+
+// y[q] += (a matrix) x[q] for the nb pairs: from its float rows and the float inputs, or with BF16 from its bfloat16
+// row pairs and the bfloat16 inputs.
+template <bool BF16, int IN, int OUT>
+static inline __attribute__((always_inline)) void add_product(const int nb, const float *rows, const uint16_t *pairs, const float (*x)[IN],
+                                                              const uint16_t (*x_bf16)[IN], vf (*y)[OUT]) {
+#if BF16_DOTS
+    if constexpr (BF16) {
+        add_matvec_bf16<IN, OUT>(nb, pairs, x_bf16, y);
+        return;
+    }
+#endif
+    add_matvec<IN, OUT>(nb, rows, x, y);
+}
+
+// A product's input vector, stored as add_product<BF16> reads it.
+template <bool BF16>
+static inline void store_input(float *x, uint16_t *x_bf16, vf v) {
+#if BF16_DOTS
+    if constexpr (BF16) {
+        store_bf16(x_bf16, v);
+        return;
+    }
+#endif
+    storev(x, v);
+}
 
 // Component logits of the nb (<= RB) pairs (m, r0 .. r0 + nb - 1) from the (M, NQ, R, NX) layout; with bf16_dots also
 // their bfloat16 bits.
@@ -253,38 +278,21 @@ static inline __attribute__((always_inline)) void gate_block(const int nb, const
     for (int q = 0; q < nb; ++q)
         for (int v = 0; v < NV; ++v) g[q][v] = loadv(s.c + VW * v) + loadv(s.a + m * NP + VW * v) + loadv(s.b + m * s.b_query_stride + (r0 + q) * NP + VW * v);
     if (NH == 0) {
-#if BF16_DOTS
-        if constexpr (BF16) add_matvec_bf16<NP, NV>(nb, s.Wt_pairs, l_bf16, g);
-        else
-#endif
-        add_matvec<NP, NV>(nb, s.Wt, l, g);  // g += W l
+        add_product<BF16, NP, NV>(nb, s.Wt, s.Wt_pairs, l, l_bf16, g);  // g += W l
     } else {
         for (int q = 0; q < nb; ++q)
             for (int v = 0; v < NV; ++v) g[q][v] += loadv(s.W_diagonal + VW * v) * loadv(l[q] + VW * v);
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) hp[q][u] = loadv(s.e1 + VW * u);
-#if BF16_DOTS
-        if constexpr (BF16) {
-            add_matvec_bf16<NP, HV1>(nb, s.V1t_pairs, l_bf16, hp);  // hp = V1 l + e1
-            uint16_t h_bf16[RB][NH1];
-            for (int q = 0; q < nb; ++q)
-                for (int u = 0; u < HV; ++u) {
-                    h[q][u] = hp[q][u] * sigmoid(hp[q][u]);
-                    store_bf16(h_bf16[q] + VW * u, h[q][u]);
-                }
-            add_matvec_bf16<NH1, NV>(nb, s.V2t_pairs, h_bf16, g);  // g += V2 h
-        } else
-#endif
-        {
-            add_matvec<NP, HV1>(nb, s.V1t, l, hp);  // hp = V1 l + e1
-            float h_flat[RB][NH1];
-            for (int q = 0; q < nb; ++q)
-                for (int u = 0; u < HV; ++u) {
-                    h[q][u] = hp[q][u] * sigmoid(hp[q][u]);
-                    storev(h_flat[q] + VW * u, h[q][u]);
-                }
-            add_matvec<NH1, NV>(nb, s.V2t, h_flat, g);  // g += V2 h
-        }
+        add_product<BF16, NP, HV1>(nb, s.V1t, s.V1t_pairs, l, l_bf16, hp);  // hp = V1 l + e1
+        float h_flat[RB][NH1];
+        uint16_t h_bf16[RB][NH1];
+        for (int q = 0; q < nb; ++q)
+            for (int u = 0; u < HV; ++u) {
+                h[q][u] = hp[q][u] * sigmoid(hp[q][u]);
+                store_input<BF16>(h_flat[q] + VW * u, h_bf16[q] + VW * u, h[q][u]);
+            }
+        add_product<BF16, NH1, NV>(nb, s.V2t, s.V2t_pairs, h_flat, h_bf16, g);  // g += V2 h
     }
     vu lane;
     for (int i = 0; i < VW; ++i) lane[i] = uint32_t(i);
@@ -367,12 +375,13 @@ template <typename T>
 static inline __attribute__((always_inline)) void backward_block(const int nb, const T *L, const Gate &s, const Upstream &up, int64_t m,
                                                                  int64_t r0, T *dL, vf da[NV], float *db, float *dWt, float *dV1t,
                                                                  float *dV2t, vf de1[HV1]) {
+    constexpr bool BF16 = bf16_dots<T>;
     float l[RB][NP];
     uint16_t l_bf16[RB][NP];
     vf g[RB][NV], pi[RB][NV], keep[RB][NV], dg[RB][NV], dl[RB][NV], hp[RB][HV1], h[RB][HV1];
     float lse[RB];
     load_logits(nb, L, s, m, r0, l, l_bf16);
-    gate_block<bf16_dots<T>>(nb, s, m, r0, l, l_bf16, g, pi, keep, lse, hp, h);
+    gate_block<BF16>(nb, s, m, r0, l, l_bf16, g, pi, keep, lse, hp, h);
     for (int q = 0; q < nb; ++q) {
         const vf dscore = bcast(up.scores[m * s.R + r0 + q]);
         const bool stats = r0 + q < s.stat_items;
@@ -393,19 +402,11 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
         }
     }
     float dg_flat[RB][NP];
-    std::memcpy(dg_flat, dg, sizeof dg_flat);
-#if BF16_DOTS
     uint16_t dg_bf16[RB][NP];
-    if constexpr (bf16_dots<T>)
-        for (int q = 0; q < nb; ++q)
-            for (int v = 0; v < NV; ++v) store_bf16(dg_bf16[q] + VW * v, dg[q][v]);
-#endif
+    for (int q = 0; q < nb; ++q)
+        for (int v = 0; v < NV; ++v) store_input<BF16>(dg_flat[q] + VW * v, dg_bf16[q] + VW * v, dg[q][v]);
     if (NH == 0) {
-#if BF16_DOTS
-        if constexpr (bf16_dots<T>) add_matvec_bf16<NP, NV>(nb, s.W_pairs, dg_bf16, dl);
-        else
-#endif
-        add_matvec<NP, NV>(nb, s.W, dg_flat, dl);  // dl += W^T dg
+        add_product<BF16, NP, NV>(nb, s.W, s.W_pairs, dg_flat, dg_bf16, dl);  // dl += W^T dg
         add_outer<NP, NV>(nb, dWt, l, dg);         // dW^T[k, :] += l_k dg
     } else {  // W diagonal: dl += diag(W) dg, and only dW's diagonal, kept in dWt's first row until the end
         for (int q = 0; q < nb; ++q)
@@ -416,28 +417,17 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
         vf dhp[RB][HV1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) dhp[q][u] = bcast(0.f);
-#if BF16_DOTS
-        if constexpr (bf16_dots<T>) add_matvec_bf16<NP, HV1>(nb, s.V2_pairs, dg_bf16, dhp);
-        else
-#endif
-        add_matvec<NP, HV1>(nb, s.V2, dg_flat, dhp);  // dh = V2^T dg
+        add_product<BF16, NP, HV1>(nb, s.V2, s.V2_pairs, dg_flat, dg_bf16, dhp);  // dh = V2^T dg
         float dhp_flat[RB][NH1];
+        uint16_t dhp_bf16[RB][NH1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) {  // silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))
                 const vf sg = sigmoid(hp[q][u]);
                 dhp[q][u] *= sg * (bcast(1.f) + hp[q][u] * (bcast(1.f) - sg));
                 de1[u] += dhp[q][u];
-                storev(dhp_flat[q] + VW * u, dhp[q][u]);
+                store_input<BF16>(dhp_flat[q] + VW * u, dhp_bf16[q] + VW * u, dhp[q][u]);
             }
-#if BF16_DOTS
-        if constexpr (bf16_dots<T>) {
-            uint16_t dhp_bf16[RB][NH1];
-            for (int q = 0; q < nb; ++q)
-                for (int u = 0; u < HV; ++u) store_bf16(dhp_bf16[q] + VW * u, dhp[q][u]);
-            add_matvec_bf16<NH1, NV>(nb, s.V1_pairs, dhp_bf16, dl);
-        } else
-#endif
-        add_matvec<NH1, NV>(nb, s.V1, dhp_flat, dl);  // dl += V1^T dhp
+        add_product<BF16, NH1, NV>(nb, s.V1, s.V1_pairs, dhp_flat, dhp_bf16, dl);  // dl += V1^T dhp
         float h_flat[RB][NH1];
         for (int q = 0; q < nb; ++q)
             for (int u = 0; u < HV; ++u) storev(h_flat[q] + VW * u, h[q][u]);
@@ -445,7 +435,7 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
         add_outer<NP, HV1>(nb, dV1t, l, dhp);      // dV1^T[k, :] += l_k dhp
     }
 #if BF16_DOTS
-    if constexpr (bf16_dots<T>) {  // rounded 16 at a time, then written NX at a time
+    if constexpr (BF16) {  // rounded 16 at a time, then written NX at a time
         uint16_t dl_bf16[RB][NP];
         for (int q = 0; q < nb; ++q)
             for (int v = 0; v < NV; ++v) store_bf16(dl_bf16[q] + VW * v, dl[q][v]);
