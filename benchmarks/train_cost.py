@@ -3,14 +3,15 @@
 Both models are built by the CLI's own parser (`rails_lightning.cli.main(..., run=False)`) from
 the embedded default, MoL with `--config configs/synthetic/mol.yaml` on top: the same synthetic
 data, SASRec encoder, batch size, negatives and optimiser, only the similarity differs. Each is
-fitted for a few epochs with the per-epoch full-corpus evaluation of the default (no logger, no
-checkpoints), in the precision its options ask for (``--trainer.precision``); the two alternate in
-rounds, so that the machine's noise hits both alike. Glibc's malloc is set as `python -m rails_lightning
+fitted for a few epochs with its config's full-corpus evaluation (``CorpusEvaluation`` as configured,
+e.g. MoL's approximate top-k at every 4th validation and the last; no logger, no checkpoints), in the
+precision its options ask for (``--trainer.precision``); the two alternate in rounds, so that the
+machine's noise hits both alike. Glibc's malloc is set as `python -m rails_lightning
 fit` sets it.
 
-Reported per round and as medians: seconds per epoch (training steps + the epoch's validation),
-of which training, and the ratio MoL / two-tower. The first epoch of every fit is a warm-up and is
-not counted.
+Reported per round and as medians over rounds: the mean seconds per epoch of each fit (training steps
++ the epoch's validation), of which training, and the ratio MoL / two-tower. The first epoch of every
+fit is a warm-up and is not counted.
 
     python benchmarks/train_cost.py [--epochs 3] [--rounds 3] [--mol-args --model.similarity.init_args.X=Y ...]
 """
@@ -54,19 +55,20 @@ class EpochTimer(pl.Callback):
 
 
 def epoch_seconds(cli_args: list[str], epochs: int) -> tuple[float, float]:
-    """Median (epoch seconds, training seconds) over epochs 2..``epochs`` of one fit."""
+    """Mean (epoch seconds, training seconds) over epochs 2..``epochs`` of one fit."""
     with tempfile.TemporaryDirectory() as run_dir:
         cli = main([*cli_args, f"--run_dir={run_dir}"], run=False)
         timer = EpochTimer()
+        evaluation = next(callback for callback in cli.trainer.callbacks if isinstance(callback, CorpusEvaluation))  # the config's
         trainer = pl.Trainer(
             max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-            callbacks=[CorpusEvaluation(ks=(1, 10, 50, 200)), timer],
+            callbacks=[evaluation, timer],
             precision=cli.trainer.precision,  # e.g. --trainer.precision=bf16-mixed among the MoL options
         )
         trainer.fit(cli.model, datamodule=cli.datamodule)
     counted = timer.epochs[1:]
-    return statistics.median(e for e, _ in counted), statistics.median(e - v for e, v in counted)
+    return statistics.mean(e for e, _ in counted), statistics.mean(e - v for e, v in counted)
 
 
 def main_() -> None:

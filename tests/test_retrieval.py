@@ -174,3 +174,67 @@ def test_callback_logs_index_recall_every_epoch(tmp_path, model):
         assert row["val/index/hr@10"] == pytest.approx(row["val/hr@10"])
         assert row["val/index_build_seconds"] >= 0 and row["val/index_search_seconds"] >= 0
     assert evaluation.metric_keys(trainer.lightning_module) >= {"val/index_recall@100", "test/index/ndcg@10"}
+
+
+@pytest.mark.parametrize("model", ["TwoTower", "MoL"])
+def test_callback_searches_the_index_every_n_epochs_and_at_the_last(tmp_path, model):
+    import functools
+
+    from conftest import TINY_SIMILARITIES, cpu_trainer, make_tiny_data, make_tiny_model
+    from rails_lightning.callbacks import CorpusEvaluation
+    from rails_lightning.retrieval.mol_topk import CombinedTopK
+
+    data = make_tiny_data()
+    if model == "TwoTower":
+        evaluation, options = CorpusEvaluation(ks=(1, 10), index="IVF8,Flat", index_every_n_epochs=2), {}
+    else:  # MoL's own approximate top-k
+        approximate = functools.partial(CombinedTopK, k_prime=4, averaged_k_prime=32)
+        evaluation, options = CorpusEvaluation(ks=(1, 10), index_every_n_epochs=2), {"similarity": functools.partial(TINY_SIMILARITIES["MoL"], approximate_topk=approximate)}
+    trainer = cpu_trainer(tmp_path, 4, [evaluation], limit_train_batches=1)
+    trainer.fit(make_tiny_model(data, model, **options), datamodule=data)
+    searched = ["val/index/hr@10" in row for row in evaluation.history]
+    assert searched == [False, True, False, True]  # epochs 1 and 3: every 2nd, and the last
+    # A fit whose last epoch is off the schedule still ends with one; a test always searches the index.
+    evaluation = CorpusEvaluation(ks=(1, 10), index="IVF8,Flat", index_every_n_epochs=2) if model == "TwoTower" else CorpusEvaluation(ks=(1, 10), index_every_n_epochs=2)
+    trainer = cpu_trainer(tmp_path / "three", 3, [evaluation], limit_train_batches=1)
+    module = make_tiny_model(data, model, **options)
+    trainer.fit(module, datamodule=data)
+    assert ["val/index/hr@10" in row for row in evaluation.history] == [False, True, True]
+    assert "test/index/hr@10" in trainer.test(module, datamodule=data, verbose=False)[0]
+
+
+
+@pytest.mark.slow
+def test_wandb_hit_rate_table_shows_the_index_only_where_it_was_searched(tmp_path, monkeypatch):
+    """trainer.callback_metrics keeps an epoch's index metrics into the next ones; the W&B HR@K table must not."""
+    import json
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from conftest import cpu_trainer, make_tiny_data, make_tiny_model
+    from rails_lightning.callbacks import CorpusEvaluation, WandbHitRateTable
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data = make_tiny_data()
+    logger = WandbLogger(project="rails_lightning_test", save_dir=str(tmp_path))
+    evaluation = CorpusEvaluation(ks=(1, 10), index="IVF8,Flat", index_every_n_epochs=2)
+    trainer = cpu_trainer(tmp_path, 4, [evaluation, WandbHitRateTable()], limit_train_batches=1, logger=logger)
+    trainer.fit(make_tiny_model(data, "TwoTower"), datamodule=data)
+    logger.experiment.finish()
+    tables = sorted(tmp_path.glob("wandb/offline-run-*/files/media/table/val/hr_at_k_*.table.json"), key=lambda path: int(path.name.split("_")[3]))
+    columns = [json.loads(path.read_text())["columns"] for path in tables]
+    assert ["index HR@K" in c for c in columns] == [False, True, False, True]
+
+def test_index_every_n_epochs_refuses_a_monitored_index_metric(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from conftest import cpu_trainer, make_tiny_data, make_tiny_model
+    from rails_lightning.callbacks import CorpusEvaluation
+
+    with pytest.raises(ConfigError, match=">= 1"):
+        CorpusEvaluation(index_every_n_epochs=0)
+    data = make_tiny_data()
+    evaluation = CorpusEvaluation(ks=(1, 10), index="IVF8,Flat", index_every_n_epochs=2)
+    trainer = cpu_trainer(tmp_path, 2, [evaluation, ModelCheckpoint(monitor="val/index/hr@10", mode="max")], limit_train_batches=1)
+    with pytest.raises(ConfigError, match="monitor an exact metric"):
+        trainer.fit(make_tiny_model(data, "TwoTower"), datamodule=data)

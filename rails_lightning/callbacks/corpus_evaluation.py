@@ -18,6 +18,9 @@ any factory type for the dot product (``index="IVF4096,Flat"``, ``"HNSW32"``, ``
 ``index_search="nprobe=64"``), rebuilt from the re-encoded corpus each epoch, or the similarity's own
 (the RAILS algorithms for MoL). Its results get the same metrics under ``val/index/...``;
 ``val/index_recall@100`` is the mean overlap ``|index top-100 & exact top-100| / |exact top-100|``.
+With ``index_every_n_epochs`` > 1 it is searched at every n-th validation of a fit and at its last
+epoch only (and at every test): on small corpora the RAILS top-k costs more than the exact one it
+is compared with.
 
 Timings: ``val/encode_seconds`` (re-encoding the corpus, gathering included), ``val/search_seconds``
 (building the exact index and searching every query), ``val/index_build_seconds`` and
@@ -66,6 +69,10 @@ class CorpusEvaluation(Callback):
             only (``IVF4096,Flat``, ``HNSW32``, ``IVF4096,PQ32``, ...); None for none.
         index_search: the index's search parameters (FAISS ``ParameterSpace``), e.g. ``nprobe=64``, ``efSearch=128``.
         index_train_size: corpus vectors (a random sample) that train the index each epoch.
+        index_every_n_epochs: search the approximate index (``index``, or the model's own approximate top-k)
+            at the validations of epochs n - 1, 2n - 1, ... and of the fit's last epoch only; tests and a
+            separate ``validate`` always search it. Checkpoints and early stopping cannot then monitor an
+            ``/index`` metric (it is missing in the other epochs).
     """
 
     def __init__(
@@ -78,8 +85,12 @@ class CorpusEvaluation(Callback):
         index: str | None = None,
         index_search: str = "",
         index_train_size: int = 1 << 18,
+        index_every_n_epochs: int = 1,
     ) -> None:
+        if index_every_n_epochs < 1:
+            raise ConfigError(f"CorpusEvaluation(index_every_n_epochs) must be >= 1, got {index_every_n_epochs}")
         self.ks = tuple(ks)
+        self.index_every_n_epochs = index_every_n_epochs
         self.exclude_history = exclude_history
         self.encode_batch_size = encode_batch_size
         self.options = SearchOptions(backend, score_block_elements, index, index_search, index_train_size)
@@ -95,6 +106,7 @@ class CorpusEvaluation(Callback):
         self.index_recall = MeanMetric()
         self.index_retriever = None
         self.index_search_seconds = 0.0
+        self.last_metrics: dict[str, float] = {}  # the metrics of the latest validation or test
 
     # -- the run's history and fit time, kept across resumes
     def on_fit_start(self, trainer, pl_module):
@@ -132,6 +144,14 @@ class CorpusEvaluation(Callback):
                 f"CorpusEvaluation(index={self.options.index!r}) is an inner-product index, for the dot product; "
                 f"{pl_module.model_name} chooses its approximate top-k in --model.similarity.init_args.approximate_topk"
             )
+        if self.index_every_n_epochs > 1:  # a monitored metric that most epochs lack would stop the fit later
+            monitors = [getattr(callback, "monitor", None) for callback in trainer.callbacks]
+            skipped = [monitor for monitor in monitors if isinstance(monitor, str) and "/index" in monitor]
+            if skipped:
+                raise ConfigError(
+                    f"{skipped[0]!r} is monitored, but CorpusEvaluation(index_every_n_epochs={self.index_every_n_epochs}) "
+                    "logs the approximate index's metrics in some epochs only; monitor an exact metric or set it to 1"
+                )
 
     # -- epoch start: corpus -> retriever
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, approximate: bool = True) -> None:
@@ -171,8 +191,15 @@ class CorpusEvaluation(Callback):
 
         return gather(part) if isinstance(part, torch.Tensor) else type(part)(*(gather(field) for field in part))
 
+    def _index_due(self, trainer: pl.Trainer) -> bool:
+        """Whether this validation searches the approximate index (``index_every_n_epochs``)."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            return True
+        epoch, last = trainer.current_epoch, (trainer.max_epochs or 0) - 1
+        return (epoch + 1) % self.index_every_n_epochs == 0 or epoch == last
+
     def on_validation_epoch_start(self, trainer, pl_module):
-        self._start(trainer, pl_module)
+        self._start(trainer, pl_module, approximate=self._index_due(trainer))
 
     def on_test_epoch_start(self, trainer, pl_module):
         self._start(trainer, pl_module)
@@ -213,6 +240,8 @@ class CorpusEvaluation(Callback):
         # The metrics are already reduced across processes by their sum states, so the mean over processes
         # (sync_dist) leaves them as they are; for the timings it is the mean process's. Headline numbers go to
         # the progress bar.
+        # This evaluation's own metrics: trainer.callback_metrics also holds earlier epochs' index metrics.
+        self.last_metrics = {k: float(v) for k, v in values.items()}
         headline = {k: values.pop(k) for k in (f"{stage}/hr@10", f"{stage}/ndcg@10") if k in values}
         pl_module.log_dict(headline, prog_bar=True, sync_dist=True)
         pl_module.log_dict(values, sync_dist=True)

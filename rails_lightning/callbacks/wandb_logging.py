@@ -16,6 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from rails_lightning.callbacks.corpus_evaluation import CorpusEvaluation
+
 
 def _wandb_logger(trainer: pl.Trainer) -> WandbLogger | None:
     return next((logger for logger in trainer.loggers if isinstance(logger, WandbLogger)), None)
@@ -52,7 +54,10 @@ class WandbHitRateTable(Callback):
         logger = _wandb_logger(trainer)
         if logger is None:
             return
-        columns, rows = hit_rate_rows(trainer.callback_metrics, stage)
+        # CorpusEvaluation's own record of this evaluation where there is one: trainer.callback_metrics keeps metrics of
+        # earlier epochs, such as the approximate index's under CorpusEvaluation(index_every_n_epochs > 1).
+        evaluation = next((callback for callback in trainer.callbacks if isinstance(callback, CorpusEvaluation)), None)
+        columns, rows = hit_rate_rows(evaluation.last_metrics if evaluation is not None else trainer.callback_metrics, stage)
         if not rows:
             return
         try:
