@@ -147,7 +147,7 @@ def test_bfloat16_gate_products_stay_within_bfloat16_precision(pair_gate_hidden)
     for name, got, expected in zip(names, grads_bf16, grads_fp32):
         if H > 0 and name == "weight":  # only the diagonal is a gradient there
             got, expected = got.diagonal(), expected.diagonal()
-        assert float((got - expected).norm() / expected.norm()) < 0.01, name  # measured <= 0.0031
+        assert float((got - expected).norm() / expected.norm()) < 0.01, name  # measured <= 0.0036
 
 
 def test_gate_dropout_rate_and_scale():

@@ -6,7 +6,8 @@ plus V2 silu(V1 l + e1) with the MLP one), softmax, gate dropout and the mixture
 dozen PyTorch passes over (M, R, P) tensors; the backward recomputes them. Shape legend as in
 ``mixture_of_logits``: M queries, R items, P_Q / P_X query / item components, P = P_Q * P_X, H the MLP pair
 gate's hidden width. Under bf16-mixed (bfloat16 logits) on a CPU with AVX512-BF16 the gate's matrix-vector
-products take bfloat16 inputs and accumulate in float32, as autocast's bfloat16 linear layers would.
+products and its weight gradients take bfloat16 operands and accumulate in float32, as autocast's bfloat16 linear
+layers would.
 
 The kernel is compiled once per (P_Q, P_X, H) with the system C++ compiler (``$CXX`` or ``g++``, with OpenMP)
 for this machine's CPU into ``$RAILS_LIGHTNING_CACHE`` (default ``~/.cache/rails_lightning``) and loaded

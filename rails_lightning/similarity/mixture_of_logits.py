@@ -162,8 +162,8 @@ class MixtureOfLogits(Similarity):
             (``gate_sees_logits: true``, ``multiplicative_gate: false``), P_Q x P_X and the pair gate's hidden
             width (0 for the linear one) multiples of 8. The gate dropout mask is then drawn by a hash of a seed
             from torch's generator rather than by torch's ``bernoulli`` (the same distribution, other draws).
-            Under ``--trainer.precision=bf16-mixed`` on a CPU with AVX512-BF16 the gate's matrix products run
-            in bfloat16 with float32 accumulation (the gate ~1.3x faster, the same quality: benchmarks/RESULTS.md).
+            Under ``--trainer.precision=bf16-mixed`` on a CPU with AVX512-BF16 the gate's matrix products and
+            weight gradients run in bfloat16 with float32 accumulation (the gate ~1.4x faster, the same quality: benchmarks/RESULTS.md).
             Per-query and per-sequence negatives, CUDA tensors, or a failed build (one warning) use the
             PyTorch ops.
         approximate_topk: a RAILS approximate top-k (``class_path`` of a class in

@@ -14,7 +14,7 @@
 // them, and the dropout mask is a hash of (seed, pair, component), so nothing of size (M, R, P) is kept.
 //
 // Pairs are taken RB at a time in VW-float vectors (16, AVX-512, where P and NH allow; else 8); with bfloat16 logits
-// and AVX512-BF16 the gate's matrix-vector products run in bfloat16 (BF16_DOTS below).
+// and AVX512-BF16 the gate's matrix-vector products and weight gradients run in bfloat16 (BF16_DOTS below).
 //
 // Built by rails_lightning/similarity/fused_pair_gate.py with -DNQ=.. -DNX=.. -DNH=.. (P and NH multiples of 8,
 // NH = 0 for the linear gate). Layouts (row-major): logits (M, NQ, R, NX), the matmul's own output, read without
@@ -54,9 +54,9 @@ typedef int32_t vi __attribute__((vector_size(4 * VW)));
 typedef uint32_t vu __attribute__((vector_size(4 * VW)));
 typedef float v8 __attribute__((vector_size(32)));
 
-// With bfloat16 logits (bf16-mixed) on a CPU with AVX512-BF16, the gate's matrix-vector products take bfloat16
-// inputs and weights and accumulate in float32 (two products per instruction, twice the float32 rate), as autocast's
-// bfloat16 linear layers would; everything else stays in float32.
+// With bfloat16 logits (bf16-mixed) on a CPU with AVX512-BF16, the gate's matrix-vector products and the outer products
+// of its weight gradients take bfloat16 operands and accumulate in float32 (two products per instruction, twice the
+// float32 rate), as autocast's bfloat16 linear layers would; everything else stays in float32.
 #if defined(__AVX512BF16__) && VW == 16
 #include <immintrin.h>
 #define BF16_DOTS 1
@@ -155,6 +155,37 @@ static inline void store_bf16(uint16_t *p, vf v) {  // round to nearest even
     std::memcpy(p, &rounded, sizeof rounded);
 }
 
+// rows[k] += sum_q x[q][k] y[q] (add_outer below) from bfloat16 x and y rounded to bfloat16, two pairs per instruction:
+// the y of pairs q and q + 1 interleaved lane by lane, times their two x[.][k] side by side, accumulated in float32.
+template <int IN, int OUT>
+static inline __attribute__((always_inline)) void add_outer_bf16(const int nb, float *rows, const uint16_t (*x)[IN], const vf (*y)[OUT]) {
+    constexpr int RP = (RB + 1) / 2;
+    const int np = (nb + 1) / 2;  // pairs of pairs; an odd last pair is paired with zeros
+    alignas(64) static const uint16_t order_bits[2 * VW] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                             8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i order = _mm512_load_si512(order_bits);  // [y_q lane i, y_q+1 lane i] side by side
+    __m512bh y2[RP][OUT];
+    uint32_t x2[RP][IN];
+    for (int t = 0; t < np; ++t) {
+        const int q = 2 * t;
+        const bool second = q + 1 < nb;
+        for (int v = 0; v < OUT; ++v) {
+            const __m512 upper = second ? (__m512)y[q + 1][v] : _mm512_setzero_ps();
+            y2[t][v] = (__m512bh)_mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(upper, (__m512)y[q][v]));
+        }
+        for (int k = 0; k < IN; ++k) x2[t][k] = uint32_t(x[q][k]) | (second ? uint32_t(x[q + 1][k]) << 16 : 0U);
+    }
+    for (int k = 0; k < IN; ++k) {
+        vf acc[OUT];
+        for (int v = 0; v < OUT; ++v) acc[v] = loadv(rows + (k * OUT + v) * VW);
+        for (int t = 0; t < np; ++t) {
+            const __m512bh xk = (__m512bh)_mm512_set1_epi32(int32_t(x2[t][k]));
+            for (int v = 0; v < OUT; ++v) acc[v] = (vf)_mm512_dpbf16_ps((__m512)acc[v], y2[t][v], xk);
+        }
+        for (int v = 0; v < OUT; ++v) storev(rows + (k * OUT + v) * VW, acc[v]);
+    }
+}
+
 // A row-major (IN, OUT) float matrix as bfloat16 rows two at a time, interleaved: pairs[(k * OUT + o) * 2 + t] =
 // rows[2k + t][o].
 static void interleave_pairs(const float *rows, int in, int out, uint16_t *pairs) {
@@ -228,6 +259,20 @@ static inline __attribute__((always_inline)) void add_product(const int nb, cons
     }
 #endif
     add_matvec<IN, OUT>(nb, rows, x, y);
+}
+
+// A weight's gradient: rows[k] += sum_q x[q][k] y[q], from the float inputs, or with BF16 from the bfloat16 inputs and y
+// rounded to bfloat16 (autocast's bfloat16 linear layers take their weight gradients from bfloat16 operands too).
+template <bool BF16, int IN, int OUT>
+static inline __attribute__((always_inline)) void add_gradient(const int nb, float *rows, const float (*x)[IN], const uint16_t (*x_bf16)[IN],
+                                                               const vf (*y)[OUT]) {
+#if BF16_DOTS
+    if constexpr (BF16) {
+        add_outer_bf16<IN, OUT>(nb, rows, x_bf16, y);
+        return;
+    }
+#endif
+    add_outer<IN, OUT>(nb, rows, x, y);
 }
 
 // A product's input vector, stored as add_product<BF16> reads it.
@@ -407,7 +452,7 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
         for (int v = 0; v < NV; ++v) store_input<BF16>(dg_flat[q] + VW * v, dg_bf16[q] + VW * v, dg[q][v]);
     if (NH == 0) {
         add_product<BF16, NP, NV>(nb, s.W, s.W_pairs, dg_flat, dg_bf16, dl);  // dl += W^T dg
-        add_outer<NP, NV>(nb, dWt, l, dg);         // dW^T[k, :] += l_k dg
+        add_gradient<BF16, NP, NV>(nb, dWt, l, l_bf16, dg);  // dW^T[k, :] += l_k dg
     } else {  // W diagonal: dl += diag(W) dg, and only dW's diagonal, kept in dWt's first row until the end
         for (int q = 0; q < nb; ++q)
             for (int v = 0; v < NV; ++v) {
@@ -429,10 +474,11 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
             }
         add_product<BF16, NH1, NV>(nb, s.V1, s.V1_pairs, dhp_flat, dhp_bf16, dl);  // dl += V1^T dhp
         float h_flat[RB][NH1];
+        uint16_t h_bf16[RB][NH1];
         for (int q = 0; q < nb; ++q)
-            for (int u = 0; u < HV; ++u) storev(h_flat[q] + VW * u, h[q][u]);
-        add_outer<NH1, NV>(nb, dV2t, h_flat, dg);  // dV2^T[j, :] += h_j dg
-        add_outer<NP, HV1>(nb, dV1t, l, dhp);      // dV1^T[k, :] += l_k dhp
+            for (int u = 0; u < HV; ++u) store_input<BF16>(h_flat[q] + VW * u, h_bf16[q] + VW * u, h[q][u]);
+        add_gradient<BF16, NH1, NV>(nb, dV2t, h_flat, h_bf16, dg);  // dV2^T[j, :] += h_j dg
+        add_gradient<BF16, NP, HV1>(nb, dV1t, l, l_bf16, dhp);      // dV1^T[k, :] += l_k dhp
     }
 #if BF16_DOTS
     if constexpr (BF16) {  // rounded 16 at a time, then written NX at a time
