@@ -205,7 +205,7 @@ def test_callback_searches_the_index_every_n_epochs_and_at_the_last(tmp_path, mo
 
 
 @pytest.mark.slow
-def test_wandb_hit_rate_table_shows_the_index_only_where_it_was_searched(tmp_path, monkeypatch):
+def test_wandb_hit_rate_table_shows_the_index_only_where_it_was_searched(tmp_path):
     """trainer.callback_metrics keeps an epoch's index metrics into the next ones; the W&B HR@K table must not."""
     import json
 
@@ -214,9 +214,13 @@ def test_wandb_hit_rate_table_shows_the_index_only_where_it_was_searched(tmp_pat
     from conftest import cpu_trainer, make_tiny_data, make_tiny_model
     from rails_lightning.callbacks import CorpusEvaluation, WandbHitRateTable
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    import wandb
+
+    if wandb.run is not None:  # a run an in-process fit of another test left open would be reused
+        wandb.finish()
     data = make_tiny_data()
-    logger = WandbLogger(project="rails_lightning_test", save_dir=str(tmp_path))
+    # mode as an argument: once a wandb session has started in this process it ignores a changed WANDB_MODE
+    logger = WandbLogger(project="rails_lightning_test", save_dir=str(tmp_path), mode="offline")
     evaluation = CorpusEvaluation(ks=(1, 10), index="IVF8,Flat", index_every_n_epochs=2)
     trainer = cpu_trainer(tmp_path, 4, [evaluation, WandbHitRateTable()], limit_train_batches=1, logger=logger)
     trainer.fit(make_tiny_model(data, "TwoTower"), datamodule=data)
