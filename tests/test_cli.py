@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, SHARED_DATA
 from rails_lightning.cli import DEFAULT_CONFIG, MODEL_PRESETS, main
@@ -92,6 +93,16 @@ def test_every_config_instantiates(config, tmp_path, monkeypatch):
     assert cli.model.hparams.max_seq_len == cli.datamodule.max_seq_len
     assert any(type(c).__name__ == "CorpusEvaluation" for c in cli.trainer.callbacks)
     assert cli.trainer.checkpoint_callback.monitor == "val/hr@10"
+
+
+
+def test_synthetic_mol_config_keeps_the_default_callbacks_but_the_index_schedule():
+    """configs/synthetic/mol.yaml restates the embedded default's callbacks to set CorpusEvaluation(index_every_n_epochs):
+    otherwise they must stay the default's, so that MoL and the two-tower default are evaluated and checkpointed alike."""
+    default = yaml.safe_load(Path(DEFAULT_CONFIG).read_text())["trainer"]["callbacks"]
+    mol = yaml.safe_load((REPO / "configs" / "synthetic" / "mol.yaml").read_text())["trainer"]["callbacks"]
+    assert mol[0]["init_args"].pop("index_every_n_epochs") == 4
+    assert mol == default
 
 
 @pytest.mark.parametrize("name, similarity", [("TwoTower", DotProduct), ("MoL", MixtureOfLogits)])
