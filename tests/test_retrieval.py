@@ -185,17 +185,16 @@ def test_callback_searches_the_index_every_n_epochs_and_at_the_last(tmp_path, mo
     from rails_lightning.retrieval.mol_topk import CombinedTopK
 
     data = make_tiny_data()
-    if model == "TwoTower":
-        evaluation, options = CorpusEvaluation(ks=(1, 10), index="IVF8,Flat", index_every_n_epochs=2), {}
-    else:  # MoL's own approximate top-k
-        approximate = functools.partial(CombinedTopK, k_prime=4, averaged_k_prime=32)
-        evaluation, options = CorpusEvaluation(ks=(1, 10), index_every_n_epochs=2), {"similarity": functools.partial(TINY_SIMILARITIES["MoL"], approximate_topk=approximate)}
+    index = {"index": "IVF8,Flat"} if model == "TwoTower" else {}  # MoL brings its own approximate top-k
+    approximate = functools.partial(CombinedTopK, k_prime=4, averaged_k_prime=32)
+    options = {} if model == "TwoTower" else {"similarity": functools.partial(TINY_SIMILARITIES["MoL"], approximate_topk=approximate)}
+    evaluation = CorpusEvaluation(ks=(1, 10), index_every_n_epochs=2, **index)
     trainer = cpu_trainer(tmp_path, 4, [evaluation], limit_train_batches=1)
     trainer.fit(make_tiny_model(data, model, **options), datamodule=data)
     searched = ["val/index/hr@10" in row for row in evaluation.history]
     assert searched == [False, True, False, True]  # epochs 1 and 3: every 2nd, and the last
     # A fit whose last epoch is off the schedule still ends with one; a test always searches the index.
-    evaluation = CorpusEvaluation(ks=(1, 10), index="IVF8,Flat", index_every_n_epochs=2) if model == "TwoTower" else CorpusEvaluation(ks=(1, 10), index_every_n_epochs=2)
+    evaluation = CorpusEvaluation(ks=(1, 10), index_every_n_epochs=2, **index)
     trainer = cpu_trainer(tmp_path / "three", 3, [evaluation], limit_train_batches=1)
     module = make_tiny_model(data, model, **options)
     trainer.fit(module, datamodule=data)
@@ -203,18 +202,16 @@ def test_callback_searches_the_index_every_n_epochs_and_at_the_last(tmp_path, mo
     assert "test/index/hr@10" in trainer.test(module, datamodule=data, verbose=False)[0]
 
 
-
 @pytest.mark.slow
 def test_wandb_hit_rate_table_shows_the_index_only_where_it_was_searched(tmp_path):
     """trainer.callback_metrics keeps an epoch's index metrics into the next ones; the W&B HR@K table must not."""
     import json
 
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     from conftest import cpu_trainer, make_tiny_data, make_tiny_model
     from rails_lightning.callbacks import CorpusEvaluation, WandbHitRateTable
-
-    import wandb
 
     if wandb.run is not None:  # a run an in-process fit of another test left open would be reused
         wandb.finish()
@@ -228,6 +225,7 @@ def test_wandb_hit_rate_table_shows_the_index_only_where_it_was_searched(tmp_pat
     tables = sorted(tmp_path.glob("wandb/offline-run-*/files/media/table/val/hr_at_k_*.table.json"), key=lambda path: int(path.name.split("_")[3]))
     columns = [json.loads(path.read_text())["columns"] for path in tables]
     assert ["index HR@K" in c for c in columns] == [False, True, False, True]
+
 
 def test_index_every_n_epochs_refuses_a_monitored_index_metric(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
