@@ -39,17 +39,26 @@ RUN_DIR_ENV = "RAILS_LIGHTNING_RUN_DIR"  # the run directory, handed to the proc
 STARTED_RUN_DIRS: list[Path] = []  # this process's run directories, for clean-up after a failure
 
 
-def _wandb_has_credentials() -> bool:
-    """Whether W&B has credentials for the host it logs in to (its settings' ``base_url``, whatever that is),
+def _wandb_settings():
+    """wandb's process-wide settings (the environment, the settings files, the netrc), loaded once.
+
+    Reading them fixes them for the rest of the process, the mode included: a later ``WANDB_MODE`` in the
+    environment is ignored. So the mode is decided here and written into these settings as well as into
+    the environment (which the processes a DDP launch or a sweep starts inherit)."""
+    from wandb.sdk import wandb_setup
+
+    return wandb_setup.singleton().settings
+
+
+def _wandb_has_credentials(settings) -> bool:
+    """Whether W&B has credentials for the host it logs in to (``settings.base_url``, whatever that is),
     read through wandb's own credential readers in wandb's order: the environment, the session, the netrc
     entry for that host, wandb's settings. Nothing goes over the network (``wandb.login`` can wait on it)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        from wandb.sdk import wandb_setup
         from wandb.sdk.lib import wbauth
 
-        settings = wandb_setup.singleton().settings
         if isinstance(wbauth.session_credentials(host=settings.base_url), wbauth.AuthApiKey):
             return True
         return bool(wbauth.read_netrc_auth(host=settings.base_url) or settings.api_key)
@@ -57,23 +66,47 @@ def _wandb_has_credentials() -> bool:
         return False
 
 
-def _wandb_base_url() -> str:
-    from wandb.sdk import wandb_setup
-
-    return os.environ.get("WANDB_BASE_URL") or wandb_setup.singleton().settings.base_url
-
-
-def _wandb_reachable(timeout: float = 3.0) -> bool:
+def _wandb_reachable(base_url: str, timeout: float = 3.0) -> bool:
     """Whether the W&B server answers a TCP connection within ``timeout`` (so that a run cannot hang on it)."""
     import socket
     from urllib.parse import urlparse
 
-    url = urlparse(_wandb_base_url())
+    url = urlparse(base_url)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+def settle_wandb_mode() -> str:
+    """Decide how W&B logs this process, before anything creates a W&B run, and never so that it prompts.
+
+    ``WANDB_MODE`` from the environment is respected, except that ``online`` without credentials is refused
+    (wandb would ask for a login). Otherwise: online with credentials and a server that answers, offline
+    without (the run stays in the run directory; ``wandb sync`` uploads it later). Returns the reason for
+    an offline run (empty when online, disabled, or chosen by the user)."""
+    import wandb
+
+    settings = _wandb_settings()
+    chosen = os.environ.get("WANDB_MODE")
+    if chosen:
+        if chosen == "online" and not _wandb_has_credentials(settings):
+            raise ConfigError(
+                f"WANDB_MODE=online but W&B has no credentials for {settings.base_url}: run `wandb login`, "
+                "or unset WANDB_MODE to log offline"
+            )
+        settings.update_from_settings(wandb.Settings(mode=chosen))
+        return ""
+    if not _wandb_has_credentials(settings):
+        mode, reason = "offline", "no W&B credentials (`wandb login` to log online)"
+    elif not _wandb_reachable(settings.base_url):
+        mode, reason = "offline", f"{settings.base_url} did not answer"
+    else:
+        mode, reason = "online", ""
+    os.environ["WANDB_MODE"] = mode
+    settings.update_from_settings(wandb.Settings(mode=mode))
+    return reason
 
 
 def _keep_freed_memory() -> None:
@@ -102,6 +135,11 @@ def _keep_freed_memory() -> None:
 
 def _as_list(value):
     return value if isinstance(value, list) else [value]
+
+
+def _uses_wandb(logger_config) -> bool:
+    """Whether the config's ``trainer.logger`` (a bool, a ``{class_path, init_args}`` entry or a list) has W&B."""
+    return any(isinstance(entry, Namespace) and str(entry.get("class_path", "")).endswith("WandbLogger") for entry in _as_list(logger_config))
 
 
 class SaveConfigToRunDir(SaveConfigCallback):
@@ -162,10 +200,8 @@ class RailsCLI(LightningCLI):
         for callback in _as_list(config.trainer.callbacks or []):
             if str(callback.class_path).endswith("ModelCheckpoint") and not callback.init_args.dirpath:
                 callback.init_args.dirpath = str(self.run_dir / "checkpoints")
-        # W&B must never block on a login prompt or an unreachable server: no credentials, or no
-        # answer from the server -> offline (sync later with `wandb sync`).
-        if "WANDB_MODE" not in os.environ and not (_wandb_has_credentials() and _wandb_reachable()):
-            os.environ["WANDB_MODE"] = "offline"
+        # W&B must never block on a login prompt or an unreachable server.
+        self.wandb_offline_reason = settle_wandb_mode() if _uses_wandb(config.trainer.logger) else ""
         if self.subcommand == "fit" and not config.get("ckpt_path") and not launched and _holds_a_run(self.run_dir):
             raise ConfigError(
                 f"{self.run_dir} already holds a run; resume it with --ckpt_path={self.run_dir / 'checkpoints' / 'last.ckpt'} "
@@ -209,9 +245,11 @@ class RailsCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._start_run()
+        self._announce_offline_wandb()
 
     def before_test(self) -> None:
         self._start_run()
+        self._announce_offline_wandb()
 
     def before_predict(self) -> None:
         self._start_run()
@@ -229,6 +267,18 @@ class RailsCLI(LightningCLI):
         for logger in self.trainer.loggers:
             logger.log_hyperparams({"data": summary, "num_parameters": sum(p.numel() for p in self.model.parameters())})
         self._log_resolved_config()
+        self._announce_offline_wandb()
+
+    def _announce_offline_wandb(self) -> None:
+        """One line for an offline W&B run that the CLI chose: where it is and how to upload it."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not self.wandb_offline_reason or not self.trainer.is_global_zero:
+            return
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger.experiment.settings.mode == "offline":
+                sync_dir = logger.experiment.settings.sync_dir
+                self._print(f"W&B is offline ({self.wandb_offline_reason}); upload this run later with: wandb sync {sync_dir}")
 
     def _resolved_config(self) -> dict:
         """The full resolved config, as config.yaml holds it."""

@@ -258,7 +258,10 @@ def test_7_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------- point 9
-_HAS_CREDENTIALS = "from rails_lightning.cli import _wandb_has_credentials; print(_wandb_has_credentials())"
+_HAS_CREDENTIALS = (
+    "from rails_lightning.cli import _wandb_has_credentials, _wandb_settings; "
+    "print(_wandb_has_credentials(_wandb_settings()))"
+)
 
 
 @pytest.mark.slow
@@ -266,7 +269,7 @@ def test_9_wandb_credentials_for_the_host_wandb_uses(tmp_path):
     """A netrc entry for the host wandb logs in to counts (before, only one for api.wandb.ai did)."""
     from rails_lightning import cli
 
-    host = cli._wandb_base_url().split("://", 1)[1].split("/")[0]
+    host = cli._wandb_settings().base_url.split("://", 1)[1].split("/")[0]
     assert host != "api.wandb.ai"  # current wandb's default host
     netrc = tmp_path / "netrc"
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
