@@ -6,6 +6,7 @@ ML-1M batches with the same loss; they alternate in rounds so that machine noise
 hits both alike. Reported: sequences per second of each and their ratio.
 
     python benchmarks/train_throughput.py [--steps 20] [--rounds 3] [--data ../shared/data/ml-1m]
+    python benchmarks/train_throughput.py --tiny   # seconds: small synthetic data, 3 steps, 1 round (a smoke test)
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from rails_lightning.data import InteractionDataModule, MovieLensSource
+from rails_lightning.data import InteractionDataModule, MovieLensSource, SyntheticSource
 from rails_lightning.losses import sampled_softmax_loss
 from rails_lightning.models import RetrievalModule, SASRecEncoder
-from rails_lightning.objectives import SharedNegatives
+from rails_lightning.objectives import SharedNegatives, TrainingStep
 from rails_lightning.similarity import DotProduct
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,8 @@ def plain_rate(data, negatives: int, steps: int, warmup: int) -> float:
         user_ids = batch.user_ids[:, None].expand_as(batch.target_ids)[has_target]
         queries = model.similarity.query_representation(states[has_target], user_ids)
         positive_ids = batch.target_ids[has_target]
-        negative_ids, log_counts = model.sample_negatives(positive_ids)
+        negatives = model.objective.negatives(TrainingStep(model, batch, states, has_target, positive_ids))
+        negative_ids, log_counts = negatives.shared, negatives.shared_log_q  # (R,) shared by the batch
         positive = model.similarity.pair_scores(queries, model.encode_items(positive_ids)) * inv_temperature
         negative, _ = model.similarity.cross_scores(queries, model.encode_items(negative_ids))
         loss = sampled_softmax_loss(positive, negative * inv_temperature, positive_ids, negative_ids, log_counts)
@@ -93,11 +95,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of framework / plain")
     parser.add_argument("--negatives", type=int, default=128, help="uniform negatives shared by the batch")
+    parser.add_argument("--tiny", action="store_true",
+                        help="small synthetic data instead of ML-1M, 3 steps, 1 warm-up, 1 round: checks that it runs, measures nothing")
     args = parser.parse_args()
-    if not Path(args.data).exists():
-        raise SystemExit(f"ML-1M not found at {args.data}")
     pl.seed_everything(0)
-    data = InteractionDataModule(MovieLensSource("ml-1m", data_dir=args.data, download=False), max_seq_len=200, batch_size=128)
+    if args.tiny:
+        args.steps, args.warmup, args.rounds = 3, 1, 1
+        source = SyntheticSource(num_users=300, num_items=200, num_clusters=8, mean_sequence_length=12, seed=0)
+        data = InteractionDataModule(source, max_seq_len=12, batch_size=32)
+    else:
+        if not Path(args.data).exists():
+            raise SystemExit(f"ML-1M not found at {args.data}")
+        data = InteractionDataModule(MovieLensSource("ml-1m", data_dir=args.data, download=False), max_seq_len=200, batch_size=128)
     data.setup("fit")
     torch.set_num_threads(torch.get_num_threads())
     framework, plain = [], []
