@@ -1,5 +1,5 @@
-"""``python -m rails_lightning COMMAND``: ``sweep``, ``report``, ``index`` and ``retrieve`` are plain
-commands, every other command is a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``).
+"""``python -m rails_lightning COMMAND``: ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI
+subcommands; ``sweep``, ``report``, ``index`` and ``retrieve`` are plain commands.
 
 Errors a user can fix (bad data, config, checkpoint; a diverged training; a failed sweep) are printed
 as one line and exit with status 1; ``--debug`` anywhere on the command line, or
@@ -11,24 +11,31 @@ from __future__ import annotations
 import os
 import sys
 
+from rails_lightning.commands import COMMANDS, PROG, overview
 from rails_lightning.errors import UserError
 
 DEBUG_FLAG = "--debug"
 
 
 def _run(argv: list[str], command_line: bool) -> int:
-    if argv and argv[0] == "sweep":
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview())
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        raise UserError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)} (see `{PROG} --help`)")
+    if command == "sweep":
         from rails_lightning import sweep
 
         return sweep.main(argv[1:])
-    if argv and argv[0] == "report":
+    if command == "report":
         from rails_lightning import report
 
         return report.main(argv[1:])
-    if argv and argv[0] in ("index", "retrieve"):
+    if command in ("index", "retrieve"):
         from rails_lightning.serving import commands
 
-        return (commands.index_main if argv[0] == "index" else commands.retrieve_main)(argv[1:])
+        return (commands.index_main if command == "index" else commands.retrieve_main)(argv[1:])
     from rails_lightning import cli
 
     cli.main(None if command_line else argv)
@@ -46,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv, command_line)
     except UserError as error:
-        if "rails_lightning.cli" in sys.modules:
-            sys.modules["rails_lightning.cli"].remove_unused_run_dirs()
+        from rails_lightning.runs import remove_unused_run_dirs
+
+        remove_unused_run_dirs()
         if debug:
             raise
         print(f"rails_lightning: error: {error}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ run: the run directory, W&B mode, the saved config, the run record (``run.json``
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import sys
@@ -17,26 +18,36 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from jsonargparse import ArgumentError, Namespace
+from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from rails_lightning.callbacks import CorpusEvaluation
+from rails_lightning.commands import PROG, help_description
 from rails_lightning.data.datamodule import InteractionDataModule
 from rails_lightning.errors import CheckpointError, ConfigError
 from rails_lightning.models.components import build_factory
 from rails_lightning.models.retrieval_module import RetrievalModule
 from rails_lightning.retrieval.popularity import popularity_baseline
-from rails_lightning.runs import RECORD_FILE, RunRecord, hardware_description
+from rails_lightning.runs import RECORD_FILE, STARTED_RUN_DIRS, RunRecord, hardware_description
 from rails_lightning.similarity import Similarity
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 MODEL_PRESETS = {path.stem: path for path in (Path(__file__).parent / "configs" / "models").glob("*.yaml")}
 REPORT_KEYS = ("hr@10", "ndcg@10", "mrr")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUBCOMMAND_DETAILS = {
+    "fit": "Without --config, the embedded default: a SASRec-style two-tower model on synthetic data. The run "
+    "directory (printed first) gets config.yaml, checkpoints/, run.json and the W&B run (offline without W&B "
+    "credentials). --model=MoL or --model=TwoTower picks a ready-made model; every option below applies on top; "
+    "--model.similarity.help MixtureOfLogits lists a chosen class's options.",
+    "validate": "Give --run_dir the checkpoint's run directory to write validate.json beside its run.json.",
+    "test": "Give --run_dir the checkpoint's run directory to write test.json beside its run.json.",
+    "predict": "Returns the query vectors of the test split through Lightning's predict loop (see --help of "
+    "`index` and `retrieve` to serve a model instead).",
+}
 RUN_DIR_ENV = "RAILS_LIGHTNING_RUN_DIR"  # the run directory, handed to the processes of a DDP launch
-STARTED_RUN_DIRS: list[Path] = []  # this process's run directories, for clean-up after a failure
 
 
 def _wandb_settings():
@@ -131,6 +142,11 @@ def _keep_freed_memory() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # return the heap's free top only beyond 2 GiB (an int)
     except (OSError, AttributeError):
         pass
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description's paragraphs and example kept as written (subcommand
+    parsers take their parent's formatter)."""
 
 
 def _as_list(value):
@@ -421,14 +437,23 @@ def main(args: list[str] | None = None, run: bool = True) -> RailsCLI:
     _check_config_files(sys.argv[1:] if argv is None else argv)
     # Parse errors raise (ConfigError below) instead of printing the whole usage and exiting.
     parser_kwargs = {"default_config_files": [str(DEFAULT_CONFIG)], "exit_on_error": False}
+    # Every subcommand starts from the embedded default (--config files override it); its --help starts with
+    # what it does and an example.
+    subcommand_kwargs = {
+        subcommand: {
+            **parser_kwargs,
+            "usage": f"{PROG} {subcommand} [--config FILE] [--OPTION VALUE ...]",
+            "description": help_description(subcommand, SUBCOMMAND_DETAILS[subcommand]),
+        }
+        for subcommand in SUBCOMMANDS
+    }
     try:
         return RailsCLI(
             RetrievalModule,
             InteractionDataModule,
             save_config_callback=SaveConfigToRunDir,
             save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-            # Every subcommand starts from the embedded default; --config files override it.
-            parser_kwargs={"exit_on_error": False, **{subcommand: parser_kwargs for subcommand in SUBCOMMANDS}}
+            parser_kwargs={"exit_on_error": False, "prog": PROG, "formatter_class": _HelpFormatter, **subcommand_kwargs}
             if run
             else parser_kwargs,
             args=argv,
@@ -438,15 +463,6 @@ def main(args: list[str] | None = None, run: bool = True) -> RailsCLI:
         raise ConfigError(f"{_first_line(str(error))} (see `python -m rails_lightning fit --help`)") from error
     except MisconfigurationException as error:  # Lightning's word for a bad trainer option
         raise ConfigError(_first_line(str(error))) from error
-
-
-def remove_unused_run_dirs() -> None:
-    """After a failed command: remove the run directories it started that hold nothing but their config."""
-    for run_dir in STARTED_RUN_DIRS:
-        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
-            for leftover in run_dir.iterdir():
-                leftover.unlink()
-            run_dir.rmdir()
 
 
 def _first_line(message: str) -> str:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from rails_lightning.commands import help_description
 from rails_lightning.errors import UserError
 from rails_lightning.runs import RECORD_FILE, RunRecord
 
@@ -545,10 +546,14 @@ def write_results_table(runs: Sequence[ReportedRun], out_dir: str | Path, readme
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rails_lightning report",
-        description="Turn finished runs (run directories of `fit`, or local sweep directories) into a markdown "
-        "comparison table (summary.md: the metric per run, mean ± std per model beside the most-popular baseline) "
-        "and a PNG of HR@K against K per model (hr_at_k.png); --leaderboard ranks the runs, --table writes the "
-        "reproduction table (one row per config, mean ± std over seeds, next to the published figure).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=help_description(
+            "report",
+            "Turn finished runs (run directories of `fit`, or local sweep directories) into a markdown "
+            "comparison table (summary.md: the metric per run, mean ± std per model beside the most-popular baseline) "
+            "and a PNG of HR@K against K per model (hr_at_k.png); --leaderboard ranks the runs, --table writes the "
+            "reproduction table (one row per config, mean ± std over seeds, next to the published figure).",
+        ),
     )
     parser.add_argument("runs", nargs="+", help="run directories (with run.json), folders of them, or local sweep directories")
     parser.add_argument("--out", default=None, help="output folder (default: sweeps_out/report-<date-time>)")

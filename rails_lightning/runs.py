@@ -24,6 +24,18 @@ SCHEMA_VERSION = 1
 
 Status = Literal["finished", "validated", "tested", "predicted", "failed", "missing"]
 
+#: This process's run directories (the CLI appends each when it creates it), for clean-up after a failure.
+STARTED_RUN_DIRS: list[Path] = []
+
+
+def remove_unused_run_dirs() -> None:
+    """After a failed command: remove the run directories it started that hold nothing but their config."""
+    for run_dir in STARTED_RUN_DIRS:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
+            for leftover in run_dir.iterdir():
+                leftover.unlink()
+            run_dir.rmdir()
+
 
 @dataclass
 class RunRecord:

@@ -136,3 +136,29 @@ def test_print_config_shows_the_whole_run(tmp_path, monkeypatch, capsys):
     for text in ("rails_lightning.similarity.MixtureOfLogits", "num_query_components: 8", "SASRecEncoder",
                  "rails_lightning.callbacks.CorpusEvaluation", "ModelCheckpoint", "WandbLogger", "SyntheticSource"):
         assert text in printed, text
+
+
+def test_top_level_help_lists_every_command():
+    result = subprocess.run([sys.executable, "-m", "rails_lightning", "--help"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m rails_lightning COMMAND")
+    listed = [line.split()[0] for line in result.stdout.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()]
+    assert listed == ["fit", "validate", "test", "predict", "sweep", "report", "index", "retrieve"]
+    unknown = subprocess.run([sys.executable, "-m", "rails_lightning", "fitt"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert unknown.returncode == 1 and unknown.stderr.startswith("rails_lightning: error: unknown command 'fitt'")
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict", "sweep", "report", "index", "retrieve"])
+def test_every_command_help_starts_with_what_it_does_and_an_example(command, capsys, monkeypatch):
+    from rails_lightning.__main__ import main as command_main
+    from rails_lightning.commands import COMMANDS
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with pytest.raises(SystemExit) as stop:
+        command_main([command, "--help"])
+    assert stop.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"usage: python -m rails_lightning {command}")
+    start = next(i for i, line in enumerate(lines) if not line.strip()) + 1  # the first line after the usage
+    summary = COMMANDS[command].summary
+    assert lines[start] == f"{summary[0].upper()}{summary[1:]}."
+    assert lines[start + 2] == "Example:" and lines[start + 3].strip() == COMMANDS[command].example

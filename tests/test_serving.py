@@ -66,6 +66,27 @@ def test_retrieve_prints_ten_items_with_scores_and_latency(exported, tmp_path):
 
 
 @pytest.mark.slow
+def test_interactive_retrieve_survives_bad_queries(exported, tmp_path):
+    """A prompt per query; an unknown user, an unknown item or a bare `user` prints one error line and the
+    session goes on to the next query."""
+    _, index_dir = exported
+    ids = json.loads((index_dir / "ids.json").read_text())
+    user, item = ids["users"][5], ids["model_items"][3]
+    queries = ["user 999999", "no-such-item", "user", f"user {user}", f"{item}", ""]
+    result = subprocess.run(
+        [sys.executable, "-m", "rails_lightning", "retrieve", f"--index={index_dir}", "--interactive", "--json"],
+        input="\n".join(queries) + "\n", capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(answers) == 2 and all(len(answer["items"]) == 10 for answer in answers)
+    errors = [line for line in result.stderr.splitlines() if "rails_lightning: error:" in line]
+    assert len(errors) == 3 and "999999" in errors[0] and "no-such-item" in errors[1] and "needs an id" in errors[2]
+    assert result.stderr.count("query (") == len(queries)
+
+
+@pytest.mark.slow
 def test_answers_equal_the_models_exact_top_k(exported):
     """The exported index answers as the checkpoint's own model does (same query, same corpus, exact search)."""
     run_dir, index_dir = exported

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from rails_lightning.commands import help_description
+from rails_lightning.errors import UserError
 from rails_lightning.serving.index import Answer, ServingIndex, add_items, compact, export_index
 
 
@@ -31,10 +33,14 @@ def _item_list(text: str | None) -> list[str] | None:
 def index_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rails_lightning index",
-        description="Export a trained model's item corpus for serving: item embeddings, a FAISS index (dot product) or "
-        "the data of the exact / RAILS MoL top-k, users' histories, raw ids and titles, and a manifest; "
-        "safetensors, FAISS and JSON files only (nothing is unpickled). With --add, encode new items into a delta "
-        "next to the main index (no rebuild); with --compact, fold the delta into the main index.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=help_description(
+            "index",
+            "Export a trained model's item corpus for serving: item embeddings, a FAISS index (dot product) or "
+            "the data of the exact / RAILS MoL top-k, users' histories, raw ids and titles, and a manifest; "
+            "safetensors, FAISS and JSON files only (nothing is unpickled). With --add, encode new items into a delta "
+            "next to the main index (no rebuild); with --compact, fold the delta into the main index.",
+        ),
     )
     parser.add_argument("--ckpt_path", help="a checkpoint inside a run directory (RUN_DIR/checkpoints/*.ckpt)")
     parser.add_argument("--out", required=True, help="the index folder")
@@ -91,9 +97,14 @@ def _show(answer: Answer, as_json: bool) -> None:
 def retrieve_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rails_lightning retrieve",
-        description="Show what a model retrieves for a user (from their stored history) or for a list of items, "
-        "from an index written by `python -m rails_lightning index`, with the query's latency.",
-        epilog="Interactive mode reads one query per line: `user RAW_ID` or comma-separated raw item ids; an empty line ends it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=help_description(
+            "retrieve",
+            "Show what a model retrieves for a user (from their stored history) or for a list of items, "
+            "from an index written by `python -m rails_lightning index`, with the query's latency.",
+        ),
+        epilog="--interactive reads one query per line after a prompt: `user RAW_ID` or comma-separated raw item ids; a bad "
+        "query prints its error and the prompt returns; an empty line or the end of input ends it.",
     )
     parser.add_argument("--index", required=True, help="the index folder")
     query = parser.add_mutually_exclusive_group(required=True)
@@ -109,10 +120,27 @@ def retrieve_main(argv: Sequence[str]) -> int:
     if not args.interactive:
         _show(_answer(index, args.user, args.history, args.k, args.exclude_history), args.json)
         return 0
-    for line in sys.stdin:
+    return _interactive(index, args.k, args.exclude_history, args.json)
+
+
+INTERACTIVE_PROMPT = "query (`user ID` or item ids `a,b,c`; empty line ends)> "
+
+
+def _interactive(index: ServingIndex, k: int, exclude: bool, as_json: bool) -> int:
+    """One query per line until an empty line or the end of input. A bad query (an unknown user or item, a
+    malformed line) prints its one-line error and the prompt returns: one typo does not end the session.
+    The prompt goes to stderr, so that stdout holds only answers (tables or JSON lines)."""
+    while True:
+        print(INTERACTIVE_PROMPT, end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            print(file=sys.stderr, flush=True)
+            return 0
         line = line.strip()
-        if not line:
-            break
-        user = line.split(None, 1)[1] if line.startswith("user ") else None
-        _show(_answer(index, user, None if user else line, args.k, args.exclude_history), args.json)
-    return 0
+        user = line.split(None, 1)[1].strip() if line.startswith("user ") and len(line.split(None, 1)) > 1 else None
+        try:
+            if line == "user" or (user is None and line.startswith("user ")):
+                raise UserError("`user` needs an id, e.g. `user 42`")
+            _show(_answer(index, user, None if user else line, k, exclude), as_json)
+        except UserError as error:
+            print(f"rails_lightning: error: {error}", file=sys.stderr, flush=True)
