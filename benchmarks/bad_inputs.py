@@ -1,6 +1,6 @@
 """Run rails_lightning against bad inputs and faults, as a new user would, and tabulate what happens.
 
-    python benchmarks/bad_inputs.py [--repo DIR] [--old_keys] [--out FILE.md]
+    python benchmarks/bad_inputs.py [--repo DIR] [--old_keys] [--out FILE.md] [--cases 1 3 39 | --tiny]
 
 Each case runs ``python -m rails_lightning ...`` as a subprocess (W&B disabled) in a scratch folder
 with the files the case needs, and the table gives the exit code and the last line the command
@@ -8,7 +8,8 @@ printed on stderr (the error message; for a run that works, the line that says w
 ``--repo`` runs another checkout's code (e.g. an older commit, to show a case failed before);
 ``--old_keys`` spells model options as that older code did (``--model.init_args.X``). In the table,
 ``TINY`` stands for the arguments that shrink the default run to seconds (``TINY[6:]``: those without
-the synthetic data sizes).
+the synthetic data sizes). ``--cases`` runs only the cases of those numbers; ``--tiny`` runs two
+that need no fit (1 and 39: seconds), to check that the script works.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TINY = [
     "--data.max_seq_len=12", "--data.batch_size=32", "--model.item_dim=16", "--trainer.max_epochs=1",
     "--trainer.enable_progress_bar=false", "--trainer.logger=false",
 ]
+TINY_CASES = (1, 39)  # --tiny: an unknown option, a missing sweep file
 
 
 def _log(rows: list[tuple], path: Path) -> Path:
@@ -166,18 +168,23 @@ def main() -> None:
     parser.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]), help="checkout whose code runs")
     parser.add_argument("--old_keys", action="store_true", help="spell model options as --model.init_args.X")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--cases", type=int, nargs="+", default=None, help="run only these cases (their numbers in the table)")
+    parser.add_argument("--tiny", action="store_true", help="run cases 1 and 39 only (no fit): checks that the script works")
     args = parser.parse_args()
+    chosen = set(TINY_CASES if args.tiny else args.cases or [])
     repo = Path(args.repo).resolve()
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1",
            "RAILS_LIGHTNING_CACHE": tempfile.mkdtemp()}
     rows = ["| # | case | command (`python -m rails_lightning ...`) | exit | last line on stderr (or the line that shows the result) |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        done = subprocess.run([sys.executable, "-m", "rails_lightning", "fit", *(old_spelling(TINY) if args.old_keys else TINY),
-                               f"--run_dir={work / 'done'}"], cwd=repo, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
         url = serve(work)
-        for number, (name, argv, *pick) in enumerate(cases(work, url), start=1):
+        selected = [(n, case) for n, case in enumerate(cases(work, url), start=1) if not chosen or n in chosen]
+        if any(f"--run_dir={work / 'done'}" in case[1] for _, case in selected):  # the finished run that case refuses to overwrite
+            done = subprocess.run([sys.executable, "-m", "rails_lightning", "fit", *(old_spelling(TINY) if args.old_keys else TINY),
+                                   f"--run_dir={work / 'done'}"], cwd=repo, env=env, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-2000:]
+        for number, (name, argv, *pick) in selected:
             (repo / "PWNED").unlink(missing_ok=True)
             if argv[0] in ("fit", "validate", "test") and not any(a.startswith("--run_dir") for a in argv):
                 argv = [*argv, f"--run_dir={work / f'run{number}'}"]

@@ -13,6 +13,7 @@ For each corpus size N, one process:
    the peak resident memory while it runs, and recall@100 against the exact top-100.
 
     python benchmarks/corpus_eval.py [--sizes 100000 1000000 10000000] [--queries 10000] [--train_steps 150]
+    python benchmarks/corpus_eval.py --tiny --out /tmp/corpus_eval.json   # seconds: 2,000 items, checks that it runs
 
 Prints a Markdown table (and writes it to --out).
 """
@@ -42,6 +43,9 @@ INDEXES = {
     # 10M: 4096 lists, not 4 sqrt(N): assigning 10M vectors to 16384 lists takes too long on 2 cores.
     10_000_000: {"IVF4096,Flat": ["nprobe=16", "nprobe=64"]},
 }
+# --tiny: 2,000 items, 500 users in 20 clusters, 200 queries, 2 training steps; indexes small enough to train on them.
+TINY = {"sizes": [2_000], "queries": 200, "train_steps": 2, "users": 500, "clusters": 20}
+TINY_INDEXES = {"IVF16,Flat": ["nprobe=4"], "HNSW32": ["efSearch=64"]}
 
 
 class PeakMemory:
@@ -70,7 +74,7 @@ def _rss_gb() -> float:
 
 
 def measure(num_items: int, num_queries: int, train_steps: int, checkpoint: str | None = None, only: str | None = None,
-            eval_batch_size: int = 1000) -> dict:
+            eval_batch_size: int = 1000, tiny: bool = False) -> dict:
     import faiss
     import lightning.pytorch as pl
     import torch
@@ -83,8 +87,9 @@ def measure(num_items: int, num_queries: int, train_steps: int, checkpoint: str 
 
     pl.seed_everything(0, verbose=False)
     started = time.perf_counter()
-    source = SyntheticSource(num_users=max(20_000, num_queries), num_items=num_items, num_clusters=1000, include_unseen_items=True)
-    data = InteractionDataModule(source, eval_batch_size=eval_batch_size)
+    users, clusters = (TINY["users"], TINY["clusters"]) if tiny else (20_000, 1000)
+    source = SyntheticSource(num_users=max(users, num_queries), num_items=num_items, num_clusters=clusters, include_unseen_items=True)
+    data = InteractionDataModule(source, eval_batch_size=min(eval_batch_size, num_queries))
     if checkpoint:  # a model trained on this same data (e.g. by configs/synthetic/million_items_ivf.yaml)
         model = RetrievalModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
         train_steps = 0
@@ -100,7 +105,7 @@ def measure(num_items: int, num_queries: int, train_steps: int, checkpoint: str 
 
     # The framework's evaluation: re-encode, exact FAISS flat search, metrics.
     evaluation = CorpusEvaluation(ks=(10, 100))
-    batches = -(-num_queries // eval_batch_size)
+    batches = -(-num_queries // min(eval_batch_size, num_queries))
     started = time.perf_counter()
     metrics = pl.Trainer(limit_val_batches=batches, callbacks=[evaluation], **quiet).validate(model, datamodule=data, verbose=False)[0]
     result.update(
@@ -120,7 +125,7 @@ def measure(num_items: int, num_queries: int, train_steps: int, checkpoint: str 
         result["exact_top100_seconds"] = time.perf_counter() - started
         del exact
         result["indexes"] = []
-        for factory, searches in INDEXES.get(num_items, INDEXES[1_000_000]).items():
+        for factory, searches in (TINY_INDEXES if tiny else INDEXES.get(num_items, INDEXES[1_000_000])).items():
             if only and factory != only:
                 continue
             with PeakMemory() as memory:
@@ -144,7 +149,7 @@ def measure(num_items: int, num_queries: int, train_steps: int, checkpoint: str 
 def table(results: list[dict]) -> str:
     """One row per index: the exact flat search (the baseline of the speed-ups) first, then each approximate one."""
     lines = [
-        "| items | model | index | search params | build (s) | search, 10k queries (s) | speed-up vs Flat | recall@100 | peak RSS (GB) |",
+        "| items | model | index | search params | build (s) | search (s) | speed-up vs Flat | recall@100 | peak RSS (GB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -171,21 +176,25 @@ def main() -> None:
                              "include_unseen_items), used for the corpus size they were trained on instead of --train_steps")
     parser.add_argument("--only", help="measure only this index (a factory string of INDEXES)")
     parser.add_argument("--out", default="benchmarks/figures/corpus_eval.json", help="where the raw results go (JSON)")
+    parser.add_argument("--tiny", action="store_true", help="2,000 items, 200 queries, 2 training steps, two small indexes: "
+                        "checks that it runs, measures nothing")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size in this process
     args = parser.parse_args()
+    if args.tiny:
+        args.sizes, args.queries, args.train_steps = TINY["sizes"], TINY["queries"], TINY["train_steps"]
     if args.one:
         import torch
 
         trained = [c for c in args.checkpoints
                    if torch.load(c, map_location="cpu", weights_only=True)["hyper_parameters"]["num_items"] == args.one]
         steps = 0 if args.one >= args.untrained_from else args.train_steps
-        print(json.dumps(measure(args.one, args.queries, steps, trained[0] if trained else None, args.only)))
+        print(json.dumps(measure(args.one, args.queries, steps, trained[0] if trained else None, args.only, tiny=args.tiny)))
         return
     results = []
     for size in args.sizes:  # one process per size, so that each peak memory is its own
         command = [sys.executable, __file__, "--one", str(size), "--queries", str(args.queries),
                    "--train_steps", str(args.train_steps), "--untrained_from", str(args.untrained_from),
-                   *(["--only", args.only] if args.only else []), "--checkpoints", *args.checkpoints]
+                   *(["--only", args.only] if args.only else []), *(["--tiny"] if args.tiny else []), "--checkpoints", *args.checkpoints]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)

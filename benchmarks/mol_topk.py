@@ -1,7 +1,8 @@
 """Latency and recall of the RAILS approximate MoL top-k algorithms against exact MoL top-k.
 
     python benchmarks/mol_topk.py                      # 100k and 1M items, 8 x 4 x 64, all algorithms
-    python benchmarks/mol_topk.py --sizes 100000 --queries 32 --append_results benchmarks/RESULTS.md
+    python benchmarks/mol_topk.py --sizes 100000 --queries 32
+    python benchmarks/mol_topk.py --tiny               # seconds: 1,000 items, 8 queries, a model of 1 epoch on 500 items
 
 1. The MoL model of ``--config`` (default ``configs/synthetic/mol.yaml``: 8 x 4 components,
    D_P = 64, SASRec encoder) is trained on a larger synthetic catalogue (``--train_items``
@@ -27,11 +28,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import functools
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -232,7 +235,16 @@ def main() -> None:
     parser.add_argument("--torch_backend", action=argparse.BooleanOptionalAction, default=True, help="also time the torch inner-product backend")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train, store the corpus and search")
     parser.add_argument("--append_results", default=None, help="append the markdown section to this file")
+    parser.add_argument("--tiny", action="store_true", help="1,000 items, 8 queries, one k' of each search, FAISS only, a model "
+                        "trained 1 epoch on 500 items and 300 users, cached in a temporary folder: checks that it runs, measures nothing")
     args = parser.parse_args()
+    if args.tiny:
+        args.sizes, args.queries, args.train_items, args.train_users, args.train_epochs = [1_000], 8, 500, 300, 1
+        args.per_embedding_k, args.averaged_k, args.torch_backend = [4], [128], False
+        if args.checkpoint == parser.get_default("checkpoint"):
+            scratch = tempfile.mkdtemp(prefix="mol_topk_tiny_")
+            atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+            args.checkpoint = str(Path(scratch) / "mol.ckpt")
     if args.device == "cuda":
         args.torch_backend = False  # the default backend on a GPU is torch already (FAISS-GPU where FAISS sees it)
     torch.set_num_threads(args.threads)

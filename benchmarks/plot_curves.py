@@ -88,8 +88,8 @@ def mean_and_band(curves: list[tuple[list[int], list[float]]], band: str) -> tup
     return epochs, means, low, high
 
 
-def plot(groups: dict[str, list[Path]], metric: str, out: str | Path, band: str = "minmax", title: str | None = None) -> Path:
-    """One line (the mean over seeds) and one band per group, each group its own colour; returns the PNG's path."""
+def draw(groups: dict[str, list[Path]], metric: str, band: str = "minmax", title: str | None = None):
+    """The figure: one line (the mean over seeds) and one band per group, each group its own colour."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     band_name = {"minmax": "min-max over seeds", "std": "± std over seeds", "none": ""}[band]
@@ -107,6 +107,12 @@ def plot(groups: dict[str, list[Path]], metric: str, out: str | Path, band: str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(groups: dict[str, list[Path]], metric: str, out: str | Path, band: str = "minmax", title: str | None = None) -> Path:
+    """``draw``, saved as a PNG; returns its path."""
+    fig = draw(groups, metric, band, title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -2,6 +2,7 @@
 against exact search, at corpus sizes of 100k and 1M items.
 
     python benchmarks/serve_latency.py [--sizes 100000 1000000] [--queries 1000]
+    python benchmarks/serve_latency.py --tiny          # seconds: 5,000 items, 50 / 10 queries (checks that it runs)
 
 Dot product: FAISS ``Flat`` (exact) against ``HNSW32`` at several ``efSearch`` (approximate), over
 L2-normalised 64-d item vectors. MoL: exact MoL scoring against the RAILS averaged-embedding top-k
@@ -131,7 +132,11 @@ def main() -> None:
     parser.add_argument("--ef_construction", type=int, default=64, help="HNSW efConstruction")
     parser.add_argument("--k_prime", type=int, nargs="+", default=[256, 1024], help="RAILS averaged top-k candidates")
     parser.add_argument("--no_mol", action="store_true", help="skip MoL")
+    parser.add_argument("--tiny", action="store_true", help="5,000 items, 50 dot-product and 10 MoL queries, batches of 64, "
+                        "efSearch 32, k' 256: checks that it runs, measures nothing")
     args = parser.parse_args()
+    if args.tiny:
+        args.sizes, args.queries, args.mol_queries, args.batch, args.ef, args.k_prime = [5_000], 50, 10, 64, [32], [256]
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}")
     print("| search | items | p50 ms | p95 ms | p99 ms | batched queries/s | recall@10 | build s |")
     print("|---|---|---|---|---|---|---|---|")

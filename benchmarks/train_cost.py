@@ -14,6 +14,7 @@ Reported per round and as medians over rounds: the mean seconds per epoch of eac
 fit is a warm-up and is not counted.
 
     python benchmarks/train_cost.py [--epochs 3] [--rounds 3] [--mol-args --model.similarity.init_args.X=Y ...]
+    python benchmarks/train_cost.py --tiny   # seconds: both fits on 150 users and 200 items, 2 epochs, 1 round
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from rails_lightning.cli import _keep_freed_memory, main
 
 REPO = Path(__file__).resolve().parents[1]
 MOL_CONFIG = REPO / "configs" / "synthetic" / "mol.yaml"
+# --tiny: the synthetic default shrunk to seconds, for both models (before --mol-args).
+TINY_ARGS = [
+    "--data.source.init_args.num_users=150", "--data.source.init_args.num_items=200", "--data.source.init_args.num_clusters=8",
+    "--data.source.init_args.mean_sequence_length=12", "--data.max_seq_len=12", "--data.batch_size=32", "--model.item_dim=16",
+]
 
 
 class EpochTimer(pl.Callback):
@@ -76,14 +82,19 @@ def main_() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per fit; the first is not counted")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of two-tower / MoL")
     parser.add_argument("--mol-config", default=str(MOL_CONFIG), help="the MoL config file")
+    parser.add_argument("--tiny", action="store_true", help="both fits on tiny synthetic data, 2 epochs, 1 round: checks that it "
+                        "runs, measures nothing")
     parser.add_argument("--mol-args", nargs=argparse.REMAINDER, default=[], help="more CLI options for MoL only (last)")
     args = parser.parse_args()
+    if args.tiny:
+        args.epochs, args.rounds = 2, 1
     if args.epochs < 2:
         raise SystemExit("--epochs must be at least 2 (the first epoch is a warm-up)")
     sys.argv[1:] = []  # the CLI below parses only the options given to it
     _keep_freed_memory()
     runs = {"TwoTower": [], "MoL": []}
-    command = {"TwoTower": [], "MoL": ["--config", args.mol_config, *args.mol_args]}
+    common = TINY_ARGS if args.tiny else []
+    command = {"TwoTower": [*common], "MoL": ["--config", args.mol_config, *common, *args.mol_args]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MoL options: {' '.join(command['MoL'])}", flush=True)
     for round_ in range(args.rounds):
         for name in runs:

@@ -1,5 +1,6 @@
 """Benchmarks run for real, shrunk: they must keep working, whatever their figures."""
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +69,152 @@ def test_step_profile_times_the_phases_and_profiles():
     assert [line.split(":")[0] for line in steps] == ["step 2", "step 3", "step 4", "step 5"]
     assert all(float(line.split("forward ")[1].split()[0]) > 0 for line in steps)
     assert "aten::" in result.stdout and "Self CPU time total" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Every other script in benchmarks/ at its tiny size: exit 0 and the table or figure it exists to produce.
+def _run_script(args: list[str], timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+        env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO), **env},
+    )
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return result
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows -> {first cell: the other cells}, header and rule lines left out."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+def test_bad_inputs_tiny_tabulates_each_case_with_its_one_line_error():
+    out = _run_script(["benchmarks/bad_inputs.py", "--tiny"]).stdout
+    rows = _table_rows(out)
+    assert set(rows) == {"1", "39"}
+    assert rows["1"][0] == "unknown option" and rows["1"][2] == "1"
+    assert rows["1"][3].startswith("rails_lightning: error: unrecognized arguments: --model.nonexistent=3")
+    assert rows["39"][1] == "`sweep nope.yaml`" and rows["39"][3].startswith("rails_lightning: error: nope.yaml: sweep file not found")
+
+
+@pytest.mark.slow
+def test_corpus_eval_tiny_compares_each_index_with_the_exact_search(tmp_path):
+    out = _run_script(["benchmarks/corpus_eval.py", "--tiny", "--out", str(tmp_path / "corpus_eval.json")]).stdout
+    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 2,000 ")]
+    assert [cells[2].strip() for cells in table] == ["Flat (exact)", "IVF16,Flat", "HNSW32"]
+    for cells in table[1:]:
+        assert 0 < float(cells[7]) <= 1  # recall@100 against the exact search
+    results = json.loads((tmp_path / "corpus_eval.json").read_text())
+    assert results[0]["items"] == 2000 and results[0]["queries"] == 200 and len(results[0]["indexes"]) == 2
+
+
+@pytest.mark.slow
+def test_known_truth_tiny_puts_both_models_beside_the_bayes_optimal_rate(tmp_path):
+    out = _run_script(["benchmarks/known_truth.py", "--tiny", "--root", str(tmp_path), "--out", str(tmp_path / "kt.md")]).stdout
+    rows = _table_rows(out)
+    assert set(rows) == {"setting", "mixture", "single"}
+    assert rows["setting"][:3] == ["dot HR@10", "MoL HR@10", "Bayes-optimal HR@10"]
+    for setting in ("mixture", "single"):
+        dot, mol, bayes = (float(cell.split(" ± ")[0]) for cell in rows[setting][:3])
+        assert 0 <= dot <= 1 and 0 <= mol <= 1 and 0 < bayes <= 1
+    assert (tmp_path / "kt.md").read_text().startswith("| setting |")
+
+
+@pytest.mark.slow
+def test_mol_topk_tiny_times_every_rails_search_against_the_exact_one():
+    out = _run_script(["benchmarks/mol_topk.py", "--tiny"]).stdout
+    assert "### 1,000 items" in out and "Exact MoL top-100: **" in out
+    rows = _table_rows(out)
+    assert {"per-embedding", "averaged", "combined"} <= set(rows)
+    k_prime, backend, candidates, build, search, speed_up, recall = rows["averaged"]
+    assert k_prime == "128" and backend == "faiss" and float(candidates) == 128 and 0 < float(recall) <= 1
+    assert float(speed_up.rstrip("x")) > 0
+
+
+def test_serve_latency_tiny_reports_percentiles_and_recall():
+    out = _run_script(["benchmarks/serve_latency.py", "--tiny"]).stdout
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
+                                             for line in out.splitlines() if "| 5,000 |" in line)}
+    assert set(rows) == {"dot, FAISS Flat (exact)", "dot, FAISS HNSW32 efSearch=32", "MoL 8x4x64, exact",
+                         "MoL, RAILS averaged top-k k'=256"}
+    for name, (items, p50, p95, p99, throughput, recall, build) in rows.items():
+        assert float(p50) <= float(p95) <= float(p99) and 0 < float(recall) <= 1, name
+    assert float(rows["dot, FAISS Flat (exact)"][5]) == 1.0
+
+
+@pytest.mark.slow
+def test_train_cost_tiny_reports_the_epoch_ratio():
+    out = _run_script(["benchmarks/train_cost.py", "--tiny"]).stdout
+    rounds = [line for line in out.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 1 and "two-tower" in rounds[0] and "MoL" in rounds[0]
+    median = next(line for line in out.splitlines() if line.startswith("median: "))
+    assert float(median.split("ratio ")[1].split()[0]) > 0
+
+
+@pytest.mark.slow
+def test_train_throughput_tiny_runs_both_loops():
+    out = _run_script(["benchmarks/train_throughput.py", "--tiny"]).stdout
+    median = next(line for line in out.splitlines() if line.startswith("median: "))
+    framework, plain = (float(median.split(name)[1].split()[0]) for name in ("framework ", "plain "))
+    assert framework > 0 and plain > 0
+    assert float(median.split("ratio ")[1].split()[0]) == pytest.approx(framework / plain, rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """Three real tiny fits of 3 epochs: seeds 0 and 1 of one config, and one run of another (item_dim 8)."""
+    root = tmp_path_factory.mktemp("curves")
+    tiny = [arg for arg in TINY_CLI_ARGS if not arg.startswith("--trainer.max_epochs")]
+    variants = {"a0": ["--seed_everything=0"], "a1": ["--seed_everything=1"], "b0": ["--seed_everything=0", "--model.item_dim=8"]}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    fits = {name: subprocess.Popen([sys.executable, "-m", "rails_lightning", "fit", *tiny, "--trainer.max_epochs=3",
+                                    "--trainer.logger=false", *options, f"--run_dir={root / name}"],
+                                   cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for name, options in variants.items()}
+    for name, fit in fits.items():
+        assert fit.wait(timeout=600) == 0, fit.stderr.read()[-3000:]
+    return {name: root / name for name in variants}
+
+
+@pytest.mark.slow
+def test_plot_curves_draws_one_colour_per_model_with_the_seeds_mean_and_band(tiny_runs, tmp_path):
+    import importlib.util
+
+    out = tmp_path / "curves.png"
+    result = _run_script(["benchmarks/plot_curves.py", *(str(path) for path in tiny_runs.values()), "--out", str(out)])
+    assert out.stat().st_size > 5000
+    groups = [line for line in result.stdout.splitlines() if line.endswith("run(s)")]
+    assert sorted(line.rsplit(": ", 1)[1] for line in groups) == ["1 run(s)", "2 run(s)"]  # seeds 0 and 1 together
+
+    spec = importlib.util.spec_from_file_location("plot_curves", REPO / "benchmarks" / "plot_curves.py")
+    plot_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_curves)
+    groups = plot_curves.group_runs([f"{tiny_runs['a0']}=dot", f"{tiny_runs['a1']}=dot", f"{tiny_runs['b0']}=dot, d=8"])
+    assert list(groups) == ["dot", "dot, d=8"] and len(groups["dot"]) == 2
+    for band in ("minmax", "std"):
+        figure = plot_curves.draw(groups, "val/hr@10", band)
+        ax = figure.axes[0]
+        assert len(ax.lines) == 2 and ax.lines[0].get_color() != ax.lines[1].get_color()  # one line, one colour, per model
+        assert len(ax.collections) == 1  # one band: the model with two seeds
+        band_colour = ax.collections[0].get_facecolor()[0][:3]
+        assert tuple(band_colour) == pytest.approx(matplotlib_rgb(ax.lines[0].get_color()))
+        (e0, v0), (e1, v1) = (plot_curves.read_curve(tiny_runs[name], "val/hr@10") for name in ("a0", "a1"))
+        assert e0 == e1 == [0, 1, 2]
+        assert list(ax.lines[0].get_ydata()) == pytest.approx([(a + b) / 2 for a, b in zip(v0, v1)])
+        low, high = ax.collections[0].get_paths()[0].vertices[:, 1].min(), ax.collections[0].get_paths()[0].vertices[:, 1].max()
+        if band == "minmax":
+            assert (low, high) == pytest.approx((min(v0 + v1), max(v0 + v1)))
+        else:
+            assert low <= min(ax.lines[0].get_ydata()) and high >= max(ax.lines[0].get_ydata())
+        plot_curves.plt.close(figure)
+
+
+def matplotlib_rgb(colour) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(colour)
