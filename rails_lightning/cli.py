@@ -192,6 +192,8 @@ class RailsCLI(LightningCLI):
         parser.link_arguments("data.max_seq_len", "model.max_seq_len")
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand:  # a real run, not a parse for a test or a notebook
+            _keep_freed_memory()
         config = self.config[self.subcommand] if self.subcommand else self.config
         # A process Lightning's DDP launcher started (LOCAL_RANK > 0) re-runs this command line: it joins the
         # run directory its first process chose. Other launchers (torchrun, SLURM) start every process at once.
@@ -425,15 +427,13 @@ def _expand_model_presets(argv: list[str]) -> list[str]:
     return out
 
 
-def main(args: list[str] | None = None, run: bool = True) -> RailsCLI:
+def main(args: list[str] | None = None, run: bool = True, cli_class: type[RailsCLI] = RailsCLI) -> RailsCLI:
     """The Lightning subcommands; ``run=False`` only parses and instantiates (tests, notebooks, benchmarks)."""
     if args is None:  # LightningCLI reads sys.argv itself; the presets are expanded there
         sys.argv[1:] = _expand_model_presets(sys.argv[1:])
         argv = None
     else:
         argv = _expand_model_presets(list(args))
-    if run:
-        _keep_freed_memory()
     _check_config_files(sys.argv[1:] if argv is None else argv)
     # Parse errors raise (ConfigError below) instead of printing the whole usage and exiting.
     parser_kwargs = {"default_config_files": [str(DEFAULT_CONFIG)], "exit_on_error": False}
@@ -448,7 +448,7 @@ def main(args: list[str] | None = None, run: bool = True) -> RailsCLI:
         for subcommand in SUBCOMMANDS
     }
     try:
-        return RailsCLI(
+        return cli_class(
             RetrievalModule,
             InteractionDataModule,
             save_config_callback=SaveConfigToRunDir,
@@ -463,6 +463,28 @@ def main(args: list[str] | None = None, run: bool = True) -> RailsCLI:
         raise ConfigError(f"{_first_line(str(error))} (see `python -m rails_lightning fit --help`)") from error
     except MisconfigurationException as error:  # Lightning's word for a bad trainer option
         raise ConfigError(_first_line(str(error))) from error
+
+
+class _Parsed(Exception):
+    def __init__(self, config: Namespace) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+class _ParseOnlyCLI(RailsCLI):
+    def _parse_ckpt_path(self) -> None:  # the first step after parsing: stop there
+        raise _Parsed(self.config)
+
+
+def parse_command_line(args: list[str]) -> Namespace:
+    """What a Lightning subcommand's command line (``["fit", "--config", FILE, ...]``) parses to, exactly as
+    ``main`` parses it, with nothing loaded, instantiated or run (no data, no checkpoint: ``--ckpt_path`` may
+    name a file that does not exist). Raises ``ConfigError`` for what ``main`` would refuse."""
+    try:
+        main(args, cli_class=_ParseOnlyCLI)
+    except _Parsed as parsed:
+        return parsed.config
+    raise AssertionError("unreachable: parsing always ends in _Parsed")
 
 
 def _first_line(message: str) -> str:

@@ -30,7 +30,7 @@ def _item_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def index_main(argv: Sequence[str]) -> int:
+def build_index_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rails_lightning index",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -51,6 +51,11 @@ def index_main(argv: Sequence[str]) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--add", action="store_true", help="add --items, encoded by --ckpt_path's item tower, to the index's delta")
     mode.add_argument("--compact", action="store_true", help="fold the delta into the main index")
+    return parser
+
+
+def index_main(argv: Sequence[str]) -> int:
+    parser = build_index_parser()
     args = parser.parse_args(argv)
     if args.compact:
         size = compact(args.out)
@@ -94,7 +99,7 @@ def _show(answer: Answer, as_json: bool) -> None:
         print(_table(answer, sys.stdout.isatty()), flush=True)
 
 
-def retrieve_main(argv: Sequence[str]) -> int:
+def build_retrieve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rails_lightning retrieve",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -115,7 +120,11 @@ def retrieve_main(argv: Sequence[str]) -> int:
     parser.add_argument("--exclude-history", action="store_true", help="never return an item of the query's history")
     parser.add_argument("--approximate", action="store_true", help="MoL: the RAILS approximate top-k instead of exact scoring")
     parser.add_argument("--json", action="store_true", help="one JSON object per query instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def retrieve_main(argv: Sequence[str]) -> int:
+    args = build_retrieve_parser().parse_args(argv)
     index = ServingIndex(args.index, approximate=args.approximate)
     if not args.interactive:
         _show(_answer(index, args.user, args.history, args.k, args.exclude_history), args.json)
