@@ -123,11 +123,10 @@ def settle_wandb_mode() -> str:
 def _keep_freed_memory() -> None:
     """Have glibc's malloc keep freed memory in the process instead of returning it at once.
 
-    A training step on the CPU allocates and frees tensors of hundreds of MB (MoL's
-    (positions x negatives x components) gates); glibc serves each from a fresh mmap that the
-    kernel must zero page by page. Measured here (2-core CPU, synthetic MoL, 512 negatives):
-    half of the process time went to the kernel, and keeping the memory cut the run's wall time
-    by about 40%, at the price of a higher resident peak. A no-op outside glibc.
+    A training step on the CPU allocates and frees large tensors (MoL's (positions x negatives x
+    components) gates); glibc serves each from a fresh mmap that the kernel must zero page by page, so
+    much of a MoL step's time went to the kernel. Keeping the memory trades that for a higher resident
+    peak. A no-op outside glibc.
     """
     import ctypes
     import ctypes.util
