@@ -61,9 +61,9 @@ from rails_lightning.models.encoders import QueryEncoder
 class _BiasLookup(torch.autograd.Function):
     """``table[index]`` for a small bias table read at many positions, whose backward sums the gradient into the
     table with ``index_add_``. Indexing's own backward (``index_put_`` with accumulation) serialises over repeated
-    indices, and a relative-bias table of 64-200 entries is read at B * L * L positions: on an H100 it took 1.7 s
-    of a 1.8 s training step of configs/ml-1m/hstu_mol.yaml; ``index_add_`` does the same sums in milliseconds
-    (CPU and GPU)."""
+    indices, and a relative-bias table of 64-200 entries is read at B * L * L positions, so on a GPU that backward
+    was nearly all of a training step of configs/ml-1m/hstu_mol.yaml; ``index_add_`` does the same sums without
+    serialising (CPU and GPU)."""
 
     @staticmethod
     def forward(ctx, table: Tensor, index: Tensor) -> Tensor:

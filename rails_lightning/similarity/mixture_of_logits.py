@@ -133,7 +133,7 @@ class MixtureOfLogits(Similarity):
             0 for linear maps.
         logit_gate_hidden_dim: the component-logit part's hidden width instead, when not None; 0 for a
             linear P -> P map. That MLP is the one part of the gate run for every (query, item) pair:
-            its (M, R, H) hidden layer makes MoL's training step 1.8-2.3x dearer at H = 64 (benchmarks/RESULTS.md).
+            its (M, R, H) hidden layer is the largest part of MoL's training cost on a CPU.
         gate_dropout: dropout on the gate probabilities while training (not renormalised: the
             RAILS reference renormalises the dropped probabilities to sum to 1).
         gate_logit_scale: the component logits also enter the gate directly, times a learned scale
@@ -163,7 +163,7 @@ class MixtureOfLogits(Similarity):
             width (0 for the linear one) multiples of 8. The gate dropout mask is then drawn by a hash of a seed
             from torch's generator rather than by torch's ``bernoulli`` (the same distribution, other draws).
             Under ``--trainer.precision=bf16-mixed`` on a CPU with AVX512-BF16 the gate's matrix products and
-            weight gradients run in bfloat16 with float32 accumulation (the gate ~1.4x faster, the same quality: benchmarks/RESULTS.md).
+            weight gradients run in bfloat16 with float32 accumulation (cost and quality: benchmarks/RESULTS.md).
             Per-query and per-sequence negatives, CUDA tensors, or a failed build (one warning) use the
             PyTorch ops.
         approximate_topk: a RAILS approximate top-k (``class_path`` of a class in
