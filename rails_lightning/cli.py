@@ -110,7 +110,7 @@ def settle_wandb_mode() -> str:
         settings.update_from_settings(wandb.Settings(mode=chosen))
         return ""
     if not _wandb_has_credentials(settings):
-        mode, reason = "offline", "no W&B credentials (`wandb login` to log online)"
+        mode, reason = "offline", "no credentials; `wandb login` to log online"
     elif not _wandb_reachable(settings.base_url):
         mode, reason = "offline", f"{settings.base_url} did not answer"
     else:
@@ -295,7 +295,7 @@ class RailsCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger) and logger.experiment.settings.mode == "offline":
                 sync_dir = logger.experiment.settings.sync_dir
-                self._print(f"W&B is offline ({self.wandb_offline_reason}); upload this run later with: wandb sync {sync_dir}")
+                self._print(f"W&B is offline ({self.wandb_offline_reason}). Upload this run later with: wandb sync {sync_dir}")
 
     def _resolved_config(self) -> dict:
         """The full resolved config, as config.yaml holds it."""
