@@ -173,8 +173,8 @@ def main() -> None:
     args = parser.parse_args()
     chosen = set(TINY_CASES if args.tiny else args.cases or [])
     repo = Path(args.repo).resolve()
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1",
-           "RAILS_LIGHTNING_CACHE": tempfile.mkdtemp()}
+    cache = tempfile.mkdtemp()
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1", "RAILS_LIGHTNING_CACHE": cache}
     rows = ["| # | case | command (`python -m rails_lightning ...`) | exit | last line on stderr (or the line that shows the result) |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
@@ -200,7 +200,8 @@ def main() -> None:
             shown = shown.replace(str(work), "<tmp>").replace(str(repo), ".").replace("|", "\\|")
             pwned = " **(code ran: PWNED written)**" if (repo / "PWNED").exists() else ""
             (repo / "PWNED").unlink(missing_ok=True)
-            rows.append(f"| {number} | {name} | `{shown}` | {result.returncode} | {last.replace(str(work), '<tmp>')}{pwned} |")
+            last = last.replace(str(work), "<tmp>").replace(cache, "<cache>").replace(str(repo), ".")  # no machine paths in the table
+            rows.append(f"| {number} | {name} | `{shown}` | {result.returncode} | {last}{pwned} |")
             print(rows[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(rows) + "\n")
