@@ -12,6 +12,10 @@ class ConfigError(UserError, ValueError):
     """A config file or command-line option that cannot be used."""
 
 
+class DataError(UserError, ValueError):
+    """Bad interaction or item data; the message names the file (and line) and what was wrong."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be loaded safely, or is missing."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rails_lightning.data.sequences import DataError
+from rails_lightning.errors import DataError
 
 
 def check_columns(path: str, available: list[str], wanted: list[str]) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from rails_lightning.data.batches import QueryBatch, TrainBatch
+from rails_lightning.data.item_content import ItemContent
 from rails_lightning.data.sequences import (
     DataError,
     QuerySet,
@@ -232,6 +233,22 @@ class InteractionDataModule(pl.LightningDataModule):
         if isinstance(clusters, np.ndarray):  # indexed by raw id
             return np.concatenate([[-1], clusters[self.store.item_raw_ids[1:]]])
         return np.array([-1] + [clusters[r] for r in self.store.item_raw_ids[1:].tolist()])
+
+    @cached_property
+    def item_content(self) -> ItemContent | None:
+        """The source's item content aligned with the contiguous item ids (row 0: padding, empty), or None
+        when the source has none. Items without a metadata row get empty content, counted in a warning."""
+        content = self._raw_log().item_content
+        if content is None:
+            return None
+        aligned, missing = content.aligned(self.store.item_raw_ids)
+        num_missing = int(missing[1:].sum())  # row 0 is padding
+        if num_missing:
+            log.warning(
+                "%s: %d of %d items have no row in the item table; they get empty content",
+                self._raw_log().name, num_missing, self.num_items,
+            )
+        return aligned
 
     @cached_property
     def genre_names(self) -> list[str]:

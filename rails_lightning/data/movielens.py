@@ -13,6 +13,7 @@ import http.client
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -24,8 +25,10 @@ from typing import Literal
 import numpy as np
 
 from rails_lightning.data.columns import check_columns, integer_column, number_column
-from rails_lightning.data.sequences import DataError, InteractionLog
+from rails_lightning.data.item_content import ItemContent
+from rails_lightning.data.sequences import InteractionLog
 from rails_lightning.data.source import InteractionSource
+from rails_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,9 @@ def _read_table(path: Path, sep: str, names: list[str], header: bool, encoding: 
 
 class MovieLensSource(InteractionSource):
     """MovieLens 100K / 1M / 20M from the original GroupLens files, with titles and genres.
+
+    The movie file also becomes the log's item content: text ``title`` (without the year), numeric ``year``,
+    categorical ``genres``.
 
     Looks for the ratings file (``u.data``, ``ratings.dat`` or ``ratings.csv``) in
     ``data_dir``; for ML-1M it also reads ``ratings_ordered.csv.gz`` (all ratings with a
@@ -232,6 +238,7 @@ class MovieLensSource(InteractionSource):
             name=str(path),
             item_titles=titles,
             item_genres=genres,
+            item_content=_movie_content(titles, genres),
         )
 
     def _movies(self) -> tuple[dict[int, str] | None, dict[int, list[str]] | None]:
@@ -263,3 +270,22 @@ class MovieLensSource(InteractionSource):
             for m, gs in zip(ids, frame["genres"].fillna(""))
         }
         return dict(zip(ids, frame["title"].astype(str))), genres
+
+
+_YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
+
+
+def _movie_content(titles: dict[int, str] | None, genres: dict[int, list[str]] | None) -> ItemContent | None:
+    """The movie file as item content: the title without its year (text), the year (numeric, NaN where the
+    title has none), the genres (categorical, multi-valued)."""
+    if titles is None:
+        return None
+    ids = sorted(titles)
+    years = [_YEAR.search(titles[m]) for m in ids]
+    return ItemContent(
+        raw_ids=np.array(ids, dtype=np.int64),
+        text={"title": [_YEAR.sub("", titles[m]) for m in ids]},
+        categorical={"genres": [tuple((genres or {}).get(m, ())) for m in ids]},
+        numeric={"year": np.array([float(y.group(1)) if y else np.nan for y in years])},
+    )
+

@@ -19,17 +19,17 @@ from collections.abc import Mapping
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rails_lightning.errors import UserError
+from rails_lightning.errors import DataError
+
+if TYPE_CHECKING:
+    from rails_lightning.data.item_content import ItemContent
 
 PADDING_ID = 0
 log_message = logging.getLogger(__name__)
-
-
-class DataError(UserError, ValueError):
-    """Bad interaction data; the message names the file and what was wrong."""
 
 
 @dataclass
@@ -38,7 +38,8 @@ class InteractionLog:
 
     ``order`` sorts each user's events in time (a timestamp or a position);
     ``timestamps`` (optional) places events on one global clock for the temporal split.
-    ``item_titles`` / ``item_genres`` map raw item ids to metadata when the source has it.
+    ``item_titles`` / ``item_genres`` map raw item ids to metadata when the source has it;
+    ``item_content`` (an ``ItemContent``) holds its text, categorical and numeric columns.
     ``catalogue`` (optional) lists every item of the corpus, also those nobody interacted with (a
     catalogue larger than its log); without it the corpus is the items of the log.
     """
@@ -52,6 +53,7 @@ class InteractionLog:
     item_genres: dict[int, list[str]] | None = None
     item_clusters: Mapping[int, int] | np.ndarray | None = None  # indexed by raw item id
     catalogue: np.ndarray | None = None  # (N,) raw item ids, or None
+    item_content: ItemContent | None = None
 
 
 @dataclass
