@@ -37,9 +37,12 @@ class Similarity(nn.Module, ABC):
     """Base class of every similarity.
 
     ``model_name`` is the name users know a model with this similarity by (run directories, reports).
+    ``scores_are_inner_products`` says whether a score is the inner product of the query and item
+    representations, so that inner-product indexes (FAISS factory strings) can search the corpus.
     """
 
     model_name: ClassVar[str]
+    scores_are_inner_products: ClassVar[bool] = False
 
     def __init__(self, input_dim: int, num_users: int) -> None:
         super().__init__()

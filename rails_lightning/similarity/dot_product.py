@@ -28,6 +28,7 @@ class DotProduct(Similarity):
     """
 
     model_name = "TwoTower"
+    scores_are_inner_products = True
 
     def __init__(self, input_dim: int, num_users: int, normalize: bool = True) -> None:
         super().__init__(input_dim, num_users)
