@@ -18,6 +18,9 @@ class TrainBatch:
     target_ids: Tensor  # (B, L) int64, 0 where there is no target
     # Seconds of each input item, aligned with input_ids (0 at padding); None when the source has no timestamps.
     timestamps: Tensor | None = None  # (B, L) int64
+    # What each input event was: action-type bitmasks aligned with input_ids (0 at padding); None without actions.
+    # A target's own actions are never here: position t holds the actions of input item t, not of its target.
+    actions: Tensor | None = None  # (B, L) int64
 
 
 @dataclass
@@ -31,6 +34,8 @@ class QueryBatch:
     exclude_items: Tensor  # (E,) int64
     # Seconds of each history item, aligned with input_ids (0 at padding); None when the source has no timestamps.
     timestamps: Tensor | None = None  # (B, L) int64
+    # Action-type bitmasks of the history events, aligned with input_ids (0 at padding); None without actions.
+    actions: Tensor | None = None  # (B, L) int64
 
     @property
     def exclusion(self) -> Exclusion:

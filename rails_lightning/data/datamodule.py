@@ -37,7 +37,7 @@ class _TrainSequences(Dataset):
 
     def __init__(self, store: SequenceStore, train_end: np.ndarray, max_seq_len: int) -> None:
         self.items, self.starts, self.ends, self.length = store.items, store.offsets[:-1], train_end, max_seq_len
-        self.timestamps = store.timestamps
+        self.timestamps, self.actions = store.timestamps, store.actions
         self.users = np.flatnonzero(train_end - self.starts >= 2)  # need one input and one target
 
     def __len__(self) -> int:
@@ -49,14 +49,17 @@ class _TrainSequences(Dataset):
         # Copies, not views of `window`: a strided batch tensor breaks `.view()` in the models.
         inputs = np.ascontiguousarray(window[:, :-1])
         targets = np.where(inputs > 0, window[:, 1:], 0)  # no target without at least one input item
-        timestamps = None
-        if self.timestamps is not None:  # the inputs' times: the window of L + 1 without its last (a target's)
-            timestamps = torch.from_numpy(last_window(self.timestamps, self.starts[users], self.ends[users] - 1, self.length))
+        # The inputs' times and actions: the window of L + 1 without its last event (a target's).
+        timestamps, actions = (
+            None if values is None else torch.from_numpy(last_window(values, self.starts[users], self.ends[users] - 1, self.length))
+            for values in (self.timestamps, self.actions)
+        )
         return TrainBatch(
             user_ids=torch.from_numpy(users),
             input_ids=torch.from_numpy(inputs),
             target_ids=torch.from_numpy(targets),
             timestamps=timestamps,
+            actions=actions,
         )
 
 
@@ -78,9 +81,11 @@ class _Queries(Dataset):
         exclude_offsets, exclude_items = gather_ranges(self.store.items, starts, history_end)
         # The history is excluded from the ranking, but never the query's own target(s).
         exclude_offsets, exclude_items = without_targets(exclude_offsets, exclude_items, targets, self.store.num_items)
-        timestamps = None
-        if self.store.timestamps is not None:  # the history's times, aligned with inputs
-            timestamps = torch.from_numpy(last_window(self.store.timestamps, starts, history_end, self.length))
+        # The history's times and actions, aligned with inputs.
+        timestamps, actions = (
+            None if values is None else torch.from_numpy(last_window(values, starts, history_end, self.length))
+            for values in (self.store.timestamps, self.store.actions)
+        )
         return QueryBatch(
             user_ids=torch.from_numpy(users),
             input_ids=torch.from_numpy(inputs),
@@ -88,6 +93,7 @@ class _Queries(Dataset):
             exclude_offsets=torch.from_numpy(exclude_offsets),
             exclude_items=torch.from_numpy(exclude_items),
             timestamps=timestamps,
+            actions=actions,
         )
 
 
@@ -249,6 +255,11 @@ class InteractionDataModule(pl.LightningDataModule):
                 self._raw_log().name, num_missing, self.num_items,
             )
         return aligned
+
+    @property
+    def action_names(self) -> tuple[str, ...]:
+        """The action types the events carry (``rails_lightning.data.actions``), () when the source has none."""
+        return self.store.action_names
 
     @cached_property
     def genre_names(self) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 
+from rails_lightning.data.actions import actions_from_ratings
 from rails_lightning.data.columns import check_columns, integer_column, number_column
 from rails_lightning.data.item_content import ItemContent
 from rails_lightning.data.sequences import InteractionLog
@@ -122,6 +123,8 @@ class MovieLensSource(InteractionSource):
         cache_dir: where downloads go.
         download: fetch the archive when the files are missing.
         min_rating: keep only ratings >= this (0 keeps all, as the reference numbers do).
+        actions_from_ratings: give every rating action types by ``rails_lightning.data.actions.RATING_ACTIONS``:
+            rated (always), liked (>= 4 stars), loved (5), disliked (<= 2).
         mirror: base URL of the archives (``<mirror><variant>.zip``); the checksum is checked whatever the mirror.
     """
 
@@ -133,6 +136,7 @@ class MovieLensSource(InteractionSource):
         download: bool = True,
         min_rating: float = 0.0,
         mirror: str = _GROUPLENS,
+        actions_from_ratings: bool = False,
     ) -> None:
         self.variant = variant
         self.mirror = mirror
@@ -140,6 +144,7 @@ class MovieLensSource(InteractionSource):
         self.data_dir = Path(data_dir).expanduser() if data_dir else self.cache_dir / variant
         self.download = download
         self.min_rating = min_rating
+        self.actions_from_ratings = actions_from_ratings
 
     @property
     def description(self) -> str:
@@ -228,7 +233,9 @@ class MovieLensSource(InteractionSource):
                 frame = frame.rename(columns={"userId": "user_id", "movieId": "movie_id"})
             check_columns(str(path), list(frame.columns), columns)
             order = timestamps = integer_column(str(path), "timestamp", frame["timestamp"].to_numpy(), header)
-        keep = number_column(str(path), "rating", frame["rating"], header) >= self.min_rating
+        ratings = number_column(str(path), "rating", frame["rating"], header)
+        keep = ratings >= self.min_rating
+        actions, action_names = actions_from_ratings(ratings[keep]) if self.actions_from_ratings else (None, ())
         titles, genres = self._movies()
         return InteractionLog(
             user_ids=integer_column(str(path), "user_id", frame["user_id"].to_numpy(), header)[keep],
@@ -239,6 +246,8 @@ class MovieLensSource(InteractionSource):
             item_titles=titles,
             item_genres=genres,
             item_content=_movie_content(titles, genres),
+            actions=actions,
+            action_names=action_names,
         )
 
     def _movies(self) -> tuple[dict[int, str] | None, dict[int, list[str]] | None]:

@@ -40,6 +40,8 @@ class InteractionLog:
     ``timestamps`` (optional) places events on one global clock for the temporal split.
     ``item_titles`` / ``item_genres`` map raw item ids to metadata when the source has it;
     ``item_content`` (an ``ItemContent``) holds its text, categorical and numeric columns.
+    ``actions`` (optional) says what each event was, as a bitmask over ``action_names`` (bit a set: the
+    event is of action type ``action_names[a]``; ``rails_lightning.data.actions``).
     ``catalogue`` (optional) lists every item of the corpus, also those nobody interacted with (a
     catalogue larger than its log); without it the corpus is the items of the log.
     """
@@ -54,6 +56,8 @@ class InteractionLog:
     item_clusters: Mapping[int, int] | np.ndarray | None = None  # indexed by raw item id
     catalogue: np.ndarray | None = None  # (N,) raw item ids, or None
     item_content: ItemContent | None = None
+    actions: np.ndarray | None = None  # (M,) int64 bitmasks over action_names, or None
+    action_names: tuple[str, ...] = ()
 
 
 @dataclass
@@ -66,6 +70,8 @@ class SequenceStore:
     user_raw_ids: np.ndarray  # (U,) raw id of each contiguous user index
     item_raw_ids: np.ndarray  # (N + 1,) raw id of each contiguous item id; [0] = -1 (padding)
     num_dropped_users: int
+    actions: np.ndarray | None = None  # (M,) int64 action bitmasks aligned with items, or None
+    action_names: tuple[str, ...] = ()
 
     @property
     def num_users(self) -> int:
@@ -104,12 +110,14 @@ def build_sequences(log: InteractionLog, min_interactions: int, drop_consecutive
         log_message.warning("%s: dropped %d duplicate (user, item, order) rows", log.name, num_duplicates)
     user_ids, item_ids, order = log.user_ids[keep_row], log.item_ids[keep_row], log.order[keep_row]
     timestamps_in = None if log.timestamps is None else log.timestamps[keep_row]
+    actions_in = None if log.actions is None else log.actions[keep_row]
     if drop_consecutive_repeats:
         by_time = np.lexsort((order, user_ids))
         repeat = np.zeros(len(user_ids), dtype=bool)
         repeat[by_time[1:]] = (user_ids[by_time][1:] == user_ids[by_time][:-1]) & (item_ids[by_time][1:] == item_ids[by_time][:-1])
         user_ids, item_ids, order = user_ids[~repeat], item_ids[~repeat], order[~repeat]
         timestamps_in = None if timestamps_in is None else timestamps_in[~repeat]
+        actions_in = None if actions_in is None else actions_in[~repeat]
     raw_users, user_index, user_counts = np.unique(user_ids, return_inverse=True, return_counts=True)
     keep_user = user_counts >= min_interactions
     if not keep_user.any():
@@ -134,11 +142,14 @@ def build_sequences(log: InteractionLog, min_interactions: int, drop_consecutive
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     timestamps = None if timestamps_in is None else timestamps_in[row_kept][perm]
+    actions = None if actions_in is None else actions_in[row_kept][perm]
     padding = np.array([-1]) if raw_items.dtype.kind in "iu" else np.array(["<pad>"])
     return SequenceStore(
         offsets=offsets,
         items=items[perm],
         timestamps=timestamps,
+        actions=actions,
+        action_names=tuple(log.action_names) if actions is not None else (),
         user_raw_ids=raw_users[keep_user],
         item_raw_ids=np.concatenate([padding.astype(raw_items.dtype), raw_items]),
         num_dropped_users=int((~keep_user).sum()),

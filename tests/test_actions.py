@@ -1,0 +1,115 @@
+"""Action types as data: from 0/1, list and text columns of a log, or from MovieLens ratings; carried through
+the sequence store into the batches, aligned with the history items and never with a target."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SHARED_DATA
+from rails_lightning.data import InteractionDataModule, InteractionLogSource, MovieLensSource
+from rails_lightning.data.actions import RATING_ACTIONS, actions_from_ratings, pack, unpack
+from rails_lightning.errors import DataError
+
+
+def test_pack_unpack_and_the_rating_rule():
+    masks, names = actions_from_ratings(np.array([1, 2, 3, 4, 5]))
+    assert names == RATING_ACTIONS == ("rated", "liked", "loved", "disliked")
+    flags = unpack(masks, 4)
+    assert flags.tolist() == [
+        [True, False, False, True], [True, False, False, True], [True, False, False, False],
+        [True, True, False, False], [True, True, True, False],
+    ]
+    np.testing.assert_array_equal(pack(flags), masks)
+
+
+def _write_log(tmp_path, extra_header, extra_values, name="log.csv"):
+    """6 users x 5 events; event (u, s) gets the extra columns' values extra_values(u, s)."""
+    lines = ["user_id,item_id,timestamp," + extra_header]
+    for user in range(6):
+        for step in range(5):
+            lines.append(f"{user},{(user + step) % 7 + 1},{step},{extra_values(user, step)}")
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_flag_and_text_action_columns(tmp_path):
+    path = _write_log(tmp_path, "liked,kinds", lambda u, s: f"{int(s % 2 == 0)},{'reply|repost' if s == 3 else ('reply' if s == 1 else '')}")
+    log = InteractionLogSource(str(path), action_columns=["liked", "kinds"]).load()
+    assert log.action_names == ("liked", "reply", "repost")
+    flags = unpack(log.actions, 3)
+    steps = log.order.astype(int)
+    np.testing.assert_array_equal(flags[:, 0], steps % 2 == 0)
+    np.testing.assert_array_equal(flags[:, 1], np.isin(steps, (1, 3)))
+    np.testing.assert_array_equal(flags[:, 2], steps == 3)
+
+
+def test_list_action_column_from_json_lines_and_parquet(tmp_path):
+    rows = [{"user_id": u, "item_id": (u + s) % 7 + 1, "timestamp": s, "actions": ["like"] if s % 2 else []}
+            for u in range(6) for s in range(5)]
+    jsonl = tmp_path / "log.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    parquet = tmp_path / "log.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    for path in (jsonl, parquet):
+        log = InteractionLogSource(str(path), action_columns=["actions"]).load()
+        assert log.action_names == ("like",)
+        np.testing.assert_array_equal(unpack(log.actions, 1)[:, 0], log.order.astype(int) % 2 == 1)
+
+
+@pytest.mark.parametrize("header, values, message", [
+    ("liked", lambda u, s: 2 if (u, s) == (1, 2) else 0, "log.csv, line 9: action column 'liked' must hold 0/1 flags, found 2"),
+    ("liked,like", lambda u, s: "1,liked", "action type(s) ['liked'] come from more than one action column"),
+])
+def test_malformed_action_columns_are_one_line_errors(tmp_path, header, values, message):
+    path = _write_log(tmp_path, header, values)
+    with pytest.raises(DataError) as error:
+        InteractionLogSource(str(path), action_columns=header.split(",")).load()
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_action_column_is_a_one_line_error(tmp_path):
+    path = _write_log(tmp_path, "liked", lambda u, s: 1)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['likes'\]; the file has"):
+        InteractionLogSource(str(path), action_columns=["likes"]).load()
+
+
+def test_batches_carry_the_history_actions_and_never_the_targets(tmp_path):
+    """Each event's action is its own position in the user's sequence: training inputs and query histories
+    carry the actions of their own items; the last event's (the test target's) action is in no input."""
+    path = _write_log(tmp_path, "kinds", lambda u, s: f"step{s}")
+    data = InteractionDataModule(InteractionLogSource(str(path), action_columns=["kinds"]), min_interactions=3, max_seq_len=8)
+    data.setup("fit")
+    names = data.action_names
+    step_of_bit = {1 << j: int(name.removeprefix("step")) for j, name in enumerate(names)}
+    train = next(iter(data.train_dataloader()))
+    for inputs, actions in zip(train.input_ids.tolist(), train.actions.tolist()):
+        kept = [(i, a) for i, a in zip(inputs, actions) if i > 0]
+        assert [step_of_bit[a] for _, a in kept] == list(range(len(kept)))  # steps 0..2: the training part
+        assert all(a == 0 for i, a in zip(inputs, actions) if i == 0)
+    test = next(iter(data.test_dataloader()))
+    for inputs, actions in zip(test.input_ids.tolist(), test.actions.tolist()):
+        steps = [step_of_bit[a] for i, a in zip(inputs, actions) if i > 0]
+        assert steps == [0, 1, 2, 3]  # the history; step 4 is the target and appears nowhere
+    assert next(iter(data.val_dataloader())).actions.shape[1] == 8
+
+
+def test_no_actions_means_no_action_tensors(tmp_path):
+    path = _write_log(tmp_path, "extra", lambda u, s: 0)
+    data = InteractionDataModule(InteractionLogSource(str(path)), min_interactions=3)
+    data.setup("fit")
+    assert data.action_names == () and next(iter(data.train_dataloader())).actions is None
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "ml-100k" / "u.data").exists(), reason="ML-100K files in ../shared/data are absent")
+def test_movielens_ratings_become_actions():
+    log = MovieLensSource("ml-100k", data_dir=str(SHARED_DATA / "ml-100k"), download=False, actions_from_ratings=True).load()
+    flags = unpack(log.actions, 4)
+    assert log.action_names == RATING_ACTIONS and flags[:, 0].all()
+    assert 0.4 < flags[:, 1].mean() < 0.7 and 0.1 < flags[:, 3].mean() < 0.3  # liked (>= 4), disliked (<= 2)
+    assert not (flags[:, 1] & flags[:, 3]).any()
