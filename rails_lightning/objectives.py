@@ -3,11 +3,11 @@
 Every objective is a softmax cross-entropy of the positive against a set of negatives; they differ in
 how the negatives are drawn. An objective returns up to three kinds of negatives:
 
-* **shared** negatives (R_S ids), scored against every query of the step with one
-  ``similarity.cross_scores`` call (one (M, R_S) matmul for the dot product);
-* **per-query** negatives ((M, R_Q) ids), scored with ``similarity.grouped_scores`` as M groups of one query;
+* **shared** negatives (R_S ids), scored against every query of the step with one ``similarity.score``
+  call as one group of M queries (one (M, R_S) matmul for the dot product);
+* **per-query** negatives ((M, R_Q) ids), scored with ``similarity.score`` as M groups of one query;
 * **per-sequence** negatives ((B, R_B) ids), negatives of every training position of a sequence, scored with
-  ``similarity.grouped_scores`` as B groups of L positions: each item is encoded and laid out once per
+  ``similarity.score`` as B groups of L positions: each item is encoded and laid out once per
   sequence, not once per position, which keeps them cheap;
 
 and, for each, the log of how many times it was expected to be drawn (the logQ correction: subtracted
@@ -20,7 +20,10 @@ hits") and takes the cross-entropy. Chosen with ``class_path`` under ``model.obj
 * ``FullSoftmax`` -- every corpus item is a negative: the exact softmax, cheap for catalogues of a few
   thousand items with the dot product;
 * ``MinedNegatives`` -- uniform shared negatives plus hard negatives mined, per training sequence,
-  from the model's own top items over the corpus, re-encoded at the start of every epoch.
+  from the model's own top items over the corpus, as encoded at the start of every epoch.
+
+Objectives see the model through ``ObjectiveModel`` (what they need of it: its epoch, its similarity's query
+head, its corpus index), not through ``RetrievalModule``, which builds them.
 
 Shape legend: B sequences in the batch, L positions, M training queries (positions with a target),
 R_S shared negatives, R_Q per-query negatives, R_B per-sequence negatives, N corpus size (item ids 1..N),
@@ -32,17 +35,30 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from rails_lightning.data.batches import TrainBatch
 from rails_lightning.errors import ConfigError
-from rails_lightning.retrieval import Exclusion, SearchOptions, TopKRetriever
+from rails_lightning.retrieval import CorpusIndex, Exclusion, TopKRetriever
+from rails_lightning.similarity.base import Similarity
 
-if TYPE_CHECKING:
-    from rails_lightning.models.retrieval_module import RetrievalModule
+
+class ObjectiveModel(Protocol):
+    """What an objective sees of the model it trains (``RetrievalModule`` is one)."""
+
+    @property
+    def current_epoch(self) -> int: ...
+
+    @property
+    def similarity(self) -> Similarity:
+        """Its ``query_representation`` turns query-encoder states into the queries a retriever searches with."""
+
+    @property
+    def corpus_index(self) -> CorpusIndex:
+        """The corpus encoded with the current weights and the retrievers over it, shared with evaluation."""
 
 
 class Negatives(NamedTuple):
@@ -60,7 +76,7 @@ class Negatives(NamedTuple):
 class TrainingStep:
     """What an objective may look at to draw a step's negatives."""
 
-    module: RetrievalModule
+    module: ObjectiveModel
     batch: TrainBatch
     states: Tensor  # (B, L, D) query-encoder states
     has_target: Tensor  # (B, L) the positions that enter the loss (M of them)
@@ -82,7 +98,7 @@ class TrainingObjective(ABC):
     def __init__(self, num_items: int) -> None:
         self.num_items = num_items
 
-    def on_train_epoch_start(self, module: RetrievalModule) -> None:
+    def on_train_epoch_start(self, module: ObjectiveModel) -> None:
         """Called at the start of every training epoch (after the previous epoch's validation)."""
 
     @abstractmethod
@@ -171,8 +187,9 @@ class MinedNegatives(TrainingObjective):
     """Uniform shared negatives mixed with hard negatives mined from the model's own corpus ranking.
 
     At the start of every epoch from ``start_epoch`` on (that is, right after each validation, with the
-    weights the evaluation callback has just scored) the corpus is re-encoded and the similarity's exact
-    retriever built over it -- the same retriever the callback evaluates with. At every step each training
+    weights the evaluation callback has just scored) the objective takes the similarity's exact retriever
+    over the corpus from the model's corpus index: the encoding the callback has just evaluated with,
+    re-encoded only when no validation ran since the weights last changed. At every step each training
     sequence's query (its last position, detached) retrieves its top ``mining_depth`` items, its own
     history excluded as in evaluation; ``num_mined`` of them, drawn at random, become hard negatives of every
     training position of that sequence (per-sequence negatives). Drawing from a deeper list rather than taking
@@ -200,15 +217,8 @@ class MinedNegatives(TrainingObjective):
         self.num_negatives, self.num_mined, self.mining_depth, self.start_epoch = num_negatives, num_mined, mining_depth, start_epoch
         self.retriever: TopKRetriever | None = None
 
-    def on_train_epoch_start(self, module: RetrievalModule) -> None:
-        self.retriever = None
-        if module.current_epoch < self.start_epoch:
-            return
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            self.retriever = module.exact_retriever(module.encode_corpus(), SearchOptions())
-        module.train(was_training)
+    def on_train_epoch_start(self, module: ObjectiveModel) -> None:
+        self.retriever = None if module.current_epoch < self.start_epoch else module.corpus_index.exact_retriever()
 
     def mine(self, step: TrainingStep) -> Tensor:
         """(B, num_mined) hard negatives of each training sequence; 0 where its ranking ran out."""

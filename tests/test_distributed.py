@@ -1,6 +1,7 @@
-"""Distributed runs for real: a 2-process DDP fit on the CPU (gloo) through the CLI, and its checkpoint
-validated with 1 and with 2 processes giving the same full-corpus metrics; the samplers that shard
-training batches and evaluation queries across processes."""
+"""Distributed runs for real: a 2-process DDP fit on the CPU (gloo) through the CLI (the MoL one mining hard
+negatives from the corpus index the evaluation shares), and its checkpoint validated with 1 and with 2
+processes giving the same full-corpus metrics; the samplers that shard training batches and evaluation
+queries across processes."""
 
 import json
 import os
@@ -17,6 +18,9 @@ from rails_lightning.runs import RunRecord
 TINY_MOL = ["--model=MoL", *(f"--model.similarity.init_args.{k}={v}" for k, v in
             {"num_query_components": 4, "num_item_components": 2, "component_dim": 16, "component_hidden_dim": 32}.items())]
 DDP_CPU = ["--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+# Hard negatives mined from epoch 1 on: each process encodes half the corpus once per epoch (at validation), for both.
+MINED = ["--model.objective=rails_lightning.objectives.MinedNegatives", "--model.objective.init_args.num_mined=8",
+         "--model.objective.init_args.mining_depth=30"]
 
 
 def _cli(*args, cwd):
@@ -28,7 +32,7 @@ def _cli(*args, cwd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [[], TINY_MOL], ids=["TwoTower", "MoL"])
+@pytest.mark.parametrize("model", [[], [*TINY_MOL, *MINED]], ids=["TwoTower", "MoL-mined"])
 def test_ddp_fit_then_validate_with_one_or_two_processes_agrees(tmp_path, model):
     run_dir = tmp_path / "run"
     # Odd query counts (151 users, 32 per batch) leave the two processes unequal shares.

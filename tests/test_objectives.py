@@ -147,6 +147,23 @@ def test_mined_negatives_come_from_the_top_of_the_models_ranking(model):
     assert torch.count_nonzero(negatives.per_sequence_log_q) == 0
 
 
+def test_objectives_see_the_model_through_a_protocol():
+    """objectives.py imports nothing of the models package that builds objectives (type-only imports included), and
+    RetrievalModule offers every member of the protocol objectives see it through."""
+    import ast
+    import inspect
+
+    import rails_lightning.objectives as objectives
+
+    tree = ast.parse(inspect.getsource(objectives))
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert "rails_lightning.retrieval" in imported and not [name for name in imported if name.startswith("rails_lightning.models")]
+    members = [name for name in vars(objectives.ObjectiveModel) if not name.startswith("_")]
+    module = make_tiny_model(make_tiny_data())
+    assert members and all(hasattr(module, name) for name in members), members
+
+
 def test_objective_options_are_checked():
     with pytest.raises(ConfigError, match="at least one negative"):
         SharedNegatives(10, num_negatives=0)

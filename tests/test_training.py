@@ -11,6 +11,7 @@ import torch
 
 from conftest import TEST_DATA, LossRecorder, cpu_trainer, make_tiny_data, make_tiny_model
 from rails_lightning.callbacks import CorpusEvaluation
+from rails_lightning.errors import ConfigError
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule, SASRecEncoder, UserIdEncoder
 from rails_lightning.objectives import SharedNegatives
 from rails_lightning.similarity import DotProduct, MixtureOfLogits
@@ -54,6 +55,16 @@ def test_item_features_reach_the_item_tower():
         after = featured.item_vectors(torch.tensor([2]))
     assert not torch.allclose(before, after)
     assert RetrievalModule(num_items=5).item_feature_projection is None
+
+
+def test_item_features_of_another_width_are_refused(tmp_path):
+    """A model built for other item features than the data's (a checkpoint of other data, a width set by hand) stops
+    before training, naming both shapes, rather than training without the data's features."""
+    data = make_tiny_data()
+    data.__dict__["item_features"] = torch.ones(data.num_items + 1, 3)  # what a source with 3 genres gives
+    module = RetrievalModule(data.num_items, data.num_users, data.max_seq_len, num_item_features=2, item_dim=8, query_encoder=MeanPoolEncoder)
+    with pytest.raises(ConfigError, match=r"item features are \(401, 3\) but the model was built for \(401, 2\)"):
+        cpu_trainer(tmp_path, 1).fit(module, datamodule=data)
 
 
 def test_in_batch_negatives_with_logq(tmp_path):

@@ -1,28 +1,32 @@
 """Full-corpus evaluation at every validation and test epoch.
 
-At the start of the epoch the whole item corpus is re-encoded with the current
-weights (``RetrievalModule.encode_corpus``) and handed to the model's own top-k routine
-(``exact_retriever``: a FAISS or torch inner-product search for the dot product, exact MoL
-scoring for MoL): the callback never assumes the score is an inner product. Each validation batch's query
+At the start of the epoch the callback takes the whole item corpus, encoded with the current
+weights, from the model's corpus index (``RetrievalModule.corpus_index``, which encodes it only when
+the weights changed since its last encoding and shares it with objectives that mine negatives) and
+the model's own top-k routine over it (the similarity's exact retriever: a FAISS or torch
+inner-product search for the dot product, exact MoL scoring for MoL): the callback never assumes the
+score is an inner product. Each validation batch's query
 representations are searched, the user's history excluded, and the top-K ids feed a
 ``RetrievalMetrics`` whose sum states synchronise under DDP. Metrics are logged as
 ``val/hr@10``, ``test/ndcg@10``, ``val/mrr``, ...
 
-Distributed runs (DDP): each process encodes its 1/W share of the corpus and the shares are
-all-gathered, so every process holds the whole encoded corpus and searches it for its own queries
+Distributed runs (DDP): the corpus index has each process encode its 1/W share of the corpus and
+all-gathers the shares, so every process holds the whole encoded corpus and searches it for its own queries
 (the DataModule gives each process its own slice of them); the metric states are summed across
 processes, so the figures equal a one-process evaluation's.
 
 An approximate index is searched beside the exact one when the model offers it: a FAISS index of
-any factory type for the dot product (``index="IVF4096,Flat"``, ``"HNSW32"``, ``"IVF4096,PQ32"``, with
-``index_search="nprobe=64"``), rebuilt from the re-encoded corpus each epoch, or the similarity's own
+any factory type for a similarity whose scores are inner products (the dot product:
+``index="IVF4096,Flat"``, ``"HNSW32"``, ``"IVF4096,PQ32"``, with ``index_search="nprobe=64"``), rebuilt
+from each new encoding of the corpus, or the similarity's own
 (the RAILS algorithms for MoL). Its results get the same metrics under ``val/index/...``;
 ``val/index_recall@100`` is the mean overlap ``|index top-100 & exact top-100| / |exact top-100|``.
 With ``index_every_n_epochs`` > 1 it is searched at every n-th validation of a fit and at its last
 epoch only (and at every test): on small corpora the RAILS top-k costs more than the exact one it
 is compared with.
 
-Timings: ``val/encode_seconds`` (re-encoding the corpus, gathering included), ``val/search_seconds``
+Timings: ``val/encode_seconds`` (re-encoding the corpus, gathering included; 0 when the corpus index
+already held the encoding of these weights), ``val/search_seconds``
 (building the exact index and searching every query), ``val/index_build_seconds`` and
 ``val/index_search_seconds`` (the approximate index).
 
@@ -49,13 +53,12 @@ from rails_lightning.metrics import RetrievalMetrics
 from rails_lightning.models.retrieval_module import RetrievalModule
 from rails_lightning.retrieval import SearchOptions
 from rails_lightning.retrieval.backend import Backend
-from rails_lightning.similarity import DotProduct
 
 RECALL_VS_EXACT_K = 100
 
 
 class CorpusEvaluation(Callback):
-    """Re-encode the corpus, retrieve the top K for every query, log HR/Recall/NDCG@K and MRR.
+    """Retrieve every query's top K over the corpus (as the model's corpus index encodes it), log HR/Recall/NDCG@K and MRR.
 
     Args:
         ks: cut-offs K of HR@K, Recall@K and NDCG@K; MRR is truncated at max(ks).
@@ -65,8 +68,9 @@ class CorpusEvaluation(Callback):
             top-k on the model's device otherwise).
         score_block_elements: exact torch scoring holds at most this many (query, item[, component])
             values at once (bounds its memory, ~20 bytes each).
-        index: FAISS factory string of an approximate index searched beside the exact one, dot product
-            only (``IVF4096,Flat``, ``HNSW32``, ``IVF4096,PQ32``, ...); None for none.
+        index: FAISS factory string of an approximate index searched beside the exact one, for a similarity
+            whose scores are inner products (the dot product: ``IVF4096,Flat``, ``HNSW32``, ``IVF4096,PQ32``,
+            ...); None for none.
         index_search: the index's search parameters (FAISS ``ParameterSpace``), e.g. ``nprobe=64``, ``efSearch=128``.
         index_train_size: corpus vectors (a random sample) that train the index each epoch.
         index_every_n_epochs: search the approximate index (``index``, or the model's own approximate top-k)
@@ -138,8 +142,8 @@ class CorpusEvaluation(Callback):
         return keys
 
     def setup(self, trainer, pl_module, stage):
-        # Before any training: an inner-product index with a similarity that is not an inner product.
-        if self.options.index is not None and isinstance(pl_module, RetrievalModule) and not isinstance(pl_module.similarity, DotProduct):
+        # Before any training: an inner-product index with a similarity whose scores are not inner products.
+        if self.options.index is not None and isinstance(pl_module, RetrievalModule) and not pl_module.similarity.scores_are_inner_products:
             raise ConfigError(
                 f"CorpusEvaluation(index={self.options.index!r}) is an inner-product index, for the dot product; "
                 f"{pl_module.model_name} chooses its approximate top-k in --model.similarity.init_args.approximate_topk"
@@ -163,33 +167,22 @@ class CorpusEvaluation(Callback):
                 f"ks {list(self.ks)} go beyond the corpus ({pl_module.num_items} items): at K >= {pl_module.num_items} "
                 "every allowed item is retrieved, so HR@K there is the share of targets not excluded"
             )
+        corpus = pl_module.corpus_index
         started = time.perf_counter()
+        corpus.items(self.encode_batch_size)
+        self.encode_seconds = time.perf_counter() - started
         with torch.no_grad():
-            items = self._encode_corpus(trainer, pl_module)
-            self.encode_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            self.retriever = pl_module.exact_retriever(items, self.options)
+            self.retriever = corpus.exact_retriever(self.options)
             self.search_seconds = time.perf_counter() - started  # the exact index's build counts as search
             started = time.perf_counter()
-            self.index_retriever = pl_module.approximate_retriever(items, self.options) if approximate else None
+            self.index_retriever = corpus.approximate_retriever(self.options) if approximate else None
             self.index_build_seconds = time.perf_counter() - started
         self.index_search_seconds = 0.0
         self.metrics, self.index_metrics = self.metrics.to(pl_module.device), self.index_metrics.to(pl_module.device)
         self.index_recall = self.index_recall.to(pl_module.device)
         for metric in (self.metrics, self.index_metrics, self.index_recall):
             metric.reset()
-
-    def _encode_corpus(self, trainer: pl.Trainer, pl_module: RetrievalModule) -> Any:
-        """The whole encoded corpus; under DDP each process encodes its share and the shares are all-gathered."""
-        world_size = trainer.world_size
-        if world_size == 1:
-            return pl_module.encode_corpus(self.encode_batch_size)
-        share = -(-pl_module.num_items // world_size)  # rows per process; the last share is padded to it
-        part = pl_module.encode_corpus(self.encode_batch_size, start=trainer.global_rank * share, count=share)
-        def gather(rows: torch.Tensor) -> torch.Tensor:  # (share, ...) in every process -> (N, ...)
-            return trainer.strategy.all_gather(rows).flatten(0, 1)[: pl_module.num_items]
-
-        return gather(part) if isinstance(part, torch.Tensor) else type(part)(*(gather(field) for field in part))
 
     def _index_due(self, trainer: pl.Trainer) -> bool:
         """Whether this validation searches the approximate index (``index_every_n_epochs``)."""
@@ -247,7 +240,7 @@ class CorpusEvaluation(Callback):
         pl_module.log_dict(values, sync_dist=True)
         if stage == "val" and trainer.state.fn == TrainerFn.FITTING:  # the epochs of training, not a later validate
             self.history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in {**headline, **values}.items()}})
-        self.retriever = self.index_retriever = None  # free the indexes between epochs
+        self.retriever = self.index_retriever = None  # the corpus index holds them while the weights stay the same
 
     # -- predict: write every query's top-K recommendations next to the run
     def on_predict_epoch_start(self, trainer, pl_module):

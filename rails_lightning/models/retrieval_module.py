@@ -12,7 +12,8 @@ queries), R sampled negatives, N corpus size (item ids 1..N).
 Models differ only in their similarity (``DotProduct`` for the two-tower model, ``MixtureOfLogits``
 for MoL), chosen with ``class_path``, and are trained with an objective (``rails_lightning.objectives``:
 shared, per-query, mined negatives or the full softmax), chosen the same way. The evaluation callback talks to the module through
-``encode_queries``, ``encode_corpus``, ``exact_retriever`` and ``approximate_retriever``.
+``encode_queries`` and the module's ``corpus_index`` (the corpus encoded once per change of the weights, with
+the similarity's exact and approximate retrievers over it), which the mined-negatives objective shares.
 
 Checkpoints describe themselves: the encoder and the similarity are stored as ``class_path`` +
 ``init_args`` (plain data), so ``RetrievalModule.load_from_checkpoint(path, weights_only=True)``
@@ -37,7 +38,8 @@ from rails_lightning.losses import sampled_softmax_loss
 from rails_lightning.objectives import ObjectiveFactory, SharedNegatives, TrainingObjective, TrainingStep
 from rails_lightning.models.components import build_factory, describe
 from rails_lightning.models.encoders import QueryEncoder, SASRecEncoder
-from rails_lightning.retrieval import SearchOptions, TopKRetriever
+from rails_lightning.retrieval import CorpusIndex, SearchOptions, Shards, TopKRetriever
+from rails_lightning.retrieval.corpus_index import ENCODE_BATCH_SIZE
 from rails_lightning.similarity import DotProduct, Similarity
 
 QueryEncoderFactory = Callable[[int, int, int], QueryEncoder]  # (dim, num_users, max_seq_len)
@@ -129,6 +131,8 @@ class RetrievalModule(pl.LightningModule):
         self.similarity: Similarity = build_factory(similarity, Similarity)(item_dim, num_users)
         self.objective: TrainingObjective = build_factory(objective, TrainingObjective)(num_items)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
+        # The encoded corpus that evaluation and mining share; dropped whenever the weights change.
+        self.corpus_index = CorpusIndex(self)
 
     @property
     def model_name(self) -> str:
@@ -170,7 +174,7 @@ class RetrievalModule(pl.LightningModule):
 
         return _map_fields(self.encode_items(distinct), gather)
 
-    def encode_corpus(self, batch_size: int = 65536, start: int = 0, count: int | None = None) -> Any:
+    def encode_corpus(self, batch_size: int = ENCODE_BATCH_SIZE, start: int = 0, count: int | None = None) -> Any:
         """Item representations of the corpus rows ``start .. start + count`` (item ids ``start + 1 ..``; by default
         the whole corpus), ``batch_size`` items at a time. Rows past the corpus (a distributed run's last share,
         padded to equal size) are encoded as padding id 0."""
@@ -183,6 +187,13 @@ class RetrievalModule(pl.LightningModule):
         return type(parts[0])(*(torch.cat(fields) for fields in zip(*parts)))
 
     # ------------------------------------------------------------------ retrieval (the similarity's)
+    def corpus_shards(self) -> Shards:
+        """This process's share of a corpus encoding: under DDP each process encodes 1/W of the corpus (one
+        process outside a trainer)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return Shards(0, 1, None)
+        return Shards(self.global_rank, self.trainer.world_size, self.trainer.strategy.all_gather)
+
     def exact_retriever(self, items: Any, options: SearchOptions) -> TopKRetriever:
         """Exact top-k over the encoded corpus ``items``."""
         return self.similarity.exact_retriever(items, options)
@@ -195,8 +206,21 @@ class RetrievalModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         features = datamodule.item_features if isinstance(datamodule, InteractionDataModule) else None
-        if features is not None and features.shape == self.item_features.shape:
+        if features is not None:
+            if features.shape != self.item_features.shape:
+                raise ConfigError(
+                    f"the data's item features are {tuple(features.shape)} but the model was built for {tuple(self.item_features.shape)} "
+                    "(num_items + 1, num_item_features): build the model from this data (the CLI links them) or use a checkpoint trained on it"
+                )
             self.item_features.copy_(features)
+            self.corpus_index.invalidate()
+
+    def teardown(self, stage: str) -> None:
+        self.corpus_index.invalidate()  # the stage is over: hold no encoded corpus (the module may also change device)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self.corpus_index.invalidate()  # new weights
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_train_start(self) -> None:
         # Under DDP every process starts from the same seed (so the same initial weights); from here on each
@@ -219,6 +243,9 @@ class RetrievalModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.objective.on_train_epoch_start(self)
+
+    def on_train_batch_end(self, outputs: Any, batch: TrainBatch, batch_idx: int) -> None:
+        self.corpus_index.invalidate()  # the optimizer step changed the weights
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         states = self.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps)  # (B, L, D)

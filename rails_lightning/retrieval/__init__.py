@@ -1,5 +1,6 @@
 """Top-k over the full corpus: one interface (``TopKRetriever``), one backend choice (``backend``),
-one exclusion / over-fetch path (``TopKRetriever.search``), and the retrievers built on them."""
+one exclusion / over-fetch path (``TopKRetriever.search``), the retrievers built on them, and the
+encoded corpus a run's evaluation and mining share (``CorpusIndex``)."""
 
 from rails_lightning.retrieval.backend import (
     SearchOptions,
@@ -8,9 +9,10 @@ from rails_lightning.retrieval.backend import (
     inner_product_retriever,
     uses_faiss,
 )
+from rails_lightning.retrieval.corpus_index import CorpusIndex, CorpusSource, Shards
 from rails_lightning.retrieval.topk import BruteForceTopK, Exclusion, FaissInnerProductTopK, TopKRetriever
 
 __all__ = [
     "SearchOptions", "inner_product_retriever", "approximate_inner_product_retriever", "build_faiss_index", "uses_faiss",
-    "TopKRetriever", "BruteForceTopK", "FaissInnerProductTopK", "Exclusion",
+    "TopKRetriever", "BruteForceTopK", "FaissInnerProductTopK", "Exclusion", "CorpusIndex", "CorpusSource", "Shards",
 ]

@@ -42,6 +42,10 @@ class SearchOptions:
     index_search: str = ""
     index_train_size: int = 1 << 18
 
+    def exact(self) -> SearchOptions:
+        """These options without the approximate index's: all that an exact search depends on."""
+        return SearchOptions(self.backend, self.score_block_elements)
+
 
 def _faiss_gpus() -> int | None:
     """Number of GPUs FAISS sees; None without FAISS."""
