@@ -24,7 +24,7 @@ from rails_lightning.data import InteractionDataModule, MovieLensSource, Synthet
 from rails_lightning.losses import sampled_softmax_loss
 from rails_lightning.models import RetrievalModule, SASRecEncoder
 from rails_lightning.objectives import SharedNegatives, TrainingStep
-from rails_lightning.similarity import DotProduct
+from rails_lightning.similarity import DotProduct, with_group_dim
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,8 +76,8 @@ def plain_rate(data, negatives: int, steps: int, warmup: int) -> float:
         positive_ids = batch.target_ids[has_target]
         negatives = model.objective.negatives(TrainingStep(model, batch, states, has_target, positive_ids))
         negative_ids, log_counts = negatives.shared, negatives.shared_log_q  # (R,) shared by the batch
-        positive = model.similarity.pair_scores(queries, model.encode_items(positive_ids)) * inv_temperature
-        negative, _ = model.similarity.cross_scores(queries, model.encode_items(negative_ids))
+        positive = model.similarity.score(with_group_dim(queries, 1), model.encode_items(positive_ids[:, None]))[0][:, 0, 0] * inv_temperature
+        negative = model.similarity.score(with_group_dim(queries, 0), model.encode_items(negative_ids[None]))[0][0]
         loss = sampled_softmax_loss(positive, negative * inv_temperature, positive_ids, negative_ids, log_counts)
         optimizer.zero_grad()
         loss.backward()

@@ -1,5 +1,6 @@
 """MoL similarity: parity with the dot product, load-balancing gradients, chunking, a real Lightning fit, configs,
-the RAILS reference options (SwiGLU query components, user-id dropout and L2 penalty, multiplicative gate)."""
+the gate forms against the reference ``gate.pair_gate``, the RAILS reference options (SwiGLU query components, user-id
+dropout and L2 penalty, multiplicative gate), and no combination of options refused."""
 
 import functools
 import math
@@ -21,8 +22,10 @@ from rails_lightning.models import MeanPoolEncoder, RetrievalModule, SASRecEncod
 from rails_lightning.retrieval import SearchOptions
 from rails_lightning.retrieval.mol_topk import CombinedTopK, MoLExactTopK
 from rails_lightning.objectives import PerQueryNegatives, SharedNegatives
-from rails_lightning.similarity import DotProduct, MixtureOfLogits, MoLItems, MoLQueries
-from rails_lightning.similarity.mixture_of_logits import SwiGLU
+from rails_lightning.similarity import DotProduct, MixtureOfLogits, MoLItems, MoLQueries, with_group_dim
+from rails_lightning.similarity.mol import scoring
+from rails_lightning.similarity.mol.gate import pair_gate
+from rails_lightning.similarity.mol.heads import SwiGLU
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ITEMS, NUM_USERS, L, D = 60, 10, 8, 16
@@ -48,6 +51,12 @@ def _batches(seed=0):
     return train, query
 
 
+def _cross(similarity, queries, items):
+    """M queries x R items shared by all, as training scores shared negatives: scores (M, R), auxiliary outputs."""
+    scores, auxiliary = similarity.score(with_group_dim(queries, 0), with_group_dim(items, 0), auxiliary=True)
+    return scores[0], auxiliary
+
+
 def _identity(linear: nn.Linear) -> None:
     with torch.no_grad():
         linear.weight.copy_(torch.eye(*linear.weight.shape))
@@ -56,11 +65,12 @@ def _identity(linear: nn.Linear) -> None:
 
 def _zero_gate(model: RetrievalModule) -> None:
     """Make every gate logit 0: uniform gates."""
-    for module in (model.similarity.query_gate, model.similarity.item_gate, model.similarity.logit_gate):
+    gate = model.similarity.gate
+    for module in (gate.query_part, gate.item_part, gate.pair_part):
         last = module[-1] if isinstance(module, nn.Sequential) else module
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-    nn.init.zeros_(model.similarity.logit_scale)
+    nn.init.zeros_(gate.logit_scale)
 
 
 def _quiet(model):
@@ -75,12 +85,12 @@ def test_one_component_equals_two_tower():
     two_tower = _quiet(RetrievalModule(**common, similarity=DotProduct, objective=functools.partial(SharedNegatives, num_negatives=20)))
     mol = _quiet(MoL(**common, num_negatives=20, num_query_components=1, num_item_components=1, component_dim=D, component_hidden_dim=0, gate_dropout=0.0))
     mol.load_state_dict(two_tower.state_dict(), strict=False)  # item tower, query encoder, temperature
-    _identity(mol.similarity.query_components)
-    _identity(mol.similarity.item_components)
+    _identity(mol.similarity.query_head.components)
+    _identity(mol.similarity.item_head.components)
     train, query = _batches()
     with torch.no_grad():
-        dot_scores, _ = two_tower.similarity.cross_scores(two_tower.encode_queries(query), two_tower.encode_corpus())
-        mol_scores, aux = mol.similarity.cross_scores(mol.encode_queries(query), mol.encode_corpus())
+        dot_scores, _ = _cross(two_tower.similarity, two_tower.encode_queries(query), two_tower.encode_corpus())
+        mol_scores, aux = _cross(mol.similarity, mol.encode_queries(query), mol.encode_corpus())
         torch.testing.assert_close(mol_scores, dot_scores)
         assert aux.statistics["load_balancing"].abs() < 1e-6  # one component: nothing to balance
         _, dot_ids = two_tower.exact_retriever(two_tower.encode_corpus(), SEARCH).search(two_tower.encode_queries(query), 10, query.exclusion)
@@ -100,7 +110,7 @@ def test_uniform_gates_average_the_component_dot_products():
     _, query = _batches()
     with torch.no_grad():
         queries, items = mol.encode_queries(query), mol.encode_corpus()
-        scores, _ = mol.similarity.cross_scores(queries, items)
+        scores, _ = _cross(mol.similarity, queries, items)
         expected = queries.components.mean(1) @ items.components.mean(1).T  # (B, N)
     torch.testing.assert_close(scores, expected)
 
@@ -113,7 +123,7 @@ def test_load_balancing_gradient_reaches_the_gate():
     states = mol.encode_sequence(train.user_ids, train.input_ids)[has_target]
     user_ids = train.user_ids[:, None].expand_as(train.target_ids)[has_target]
     queries = mol.similarity.query_representation(states, user_ids)
-    _, aux = mol.similarity.cross_scores(queries, mol.encode_items(torch.arange(1, 31)))
+    _, aux = _cross(mol.similarity, queries, mol.encode_items(torch.arange(1, 31)))
     # The logged statistic is the formula on the gates; the declared loss is the weighted term.
     assert set(aux.losses) == {"load_balancing_loss"}
     torch.testing.assert_close(aux.losses["load_balancing_loss"], mol.similarity.load_balancing_weight * aux.statistics["load_balancing"])
@@ -122,10 +132,10 @@ def test_load_balancing_gradient_reaches_the_gate():
     assert stats["gate_usage_min"] <= 1 / 32 <= stats["gate_usage_max"]
     assert not any(value.requires_grad for value in stats.values())  # statistics are only logged
     aux.losses["load_balancing_loss"].backward()
-    for name in ("similarity.query_gate", "similarity.item_gate", "similarity.logit_gate"):
+    for name in ("similarity.gate.query_part", "similarity.gate.item_part", "similarity.gate.pair_part"):
         grads = [p.grad for p in mol.get_submodule(name).parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
-    assert mol.similarity.logit_scale.grad.abs() > 0
+    assert mol.similarity.gate.logit_scale.grad.abs() > 0
     assert mol.item_embedding.weight.grad is not None  # and on through the gate inputs into the towers
 
 
@@ -156,15 +166,15 @@ def test_chunked_scores_equal_all_at_once():
     chunked_items = mol.encode_corpus(batch_size=7)
     for all_field, chunked_field in zip(items, chunked_items):
         torch.testing.assert_close(chunked_field, all_field)
-    at_once, _ = mol.similarity.cross_scores(queries, items)  # (B, N)
+    at_once, _ = _cross(mol.similarity, queries, items)  # (B, N)
     exact = MoLExactTopK(mol.similarity, items, SEARCH)
     chunks = torch.cat([exact.score_block(queries, s, min(s + 9, NUM_ITEMS)) for s in range(0, NUM_ITEMS, 9)], dim=1)
     torch.testing.assert_close(chunks, at_once)
-    # Pair scores and gathered-candidate scores agree with the cross scores.
+    # Each query against its own candidates (B groups of one query), or its own one item, scores as against the corpus.
     ids = torch.randint(1, NUM_ITEMS + 1, (5, 11))
-    gathered = MoLItems(*(f[ids - 1] for f in items))
-    torch.testing.assert_close(mol.similarity.gathered(queries, gathered)[0], at_once.gather(1, ids - 1))
-    pairs = mol.similarity.pair_scores(queries, MoLItems(*(f[ids[:, 0] - 1] for f in items)))
+    gathered = MoLItems(*(f[ids - 1] for f in items))  # (5, 11)
+    torch.testing.assert_close(mol.similarity.score(with_group_dim(queries, 1), gathered)[0][:, 0], at_once.gather(1, ids - 1))
+    pairs = mol.similarity.score(with_group_dim(queries, 1), MoLItems(*(f[ids[:, :1] - 1] for f in items)))[0][:, 0, 0]  # (5,)
     torch.testing.assert_close(pairs, at_once.gather(1, ids[:, :1] - 1)[:, 0])
     for elements in (1, 500, 1 << 22):  # tiny to large blocks: same top-k
         _, top = MoLExactTopK(mol.similarity, items, SearchOptions(score_block_elements=elements)).search(queries, 10)
@@ -177,12 +187,13 @@ def test_user_id_component():
     train, query = _batches()
     queries = mol.encode_queries(query)
     assert isinstance(queries, MoLQueries) and queries.components.shape == (5, 3, 8)
-    torch.testing.assert_close(queries.components[:, -1], F.normalize(mol.similarity.user_component(query.user_ids), dim=-1))
+    torch.testing.assert_close(queries.components[:, -1], F.normalize(mol.similarity.query_head.user_component(query.user_ids), dim=-1))
     loss = _quiet(mol).training_step(train, 0)
     loss.backward()
-    assert mol.similarity.user_component.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError):
-        MoL(num_query_components=1, user_id_component=True)
+    assert mol.similarity.query_head.user_component.weight.grad.abs().sum() > 0
+    only = MoL(num_query_components=1, component_dim=8, user_id_component=True)  # the user id is the one query component
+    components = only.encode_queries(query).components  # (5, 1, 8)
+    torch.testing.assert_close(components[:, 0], F.normalize(only.similarity.query_head.user_component(query.user_ids), dim=-1))
 
 
 def test_fit_logs_losses_and_exact_and_approximate_metrics(tmp_path):
@@ -233,54 +244,52 @@ def test_configs_instantiate(config, tmp_path, monkeypatch):
     assert similarity.num_components == 32 and cli.model.hparams.similarity["init_args"]["num_query_components"] == 8
     assert similarity.approximate_topk is not None
     if "hstu_mol" in config:  # the RAILS reference's MoL options reached the similarity
-        assert similarity.multiplicative_gate and similarity.user_component is not None and similarity.user_id_l2 == 0.1
-        assert isinstance(similarity.item_components, nn.Linear) and cli.model.hparams.decay_all_parameters
+        assert similarity.gate.form == "multiplicative" and similarity.query_head.user_component is not None and similarity.user_id_l2 == 0.1
+        assert isinstance(similarity.item_head.components, nn.Linear) and cli.model.hparams.decay_all_parameters
         assert cli.model.query_encoder.time_bias_buckets == 64  # the reference's HSTU has a relative time bias
 
 
 @torch.no_grad()
-def test_separable_gate_scores_without_the_pair_tensor_equal_the_mixture():
-    """gate_sees_logits=False: the two-matmul scores are the softmax(a + b) mixture of the component logits."""
+@pytest.mark.parametrize("own_items", [False, True])
+def test_separable_gate_scores_without_the_pair_tensor_equal_the_reference(own_items):
+    """gate="separable": the two-matmul scores and statistics are the reference's softmax(a + b) mixture of the
+    component logits, for items shared by every group and for each group's own."""
     torch.manual_seed(0)
-    mol = MoL(component_dim=8, gate_sees_logits=False).eval()
-    assert mol.similarity.logit_gate is None and mol.similarity.logit_scale is None
+    mol = MoL(component_dim=8, gate="separable").eval()
+    assert mol.similarity.gate.pair_part is None and mol.similarity.gate.logit_scale is None
     _, query = _batches()
     queries, items = mol.encode_queries(query), mol.encode_corpus()
-    mixture, gates = mol.similarity.cross(queries, items)  # (B, N), (B, N, P) materialised
-    expected_gates = torch.softmax(queries.gate_logits[:, None] + items.gate_logits[None], dim=-1)
-    torch.testing.assert_close(gates, expected_gates)
-    torch.testing.assert_close(mol.similarity.separable_cross_scores(queries, items), mixture)
-    torch.testing.assert_close(mol.similarity.scores(queries, items), mixture)
-    bf16 = MoL(component_dim=8, gate_sees_logits=False, bf16_scores=True).eval()
-    bf16.load_state_dict(mol.state_dict())
-    torch.testing.assert_close(bf16.similarity.separable_cross_scores(queries, items), mixture, atol=2e-2, rtol=0)
+    if own_items:  # 5 groups of one query, each with 13 items of its own
+        queries, items = with_group_dim(queries, 1), MoLItems(*(f[torch.randint(0, NUM_ITEMS, (5, 13))] for f in items))
+    else:  # one group of 5 queries, the corpus shared
+        queries, items = with_group_dim(queries, 0), with_group_dim(items, 0)
+    counted = 7
+    logits = scoring.component_logits(queries.components, items.components)
+    expected = pair_gate(logits, queries.gate_logits, items.gate_logits, None, "separable", 0.0, False, counted)
+    got = scoring.separable_score(queries, items, mol.similarity.gate, counted)
+    for name, a, b in zip(expected._fields, got, expected):
+        torch.testing.assert_close(a, b, msg=name)
+    torch.testing.assert_close(mol.similarity.score(queries, items)[0], expected.scores)
+    gates = torch.softmax(queries.gate_logits[:, :, None] + items.gate_logits[:, None, :counted], dim=-1)  # by hand
+    torch.testing.assert_close(expected.usage, gates.flatten(0, 2).sum(0))
 
 
 def test_separable_gate_trains_and_balances_a_subset_of_negatives():
     torch.manual_seed(0)
-    mol = _quiet(MoL(component_dim=8, gate_sees_logits=False, load_balancing_negatives=5, num_negatives=20))
+    mol = _quiet(MoL(component_dim=8, gate="separable", load_balancing_negatives=5, num_negatives=20))
     train, _ = _batches()
     has_target = train.target_ids > 0
     states = mol.encode_sequence(train.user_ids, train.input_ids)[has_target]
     queries = mol.similarity.query_representation(states, train.user_ids[:, None].expand_as(train.target_ids)[has_target])
     items = mol.encode_items(torch.arange(1, 21))
-    _, aux = mol.similarity.cross_scores(queries, items)
+    _, aux = _cross(mol.similarity, queries, items)
     gates = torch.softmax(queries.gate_logits[:, None] + items.gate_logits[None, :5], dim=-1)  # the first 5 negatives
     torch.testing.assert_close(aux.statistics["load_balancing"], _load_balancing_of(gates).detach())
     assert "gate_logit_scale" not in aux.statistics
     loss = mol.training_step(train, 0)
     loss.backward()
-    for name in ("similarity.query_gate", "similarity.item_gate", "similarity.query_components", "item_embedding"):
+    for name in ("similarity.gate.query_part", "similarity.gate.item_part", "similarity.query_head.components", "item_embedding"):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mol.get_submodule(name).parameters()), name
-
-
-def test_separable_options_are_checked():
-    from rails_lightning.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="separable"):
-        MixtureOfLogits(D, NUM_USERS, bf16_scores=True)
-    with pytest.raises(ConfigError, match="load_balancing_negatives"):
-        MixtureOfLogits(D, NUM_USERS, load_balancing_negatives=-1)
 
 
 # ---------------------------------------------------------------------- the RAILS reference's options
@@ -288,7 +297,7 @@ def test_separable_options_are_checked():
 REFERENCE_OPTIONS = dict(
     num_query_components=3, num_item_components=2, component_dim=8, component_hidden_dim=12, swiglu_query_components=True,
     item_component_hidden_dim=0, item_dropout=0.1, user_id_component=True, user_id_dropout=0.5, user_id_l2=0.1,
-    user_id_init_std=0.05, gate_hidden_dim=6, multiplicative_gate=True,
+    user_id_init_std=0.05, gate_hidden_dim=6, gate="multiplicative",
 )
 
 
@@ -306,37 +315,36 @@ def test_reference_options_shapes_and_multiplicative_gate():
     queries, items = mol.encode_queries(query), mol.encode_corpus()
     assert queries.components.shape == (5, 3, 8) and queries.gate_logits.shape == (5, 6) and queries.user_id_squared_norms.shape == (5,)
     assert items.components.shape == (NUM_ITEMS, 2, 8) and items.gate_logits.shape == (NUM_ITEMS, 6)
-    scores, aux = mol.similarity.cross_scores(queries, items)
+    scores, aux = _cross(mol.similarity, queries, items)
     assert scores.shape == (5, NUM_ITEMS) and set(aux.losses) == {"load_balancing_loss", "user_id_l2_loss"}
-    # The gate is softmax(SiLU(query part * item part + pair MLP + scale * logits)), by hand, in eval mode
-    # (no dropout), and the in-place no-grad path of retrieval computes the same as the autograd one.
+    # The gate is softmax(SiLU(query part * item part + pair MLP + scale * logits)), by hand, in eval mode (no dropout);
+    # with and without autograd the same.
     mol.eval()
+    queries, items = with_group_dim(mol.encode_queries(query), 0), with_group_dim(mol.encode_corpus(), 0)
+    output = scoring.score(queries, items, mol.similarity.gate, NUM_ITEMS, fused=False)
     with torch.no_grad():
-        queries, items = mol.encode_queries(query), mol.encode_corpus()
-        retrieval_scores, retrieval_gates = mol.similarity.cross(queries, items)
-    queries, items = mol.encode_queries(query), mol.encode_corpus()
-    training_scores, training_gates = mol.similarity.cross(queries, items)
-    logits = torch.einsum("mid,rjd->mrij", queries.components, items.components).flatten(2)  # (5, N, P)
-    similarity = mol.similarity
+        no_grad_scores = mol.similarity.score(queries, items)[0]
+    logits = torch.einsum("mid,rjd->mrij", queries.components[0], items.components[0]).flatten(2)  # (5, N, P)
+    gate = mol.similarity.gate
     expected_gates = torch.softmax(
-        F.silu(queries.gate_logits[:, None] * items.gate_logits[None] + similarity.logit_gate(logits) + similarity.logit_scale * logits), dim=-1
+        F.silu(queries.gate_logits[0, :, None] * items.gate_logits[0, None] + gate.pair_part(logits) + gate.logit_scale * logits), dim=-1
     )
-    torch.testing.assert_close(training_gates, expected_gates)
-    torch.testing.assert_close(training_scores, (expected_gates * logits).sum(-1))
-    torch.testing.assert_close(retrieval_gates, training_gates)
-    torch.testing.assert_close(retrieval_scores, training_scores)
+    torch.testing.assert_close(output.scores[0], (expected_gates * logits).sum(-1))
+    torch.testing.assert_close(output.usage, expected_gates.flatten(0, 1).sum(0))
+    torch.testing.assert_close(output.entropy, entropy(expected_gates).sum())
+    torch.testing.assert_close(no_grad_scores, output.scores.detach())
     mol.train()
     assert torch.isfinite(_quiet(mol).training_step(train, 0))
 
 
 def test_reference_options_change_the_module_structure():
     default, reference = MixtureOfLogits(D, NUM_USERS), MixtureOfLogits(D, NUM_USERS, **REFERENCE_OPTIONS)
-    first, gate, last = reference.query_components
+    first, gate, last = reference.query_head.components
     assert isinstance(gate, SwiGLU) and (first.in_features, first.out_features) == (D, 2 * 12) and last.in_features == 12
     assert last.out_features == 2 * 8  # the encoded components; the third is the user id
-    assert [type(m) for m in default.query_components] == [nn.Linear, nn.SiLU, nn.Linear]
-    assert isinstance(reference.item_components, nn.Linear) and isinstance(default.item_components, nn.Sequential)
-    assert reference.multiplicative_gate and not default.multiplicative_gate
+    assert [type(m) for m in default.query_head.components] == [nn.Linear, nn.SiLU, nn.Linear]
+    assert isinstance(reference.item_head.components, nn.Linear) and isinstance(default.item_head.components, nn.Sequential)
+    assert reference.gate.form == "multiplicative" and default.gate.form == "additive"
     halves = torch.tensor([[1.0, -2.0, 3.0, 0.5]])  # SiLU(first half) * second half
     torch.testing.assert_close(SwiGLU()(halves), F.silu(torch.tensor([[1.0, -2.0]])) * torch.tensor([[3.0, 0.5]]))
 
@@ -351,7 +359,7 @@ def test_user_id_dropout_only_while_training():
         mol.train()
         trained = [mol.encode_queries(query).components for _ in range(2)]
     torch.testing.assert_close(evaluated[0], evaluated[1])  # eval: deterministic
-    torch.testing.assert_close(evaluated[0][:, -1], F.normalize(mol.similarity.user_component(query.user_ids), dim=-1))
+    torch.testing.assert_close(evaluated[0][:, -1], F.normalize(mol.similarity.query_head.user_component(query.user_ids), dim=-1))
     assert not torch.allclose(trained[0][:, -1], trained[1][:, -1])  # train: a fresh mask each call
     torch.testing.assert_close(trained[0][:, :-1], evaluated[0][:, :-1])  # only the user-id component is dropped
     assert (trained[0][:, -1] == 0).any()  # elementwise: coordinates are zeroed
@@ -382,12 +390,12 @@ def test_user_id_l2_loss_is_the_weighted_mean_squared_norm():
     user_ids = train.user_ids[:, None].expand_as(train.target_ids)[has_target]  # (M,), a user once per position
     states = mol.encode_sequence(train.user_ids, train.input_ids)[has_target]
     queries = mol.similarity.query_representation(states, user_ids)
-    _, aux = mol.similarity.cross_scores(queries, mol.encode_items(torch.arange(1, 21)))
-    weights = mol.similarity.user_component.weight.detach()
+    _, aux = _cross(mol.similarity, queries, mol.encode_items(torch.arange(1, 21)))
+    weights = mol.similarity.query_head.user_component.weight.detach()
     expected = 0.1 * (weights[user_ids] ** 2).sum(-1).mean()  # before dropout, mean over the M queries
     torch.testing.assert_close(aux.losses["user_id_l2_loss"], expected)
     aux.losses["user_id_l2_loss"].backward()
-    grad = mol.similarity.user_component.weight.grad
+    grad = mol.similarity.query_head.user_component.weight.grad
     counts = torch.bincount(user_ids, minlength=NUM_USERS).float()
     torch.testing.assert_close(grad, 0.1 * 2 * weights * counts[:, None] / user_ids.numel())
     # Through the training step: added to the loss and logged.
@@ -396,7 +404,7 @@ def test_user_id_l2_loss_is_the_weighted_mean_squared_norm():
     loss = mol.training_step(train, 0)
     torch.testing.assert_close(logged["train/user_id_l2_loss"], expected)
     torch.testing.assert_close(loss, logged["train/softmax_loss"] + logged["train/load_balancing_loss"] + expected)
-    # Negatives drawn per query are scored by grouped_scores: the same penalty.
+    # Negatives drawn per query are scored as M groups of one query: the same penalty.
     per_query = RetrievalModule(
         NUM_ITEMS, NUM_USERS, L, item_dim=D, query_encoder=MeanPoolEncoder, objective=functools.partial(PerQueryNegatives, num_negatives=7),
         similarity=functools.partial(MixtureOfLogits, num_query_components=3, component_dim=8, user_id_component=True, user_id_dropout=0.5, user_id_l2=0.1),
@@ -412,14 +420,14 @@ def test_user_id_init_std_rescales_without_a_second_draw():
     default = MixtureOfLogits(D, NUM_USERS, user_id_component=True)
     torch.manual_seed(0)
     small = MixtureOfLogits(D, NUM_USERS, user_id_component=True, user_id_init_std=0.02)
-    torch.testing.assert_close(small.user_component.weight, 0.02 * default.user_component.weight)
+    torch.testing.assert_close(small.query_head.user_component.weight, 0.02 * default.query_head.user_component.weight)
     for (name, a), (_, b) in zip(default.named_parameters(), small.named_parameters()):
-        if name != "user_component.weight":
+        if name != "query_head.user_component.weight":
             torch.testing.assert_close(a, b, msg=name)  # every other parameter starts as before
     # The default keeps PyTorch's own draw: the query MLP's parameters, then N(0, 1) for the embedding.
     torch.manual_seed(0)
     nn.Sequential(nn.Linear(D, 256), nn.SiLU(), nn.Linear(256, 7 * 64))
-    torch.testing.assert_close(default.user_component.weight, nn.Embedding(NUM_USERS, 64).weight)
+    torch.testing.assert_close(default.query_head.user_component.weight, nn.Embedding(NUM_USERS, 64).weight)
 
 
 def test_reference_options_fit(tmp_path):
@@ -450,38 +458,47 @@ def test_reference_options_fit(tmp_path):
         (dict(gate_dropout=1.0), "gate_dropout must be in"),
         (dict(user_id_component=True, user_id_l2=-0.1), "user_id_l2 must be >= 0"),
         (dict(user_id_component=True, user_id_init_std=0.0), "user_id_init_std must be > 0"),
-        (dict(user_id_dropout=0.5), "need user_id_component"),
-        (dict(user_id_l2=0.1), "need user_id_component"),
-        (dict(user_id_init_std=0.02), "need user_id_component"),
-        (dict(swiglu_query_components=True, component_hidden_dim=0), "swiglu_query_components needs component_hidden_dim"),
-        (dict(multiplicative_gate=True, gate_sees_logits=False), "multiplicative_gate needs gate_sees_logits"),
+        (dict(load_balancing_negatives=-1), "load_balancing_negatives must be >= 0"),
+        (dict(num_query_components=0), "num_query_components must be >= 1"),
     ],
 )
-def test_reference_options_are_checked(options, message):
+def test_option_values_are_checked(options, message):
     with pytest.raises(ConfigError, match=message) as error:
         MixtureOfLogits(D, NUM_USERS, **options)
     assert "\n" not in str(error.value)
 
 
-def test_linear_logit_gate_is_one_map_with_the_scale_in_training_and_retrieval():
+@pytest.mark.parametrize("form", ["separable", "additive", "multiplicative"])
+def test_no_combination_of_options_is_refused(form):
+    """Every gate form with every other option builds, scores shared and per-group items, and trains (options that
+    only shape a part another option leaves out are unused, not refused)."""
+    train, _ = _batches()
+    for fused in (False, True):
+        for user_id in (False, True):
+            for swiglu, hidden in ((False, 0), (True, 0), (True, 12)):
+                torch.manual_seed(0)
+                mol = _quiet(MoL(num_query_components=2, num_item_components=4, component_dim=8, component_hidden_dim=hidden, gate=form,
+                                 fused_pair_gate=fused, user_id_component=user_id, user_id_dropout=0.5, user_id_l2=0.1,
+                                 swiglu_query_components=swiglu, logit_gate_hidden_dim=8, gate_logit_scale=0.5))  # fmt: skip
+                assert torch.isfinite(mol.training_step(train, 0)), (fused, user_id, swiglu, hidden)
+
+
+def test_linear_logit_gate_is_one_map_with_the_scale():
     """logit_gate_hidden_dim=0: the per-pair gate is Linear(P, P) + s * logits (folded into one map), the query and item
-    gates keep their MLPs; the scale still learns, and the in-place retrieval path scores the same."""
+    gates keep their MLPs; the scale still learns."""
     torch.manual_seed(0)
     similarity = MixtureOfLogits(D, NUM_USERS, 3, 2, 8, gate_hidden_dim=5, logit_gate_hidden_dim=0, gate_logit_scale=0.5, gate_dropout=0.0)
-    assert isinstance(similarity.logit_gate, nn.Linear) and isinstance(similarity.query_gate, nn.Sequential)
-    queries = similarity.query_representation(torch.randn(7, D), torch.zeros(7, dtype=torch.long))
-    items = similarity.item_representation(torch.randn(11, D))
-    scores, gates = similarity.cross(queries, items)  # (7, 11), (7, 11, P)
-    logits = torch.einsum("mid,rjd->mrij", queries.components, items.components).flatten(2)  # (7, 11, P)
-    expected = torch.softmax(
-        queries.gate_logits[:, None] + items.gate_logits[None] + similarity.logit_gate(logits) + 0.5 * logits, dim=-1
-    )
-    torch.testing.assert_close(gates, expected)
-    torch.testing.assert_close(scores, (expected * logits).sum(-1))
-    (scale_gradient,) = torch.autograd.grad(scores.sum(), similarity.logit_scale)
+    gate = similarity.gate
+    assert isinstance(gate.pair_part, nn.Linear) and isinstance(gate.query_part, nn.Sequential)
+    queries = with_group_dim(similarity.query_representation(torch.randn(7, D), torch.zeros(7, dtype=torch.long)), 0)
+    items = with_group_dim(similarity.item_representation(torch.randn(11, D)), 0)
+    output = scoring.score(queries, items, gate, 11, fused=False)  # (1, 7, 11)
+    logits = torch.einsum("mid,rjd->mrij", queries.components[0], items.components[0]).flatten(2)  # (7, 11, P)
+    expected = torch.softmax(queries.gate_logits[0, :, None] + items.gate_logits[0, None] + gate.pair_part(logits) + 0.5 * logits, dim=-1)
+    torch.testing.assert_close(output.scores[0], (expected * logits).sum(-1))
+    torch.testing.assert_close(output.usage, expected.flatten(0, 1).sum(0))
+    (scale_gradient,) = torch.autograd.grad(output.scores.sum(), gate.logit_scale)
     assert scale_gradient.abs() > 0
-    with torch.no_grad():
-        torch.testing.assert_close(similarity.cross(queries, items)[0], scores.detach())
 
 
 @pytest.mark.parametrize("model_name", ["TwoTower", "MoL"])

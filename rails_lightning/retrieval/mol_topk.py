@@ -4,8 +4,8 @@ Shape legend: B queries, N corpus items (ids 1..N; row r is item id r + 1), K re
 k' candidates per inner-product search, C candidates per query, P_Q / P_X query / item
 components, P = P_Q * P_X, D_P component dimension.
 
-All of them are ``TopKRetriever``s built from the MoL similarity (anything with the ``cross`` /
-``gathered`` methods of ``rails_lightning.similarity.MixtureOfLogits``), the encoded corpus
+All of them are ``TopKRetriever``s built from the MoL similarity (anything with the ``score`` method of
+``rails_lightning.similarity.MixtureOfLogits``, which every score below goes through), the encoded corpus
 (``MoLItems``: components (N, P_X, D_P), gate logits (N, P)) and the caller's ``SearchOptions``;
 queries are ``MoLQueries`` (components (B, P_Q, D_P), gate logits (B, P)). History exclusion and
 over-fetching are ``TopKRetriever.search``'s, as for every retriever.
@@ -43,18 +43,17 @@ class MixtureScorer(Protocol):
 
     num_components: int
 
-    def cross(self, queries: Any, items: Any) -> tuple[Tensor, Tensor]: ...  # (B,..) x (n,..) -> (B, n), gates
-
-    def scores(self, queries: Any, items: Any) -> Tensor: ...  # (B,..) x (n,..) -> (B, n), without the gates
-
-    def gathered(self, queries: Any, items: Any) -> tuple[Tensor, Tensor]: ...  # (B,..) x (B, C,..) -> (B, C), gates
-
-    def gathered_scores(self, queries: Any, items: Any) -> Tensor: ...  # (B,..) x (B, C,..) -> (B, C), without the gates
+    def score(self, queries: Any, items: Any, auxiliary: bool = False) -> tuple[Tensor, Any]: ...  # (G, Q,..) x (1 | G, C,..) -> (G, Q, C)
 
 
 def select_items(items: Any, index: Any) -> Any:
     """Index every field of an item representation (a NamedTuple of tensors) by the same rows."""
     return type(items)(*(field[index] for field in items))
+
+
+def _grouped(representation: Any, dim: int) -> Any:
+    """A representation with a group dimension inserted at ``dim`` of every field."""
+    return type(representation)(*(field.unsqueeze(dim) for field in representation))
 
 
 class MoLExactTopK(TopKRetriever):
@@ -70,7 +69,8 @@ class MoLExactTopK(TopKRetriever):
 
     def score_block(self, queries: Any, start: int, end: int) -> Tensor:
         """(B, end - start) MoL scores of the queries against corpus rows start:end."""
-        return self.similarity.scores(queries, select_items(self.items, slice(start, end)))
+        block = select_items(self.items, slice(start, end))
+        return self.similarity.score(_grouped(queries, 0), _grouped(block, 0))[0][0]  # one group: (1, B) x (1, n)
 
     def fetch(self, queries, k, exclude=None):
         return self.exact.fetch(queries, k)
@@ -103,7 +103,7 @@ class RerankedTopK(TopKRetriever):
         for start in range(0, C, step):
             block = ids[:, start : start + step]  # (B, c)
             gathered = select_items(self.items, (block - 1).clamp_min(0))  # components (B, c, P_X, D_P)
-            parts.append(self.similarity.gathered_scores(queries, gathered))  # (B, c)
+            parts.append(self.similarity.score(_grouped(queries, 1), gathered)[0][:, 0])  # B groups of one query: (B, c)
         scores = torch.cat(parts, dim=1).masked_fill(ids < 1, NEG_INF)  # (B, C)
         scores, order = scores.topk(min(C, k), dim=1)
         return scores, ids.gather(1, order)

@@ -1,8 +1,9 @@
-"""The contract of a similarity: heads from encoder states / item vectors to representations, pair and
-cross scores with typed auxiliary outputs, and the top-k retrievers over an encoded corpus.
+"""The contract of a similarity: heads from encoder states / item vectors to representations, one score function
+for every layout of queries and items, with typed auxiliary outputs, and the top-k retrievers over an encoded corpus.
 
 Shape legend (shared by every similarity): D input dimension (the query encoder's and the item
-tower's width), M queries, R items scored against every query, N corpus size.
+tower's width), G groups of Q queries scored against C items each, M training queries, R negatives, B queries,
+L sequence length, N corpus size.
 
 A similarity is built by ``RetrievalModule`` from a factory (``class_path`` + ``init_args`` in YAML)
 with the two data-dependent sizes: ``Similarity(input_dim, num_users, **own options)``.
@@ -33,6 +34,14 @@ class Auxiliary:
     statistics: dict[str, Tensor] = field(default_factory=dict)
 
 
+def with_group_dim(representation: Any, dim: int) -> Any:
+    """A representation (a tensor, or a NamedTuple of tensors) with a dimension of 1 inserted at ``dim`` of every
+    field: M queries as one group (``dim`` 0) or as M groups of one (``dim`` 1), as ``Similarity.score`` takes them."""
+    if isinstance(representation, Tensor):
+        return representation.unsqueeze(dim)
+    return type(representation)(*(field.unsqueeze(dim) for field in representation))
+
+
 class Similarity(nn.Module, ABC):
     """Base class of every similarity.
 
@@ -57,18 +66,13 @@ class Similarity(nn.Module, ABC):
         """Item-tower vectors (..., D) -> item representations."""
 
     @abstractmethod
-    def pair_scores(self, queries: Any, items: Any) -> Tensor:
-        """M queries x their own M items -> (M,)."""
-
-    @abstractmethod
-    def cross_scores(self, queries: Any, items: Any) -> tuple[Tensor, Auxiliary]:
-        """M queries x R items shared by all -> scores (M, R) and the auxiliary outputs of training."""
-
-    @abstractmethod
-    def grouped_scores(self, queries: Any, items: Any) -> tuple[Tensor, Auxiliary]:
-        """G groups of Q queries x the C items of their group (queries with leading dims (G, Q), items (G, C))
-        -> scores (G, Q, C) and the auxiliary outputs of training. Negatives drawn per query are G = M groups
-        of one query; negatives drawn per training sequence are the sequence's L positions x its items."""
+    def score(self, queries: Any, items: Any, auxiliary: bool = False) -> tuple[Tensor, Auxiliary]:
+        """G groups of Q queries (leading dims (G, Q)) x C items per group, shared by every group (leading dims
+        (1, C)) or each group's own ((G, C)) -> scores (G, Q, C), and with ``auxiliary`` the auxiliary outputs of
+        training over these pairs (empty otherwise). Training scores its positives as (M, 1) x (M, 1), negatives
+        shared by the batch as (1, M) x (1, R), drawn per query as (M, 1) x (M, R) and per sequence as (B, L) x (B, R)
+        (each item encoded once per sequence, not once per position); retrieval scores a corpus block as (1, B) x
+        (1, n) and re-ranks candidates as (B, 1) x (B, C)."""
 
     @abstractmethod
     def exact_retriever(self, items: Any, options: SearchOptions) -> TopKRetriever:

@@ -40,14 +40,8 @@ class DotProduct(Similarity):
     def item_representation(self, vectors: Tensor) -> Tensor:
         return F.normalize(vectors, dim=-1) if self.normalize else vectors  # (..., D)
 
-    def pair_scores(self, queries: Tensor, items: Tensor) -> Tensor:
-        return (queries * items).sum(-1)  # (M,)
-
-    def cross_scores(self, queries: Tensor, items: Tensor) -> tuple[Tensor, Auxiliary]:
-        return queries @ items.T, Auxiliary()  # (M, R)
-
-    def grouped_scores(self, queries: Tensor, items: Tensor) -> tuple[Tensor, Auxiliary]:  # (G, Q, D), (G, C, D)
-        return torch.bmm(queries, items.transpose(1, 2)), Auxiliary()  # (G, Q, C)
+    def score(self, queries: Tensor, items: Tensor, auxiliary: bool = False) -> tuple[Tensor, Auxiliary]:
+        return torch.matmul(queries, items.transpose(1, 2)), Auxiliary()  # (G, Q, D) x (1 | G, C, D) -> (G, Q, C)
 
     def exact_retriever(self, items: Tensor, options: SearchOptions) -> TopKRetriever:  # items: (N, D)
         return inner_product_retriever(items, options)

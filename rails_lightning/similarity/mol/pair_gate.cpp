@@ -1,5 +1,5 @@
-// The per-pair part of Mixture-of-Logits, fused: for every (query m, item r) pair, from its P = NQ * NX
-// component logits l,
+// MoL's pair gate, fused (the PyTorch reference: gate.py's ``pair_gate``): for every (query m, item r) pair, from its
+// P = NQ * NX component logits l,
 //
 //     g  = W l + c + a_m + b_r                (linear pair gate; W holds the learned scale: W + s I)
 //     g  = s l + c + a_m + b_r + V2 silu(V1 l + e1)   (MLP pair gate, NH hidden units: W = s I, c = its output bias;
@@ -8,23 +8,35 @@
 //     s  = sum_p keep_p pi_p l_p              (score; keep_p = 0 or 1 / (1 - dropout), the gate dropout)
 //
 // plus, over the pairs with r < stat_items, the sums of pi (the components' usage) and of H(pi) (for the
-// load-balancing loss), and the backward of all of it. Each pair's 32 or so values stay in registers: the
-// PyTorch version makes a dozen passes over (M, R, P) tensors of hundreds of MB, which is what makes MoL's
-// training step many times a two-tower step on a CPU. The backward recomputes g and pi instead of storing
-// them, and the dropout mask is a hash of (seed, pair, component), so nothing of size (M, R, P) is kept.
+// load-balancing loss), and the backward of all of it. Each pair's values stay in registers instead of a dozen
+// passes over (M, R, P) tensors; the backward recomputes g and pi instead of storing them, and the dropout mask is a
+// hash of (seed, pair, component), so nothing of size (M, R, P) is kept.
 //
-// Pairs are taken RB at a time in VW-float vectors (16, AVX-512, where P and NH allow; else 8); with bfloat16 logits
-// and AVX512-BF16 the gate's matrix-vector products and weight gradients run in bfloat16 (BF16_DOTS below).
+// Pairs are taken RB at a time in VW-float vectors (GCC / clang vector extensions): 16 where the compiler targets
+// AVX-512 and P and NH allow, else 8 (two SSE or one AVX register). With bfloat16 logits and AVX512-BF16 the gate's
+// matrix-vector products and weight gradients run in bfloat16 (BF16_DOTS below). Threads: OpenMP where the build has
+// it (the pragmas are ignored otherwise and the loops run serially).
 //
-// Built by rails_lightning/similarity/fused_pair_gate.py with -DNQ=.. -DNX=.. -DNH=.. (P and NH multiples of 8,
-// NH = 0 for the linear gate). Layouts (row-major): logits (M, NQ, R, NX), the matmul's own output, read without
-// a permute; a (M, P); b (R, P), or (M, R, P) for gathered items; c (P); W and Wt = W^T (P, P); V1 (NH, P) and V1t;
-// e1 (NH); V2 (P, NH) and V2t; scores (M, R). Logits and their gradient are float or bfloat16.
+// Built by kernel.py with torch.utils.cpp_extension and -DNQ=.. -DNX=.. -DNH=.. (P and NH multiples of 8, NH = 0 for
+// the linear gate) -DPAIR_GATE_LIBRARY=<namespace>; registered there as torch operators. Layouts (row-major, shape
+// legend of gate.py: G groups of Q queries, C items each, M = G * Q query rows, R = C): logits (G, Q, NQ, C, NX), the
+// component matmul's own output, read without a permute; a (G, Q, P); b (1 | G, C, P): items shared by every group,
+// or each group's own; c (P); W (P, P); V1 (NH, P); e1 (NH); V2 (P, NH); scores (G, Q, C). Logits and their gradient
+// are float or bfloat16, everything else float.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <tuple>
 #include <type_traits>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #ifndef NQ
 #define NQ 8
@@ -36,8 +48,8 @@
 #define NH 0
 #endif
 #define NP (NQ * NX)
-#if NP % 16 == 0 && NH % 16 == 0
-#define VW 16                  // floats per vector: AVX-512's 16 where P and H allow, else 8
+#if defined(__AVX512F__) && NP % 16 == 0 && NH % 16 == 0
+#define VW 16                  // floats per vector: AVX-512's 16 where the target has it and P and H allow, else 8
 #else
 #define VW 8
 #endif
@@ -70,7 +82,10 @@ static inline void storev(float *p, vf v) { std::memcpy(p, &v, sizeof v); }
 static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 #if VW == 16
 static inline float hsum(vf v) {
-    return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+    v8 low, high;
+    std::memcpy(&low, &v, sizeof low);
+    std::memcpy(&high, reinterpret_cast<const char *>(&v) + sizeof low, sizeof high);
+    return hsum(low + high);
 }
 #endif
 
@@ -212,24 +227,28 @@ static inline __attribute__((always_inline)) void add_outer(const int nb, float 
 }
 
 struct Gate {  // the inputs shared by every pair
-    int64_t M, R, stat_items;
-    const float *a, *b, *c, *W, *Wt;
-    const float *V1, *V1t, *e1, *V2, *V2t;  // the MLP pair gate (NH > 0), else unused
+    int64_t M, R, Q, stat_items;  // M = G * Q query rows, R = C items per group, Q queries per group
+    int64_t b_group_stride;       // 0: b is (1, R, P), shared by every group; R * P: (G, R, P), each group's own
+    const float *a, *b, *c, *W, *V1, *e1, *V2;  // V1, e1, V2: the MLP pair gate (NH > 0), else unused
     uint32_t seed, threshold;  // a component is dropped when its hash is below threshold (0: never)
     float keep_scale;          // 1 / (1 - dropout)
     float W_diagonal[NP];      // with the MLP gate W is diagonal (the learned scale)
-    int64_t b_query_stride = 0;  // b is (R, P), shared by the queries; (M, R, P) with R * P here (gathered items)
+    alignas(64) float Wt[NP * NP], V1t[NP * NH1], V2t[NH1 * NP];  // W^T, V1^T, V2^T
     // W^T, W, V1^T, V2^T, V2, V1 (as the float32 products use them) in bfloat16, rows interleaved in pairs: filled and
     // read only with BF16_DOTS
     alignas(64) uint16_t Wt_pairs[NP * NP], W_pairs[NP * NP], V1t_pairs[NP * NH1], V2t_pairs[NH1 * NP], V2_pairs[NP * NH1],
         V1_pairs[NH1 * NP];
 
-    Gate(int64_t M, int64_t R, int64_t stat_items, const float *a, const float *b, const float *c, const float *W, const float *Wt,
-         const float *V1, const float *V1t, const float *e1, const float *V2, const float *V2t, uint32_t seed, uint32_t threshold,
-         float keep_scale)
-        : M(M), R(R), stat_items(stat_items), a(a), b(b), c(c), W(W), Wt(Wt), V1(V1), V1t(V1t), e1(e1), V2(V2), V2t(V2t),
+    Gate(int64_t M, int64_t R, int64_t Q, int64_t stat_items, int64_t b_group_stride, const float *a, const float *b, const float *c,
+         const float *W, const float *V1, const float *e1, const float *V2, uint32_t seed, uint32_t threshold, float keep_scale)
+        : M(M), R(R), Q(Q), stat_items(stat_items), b_group_stride(b_group_stride), a(a), b(b), c(c), W(W), V1(V1), e1(e1), V2(V2),
           seed(seed), threshold(threshold), keep_scale(keep_scale) {
         for (int k = 0; k < NP; ++k) W_diagonal[k] = W[k * NP + k];
+        transpose(W, NP, NP, Wt);
+        if (NH > 0) {
+            transpose(V1, NH, NP, V1t);
+            transpose(V2, NP, NH, V2t);
+        }
 #if BF16_DOTS
         interleave_pairs(Wt, NP, NP, Wt_pairs);
         interleave_pairs(W, NP, NP, W_pairs);
@@ -240,6 +259,11 @@ struct Gate {  // the inputs shared by every pair
             interleave_pairs(V1, NH, NP, V1_pairs);
         }
 #endif
+    }
+
+    static void transpose(const float *rows, int in, int out, float *transposed) {  // (in, out) -> (out, in)
+        for (int i = 0; i < in; ++i)
+            for (int o = 0; o < out; ++o) transposed[o * in + i] = rows[i * out + o];
     }
 };
 
@@ -321,7 +345,7 @@ static inline __attribute__((always_inline)) void gate_block(const int nb, const
                                                              const uint16_t l_bf16[RB][NP], vf g[RB][NV], vf pi[RB][NV],
                                                              vf keep[RB][NV], float lse[RB], vf hp[RB][HV1], vf h[RB][HV1]) {
     for (int q = 0; q < nb; ++q)
-        for (int v = 0; v < NV; ++v) g[q][v] = loadv(s.c + VW * v) + loadv(s.a + m * NP + VW * v) + loadv(s.b + m * s.b_query_stride + (r0 + q) * NP + VW * v);
+        for (int v = 0; v < NV; ++v) g[q][v] = loadv(s.c + VW * v) + loadv(s.a + m * NP + VW * v) + loadv(s.b + (m / s.Q) * s.b_group_stride + (r0 + q) * NP + VW * v);
     if (NH == 0) {
         add_product<BF16, NP, NV>(nb, s.Wt, s.Wt_pairs, l, l_bf16, g);  // g += W l
     } else {
@@ -501,30 +525,38 @@ static inline __attribute__((always_inline)) void backward_block(const int nb, c
     }
 }
 
-// Writes dL and da; adds into db, dWt, dV1t, dV2t, de1 (zeroed by the caller).
+// Writes dL and da; adds into db, dWt, dV1t, dV2t, de1 (zeroed by the caller). Items shared by every group: the rows
+// are split between the threads, each adding its db into a buffer of its own; each group's own items: the groups are
+// split, and a group's db rows are written by the one thread that has its queries.
 template <typename T>
 static void backward(const T *L, const Gate &s, const Upstream &up, T *dL, float *da, float *db, float *dWt, float *dV1t,
                      float *dV2t, float *de1, int num_threads) {
+    const bool shared = s.b_group_stride == 0;
+    const int64_t units = shared ? s.M : s.M / s.Q;  // rows, or groups of Q rows
+    const int64_t rows_per_unit = shared ? 1 : s.Q;
 #pragma omp parallel num_threads(num_threads)
     {
-        float *db_local = static_cast<float *>(std::calloc(size_t(s.R) * NP, sizeof(float)));
-        float *dWt_local = static_cast<float *>(std::calloc(NP * NP, sizeof(float)));
-        float *dV1t_local = static_cast<float *>(std::calloc(NP * NH + 1, sizeof(float)));
-        float *dV2t_local = static_cast<float *>(std::calloc(NH * NP + 1, sizeof(float)));
+        std::vector<float> db_local(shared ? size_t(s.R) * NP : 0, 0.f), dWt_local(NP * NP, 0.f), dV1t_local(NP * NH1, 0.f),
+            dV2t_local(NH1 * NP, 0.f);
         vf de1_local[HV1];
         for (int u = 0; u < HV1; ++u) de1_local[u] = bcast(0.f);
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < s.M; ++m) {
-            vf da_row[NV];
-            for (int v = 0; v < NV; ++v) da_row[v] = bcast(0.f);
-            int64_t r = 0;
-            for (; r + RB <= s.R; r += RB) backward_block(RB, L, s, up, m, r, dL, da_row, db_local, dWt_local, dV1t_local, dV2t_local, de1_local);
-            for (; r < s.R; ++r) backward_block(1, L, s, up, m, r, dL, da_row, db_local, dWt_local, dV1t_local, dV2t_local, de1_local);
-            for (int v = 0; v < NV; ++v) storev(da + m * NP + VW * v, da_row[v]);
+        for (int64_t unit = 0; unit < units; ++unit) {
+            float *db_rows = shared ? db_local.data() : db + unit * s.b_group_stride;
+            for (int64_t m = unit * rows_per_unit; m < (unit + 1) * rows_per_unit; ++m) {
+                vf da_row[NV];
+                for (int v = 0; v < NV; ++v) da_row[v] = bcast(0.f);
+                int64_t r = 0;
+                for (; r + RB <= s.R; r += RB)
+                    backward_block(RB, L, s, up, m, r, dL, da_row, db_rows, dWt_local.data(), dV1t_local.data(), dV2t_local.data(), de1_local);
+                for (; r < s.R; ++r)
+                    backward_block(1, L, s, up, m, r, dL, da_row, db_rows, dWt_local.data(), dV1t_local.data(), dV2t_local.data(), de1_local);
+                for (int v = 0; v < NV; ++v) storev(da + m * NP + VW * v, da_row[v]);
+            }
         }
 #pragma omp critical
         {
-            for (int64_t i = 0; i < s.R * NP; ++i) db[i] += db_local[i];
+            for (size_t i = 0; i < db_local.size(); ++i) db[i] += db_local[i];
             if (NH == 0)
                 for (int i = 0; i < NP * NP; ++i) dWt[i] += dWt_local[i];
             else  // the diagonal, accumulated in the first row
@@ -534,43 +566,116 @@ static void backward(const T *L, const Gate &s, const Upstream &up, T *dL, float
             for (int u = 0; u < HV; ++u)
                 for (int i = 0; i < VW; ++i) de1[VW * u + i] += de1_local[u][i];
         }
-        std::free(db_local);
-        std::free(dWt_local);
-        std::free(dV1t_local);
-        std::free(dV2t_local);
     }
 }
 
-#define ENTRY_POINTS(SUFFIX, T)                                                                                              \
-    extern "C" void pair_gate_forward_##SUFFIX(int64_t M, int64_t R, int64_t stat_items, const T *L, const float *a,         \
-                                               const float *b, const float *c, const float *W, const float *Wt,              \
-                                               const float *V1, const float *V1t, const float *e1, const float *V2,          \
-                                               const float *V2t, uint32_t seed, uint32_t threshold, float keep_scale,        \
-                                               float *scores, double *usage, double *entropy, int num_threads) {             \
-        const Gate s{M, R, stat_items, a, b, c, W, Wt, V1, V1t, e1, V2, V2t, seed, threshold, keep_scale};                   \
-        forward(L, s, scores, usage, entropy, num_threads);                                                                  \
-    }                                                                                                                        \
-    extern "C" void pair_gate_backward_##SUFFIX(int64_t M, int64_t R, int64_t stat_items, const T *L, const float *a,        \
-                                                const float *b, const float *c, const float *W, const float *Wt,             \
-                                                const float *V1, const float *V1t, const float *e1, const float *V2,         \
-                                                const float *V2t, uint32_t seed, uint32_t threshold, float keep_scale,       \
-                                                const float *dscores, const float *dusage, float dentropy, T *dL, float *da, \
-                                                float *db, float *dWt, float *dV1t, float *dV2t, float *de1,                 \
-                                                int num_threads) {                                                           \
-        const Gate s{M, R, stat_items, a, b, c, W, Wt, V1, V1t, e1, V2, V2t, seed, threshold, keep_scale};                   \
-        backward(L, s, Upstream{dscores, dusage, dentropy}, dL, da, db, dWt, dV1t, dV2t, de1, num_threads);                  \
+// ---------------------------------------------------------------------------------------------- the operators
+
+static void check_float(const at::Tensor &t, const char *name, c10::IntArrayRef shape) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "pair_gate: ", name,
+                " must be a contiguous float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+    TORCH_CHECK(t.sizes() == shape, "pair_gate: ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// The checked inputs as the kernel reads them.
+static std::unique_ptr<Gate> make_gate(const at::Tensor &logits, const at::Tensor &a, const at::Tensor &b, const at::Tensor &c,
+                                       const at::Tensor &W, const std::optional<at::Tensor> &V1, const std::optional<at::Tensor> &e1,
+                                       const std::optional<at::Tensor> &V2, int64_t stat_items, double dropout, int64_t seed) {
+    TORCH_CHECK(logits.dim() == 5 && logits.size(2) == NQ && logits.size(4) == NX, "pair_gate: logits must be (G, Q, ", NQ, ", C, ",
+                NX, ") for this build, got ", logits.sizes());
+    TORCH_CHECK(logits.device().is_cpu() && logits.is_contiguous() &&
+                    (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16),
+                "pair_gate: logits must be a contiguous float32 or bfloat16 CPU tensor");
+    const int64_t G = logits.size(0), Q = logits.size(1), C = logits.size(3);
+    check_float(a, "query gate logits", {G, Q, NP});
+    TORCH_CHECK(b.dim() == 3 && (b.size(0) == 1 || b.size(0) == G), "pair_gate: item gate logits must be (1 | G, C, P), got ", b.sizes());
+    check_float(b, "item gate logits", {b.size(0), C, NP});
+    check_float(c, "bias", {NP});
+    check_float(W, "weight", {NP, NP});
+    TORCH_CHECK(V1.has_value() == (NH > 0) && e1.has_value() == (NH > 0) && V2.has_value() == (NH > 0),
+                "pair_gate: this build's pair gate has ", NH, " hidden units: the MLP weights are ", NH > 0 ? "needed" : "not taken");
+    if (NH > 0) {
+        check_float(*V1, "hidden weight", {NH, NP});
+        check_float(*e1, "hidden bias", {NH});
+        check_float(*V2, "output weight", {NP, NH});
     }
+    TORCH_CHECK(0.0 <= dropout && dropout < 1.0, "pair_gate: dropout must be in [0, 1), got ", dropout);
+    TORCH_CHECK(0 <= seed && seed < (int64_t(1) << 32), "pair_gate: seed must be a 32-bit unsigned value, got ", seed);
+    const uint32_t threshold = uint32_t(std::min(std::llround(dropout * 4294967296.0), 4294967295LL));
+    const float *no = nullptr;
+    return std::make_unique<Gate>(G * Q, C, Q, std::clamp<int64_t>(stat_items, 0, C), b.size(0) == 1 ? 0 : C * NP, a.data_ptr<float>(),
+                                  b.data_ptr<float>(), c.data_ptr<float>(), W.data_ptr<float>(), NH > 0 ? V1->data_ptr<float>() : no,
+                                  NH > 0 ? e1->data_ptr<float>() : no, NH > 0 ? V2->data_ptr<float>() : no, uint32_t(seed), threshold,
+                                  float(1.0 / (1.0 - dropout)));
+}
 
-ENTRY_POINTS(float32, float)
-ENTRY_POINTS(bfloat16, uint16_t)
+template <typename T>
+static const T *data(const at::Tensor &t) { return reinterpret_cast<const T *>(t.const_data_ptr()); }
 
-// Scores only of M queries x their own R items (logits (M, NQ, R, NX), item gate logits b (M, R, P)): the
-// re-ranking of candidates; no dropout, no statistics, no backward.
-extern "C" void pair_gate_gathered_scores_float32(int64_t M, int64_t R, const float *L, const float *a, const float *b, const float *c,
-                                                  const float *W, const float *Wt, const float *V1, const float *V1t, const float *e1,
-                                                  const float *V2, const float *V2t, float *scores, int num_threads) {
-    Gate s{M, R, 0, a, b, c, W, Wt, V1, V1t, e1, V2, V2t, 0, 0, 1.f};
-    s.b_query_stride = R * NP;
-    double usage[NP], entropy;
-    forward(L, s, scores, usage, &entropy, num_threads);
+// scores (G, Q, C), and over the pairs of the first stat_items items of each group the sums of the gates (P,) and of
+// their entropies ().
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_gate_forward(const at::Tensor &logits, const at::Tensor &a, const at::Tensor &b,
+                                                                        const at::Tensor &c, const at::Tensor &W,
+                                                                        const std::optional<at::Tensor> &V1,
+                                                                        const std::optional<at::Tensor> &e1,
+                                                                        const std::optional<at::Tensor> &V2, int64_t stat_items,
+                                                                        double dropout, int64_t seed, int64_t num_threads) {
+    const auto gate = make_gate(logits, a, b, c, W, V1, e1, V2, stat_items, dropout, seed);
+    const auto options = a.options();
+    at::Tensor scores = at::empty({logits.size(0), logits.size(1), logits.size(3)}, options);
+    at::Tensor usage = at::empty({NP}, options), entropy = at::empty({}, options);
+    double usage_sum[NP], entropy_sum;
+    if (logits.scalar_type() == at::kBFloat16)
+        forward(data<uint16_t>(logits), *gate, scores.data_ptr<float>(), usage_sum, &entropy_sum, int(num_threads));
+    else
+        forward(data<float>(logits), *gate, scores.data_ptr<float>(), usage_sum, &entropy_sum, int(num_threads));
+    for (int p = 0; p < NP; ++p) usage.data_ptr<float>()[p] = float(usage_sum[p]);
+    *entropy.data_ptr<float>() = float(entropy_sum);
+    return {scores, usage, entropy};
+}
+
+// The gradients of the forward's inputs (dlogits, da, db, dc, dW, dV1, de1, dV2; the last three empty without the MLP)
+// from those of its outputs; the gates and the dropout mask are recomputed.
+static std::vector<at::Tensor> pair_gate_backward(const at::Tensor &logits, const at::Tensor &a, const at::Tensor &b, const at::Tensor &c,
+                                                  const at::Tensor &W, const std::optional<at::Tensor> &V1, const std::optional<at::Tensor> &e1,
+                                                  const std::optional<at::Tensor> &V2, int64_t stat_items, double dropout, int64_t seed,
+                                                  const at::Tensor &dscores, const at::Tensor &dusage, const at::Tensor &dentropy,
+                                                  int64_t num_threads) {
+    const auto gate = make_gate(logits, a, b, c, W, V1, e1, V2, stat_items, dropout, seed);
+    check_float(dscores, "the scores' gradient", {logits.size(0), logits.size(1), logits.size(3)});
+    check_float(dusage, "the usage's gradient", {NP});
+    check_float(dentropy, "the entropy's gradient", {});
+    const auto options = a.options();
+    at::Tensor dlogits = at::empty(logits.sizes(), logits.options()), da = at::empty(a.sizes(), options), db = at::zeros(b.sizes(), options);
+    std::vector<float> dWt(NP * NP, 0.f), dV1t(NP * NH1, 0.f), dV2t(NH1 * NP, 0.f), de1(NH1, 0.f);
+    const Upstream up{dscores.data_ptr<float>(), dusage.data_ptr<float>(), *dentropy.data_ptr<float>()};
+    if (logits.scalar_type() == at::kBFloat16)
+        backward(data<uint16_t>(logits), *gate, up, reinterpret_cast<uint16_t *>(dlogits.data_ptr()), da.data_ptr<float>(),
+                 db.data_ptr<float>(), dWt.data(), dV1t.data(), dV2t.data(), de1.data(), int(num_threads));
+    else
+        backward(data<float>(logits), *gate, up, dlogits.data_ptr<float>(), da.data_ptr<float>(), db.data_ptr<float>(), dWt.data(),
+                 dV1t.data(), dV2t.data(), de1.data(), int(num_threads));
+    at::Tensor dc = at::zeros({NP}, options), dW = at::empty({NP, NP}, options);
+    const float *da_rows = da.data_ptr<float>();
+    for (int64_t m = 0; m < gate->M; ++m)
+        for (int p = 0; p < NP; ++p) dc.data_ptr<float>()[p] += da_rows[m * NP + p];  // c enters every pair as a_m does
+    Gate::transpose(dWt.data(), NP, NP, dW.data_ptr<float>());
+    at::Tensor dV1 = at::empty({NH, NP}, options), de1_out = at::empty({NH}, options), dV2 = at::empty({NP, NH}, options);
+    if (NH > 0) {
+        Gate::transpose(dV1t.data(), NP, NH, dV1.data_ptr<float>());
+        Gate::transpose(dV2t.data(), NH, NP, dV2.data_ptr<float>());
+        std::memcpy(de1_out.data_ptr<float>(), de1.data(), NH * sizeof(float));
+    }
+    return {dlogits, da, db, dc, dW, dV1, de1_out, dV2};
+}
+
+// One library per (NQ, NX, NH) build, named by PAIR_GATE_LIBRARY (an indirection, so that the macro is expanded).
+#define PAIR_GATE_REGISTER(library, module) TORCH_LIBRARY(library, module)
+PAIR_GATE_REGISTER(PAIR_GATE_LIBRARY, module) {
+    module.def("forward(Tensor logits, Tensor a, Tensor b, Tensor c, Tensor W, Tensor? V1, Tensor? e1, Tensor? V2, int stat_items, "
+               "float dropout, int seed, int num_threads) -> (Tensor, Tensor, Tensor)",
+               &pair_gate_forward);
+    module.def("backward(Tensor logits, Tensor a, Tensor b, Tensor c, Tensor W, Tensor? V1, Tensor? e1, Tensor? V2, int stat_items, "
+               "float dropout, int seed, Tensor dscores, Tensor dusage, Tensor dentropy, int num_threads) -> Tensor[]",
+               &pair_gate_backward);
 }
