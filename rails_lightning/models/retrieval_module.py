@@ -243,6 +243,8 @@ class RetrievalModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.objective.on_train_epoch_start(self)
+        # The objective holds what it mines from; the steps hold no encoded corpus or index beside it.
+        self.corpus_index.invalidate()
 
     def on_train_batch_end(self, outputs: Any, batch: TrainBatch, batch_idx: int) -> None:
         self.corpus_index.invalidate()  # the optimizer step changed the weights
