@@ -4,8 +4,9 @@ Full-corpus evaluation (``CorpusEvaluation``, after every training epoch) and ha
 (``MinedNegatives``, at the start of the next one) both need the whole corpus encoded with the same
 weights and a top-k retriever over it. One ``CorpusIndex``, owned by the model, encodes the corpus
 once for as long as the weights stay the same and builds each retriever once per encoding; the
-model calls ``invalidate`` whenever its weights change (an optimizer step, a loaded state dict) and
-when a trainer stage ends (so an idle model holds no encoded corpus).
+model calls ``invalidate`` whenever its weights change (an optimizer step, a loaded state dict), at a
+training epoch's start once the objective took what it mines from, and when a trainer stage ends, so
+that neither training steps nor an idle model hold an encoded corpus beside the objective's.
 
 Distributed runs (DDP): each process encodes its 1/W share of the corpus and the shares are
 all-gathered, so every process holds the whole encoded corpus without encoding all of it. Every
