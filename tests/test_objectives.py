@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import LossRecorder, cpu_trainer, make_tiny_data, make_tiny_model
+from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.cli import main
 from rails_lightning.errors import ConfigError
 from rails_lightning.objectives import FullSoftmax, MinedNegatives, PerQueryNegatives, SharedNegatives, TrainingStep
@@ -196,14 +197,17 @@ def test_each_objective_trains(tmp_path, model, objective):
         assert module.objective.retriever is not None
 
 
-def test_resume_with_mined_negatives_equals_uninterrupted_run(tmp_path):
-    """The mined negatives come from the weights at the epoch start, so a resumed run mines what an uninterrupted one does."""
+@pytest.mark.parametrize("validation", [False, True], ids=["mining-encodes", "validation-encodes"])
+def test_resume_with_mined_negatives_equals_uninterrupted_run(tmp_path, validation):
+    """The mined negatives come from the weights at the epoch start, so a resumed run mines what an uninterrupted one
+    does: also when the uninterrupted run mines from the encoding its validation made and the resumed one encodes anew."""
     def run(epochs, ckpt_path=None, directory="a"):
         torch.manual_seed(7)
         data = make_tiny_data()
         module = make_tiny_model(data, objective=OBJECTIVES["mined"])
         recorder = LossRecorder()
-        fit = cpu_trainer(tmp_path / directory, epochs, [recorder], limit_val_batches=0)
+        callbacks = [recorder, CorpusEvaluation(ks=(1, 10))] if validation else [recorder]
+        fit = cpu_trainer(tmp_path / directory, epochs, callbacks, limit_val_batches=1.0 if validation else 0)
         fit.fit(module, datamodule=data, ckpt_path=ckpt_path)
         return recorder.losses, fit
 
