@@ -35,7 +35,7 @@ def _csr(exclude):
 def _naive_scores(similarity, queries, items):
     """(B, N) MoL scores written out from the definition, independently of the chunked code paths."""
     logits = torch.einsum("bid,njd->bnij", queries.components, items.components).reshape(B, N, P_Q * P_X)
-    gate_logits = queries.gate_logits[:, None] + items.gate_logits[None] + similarity.logit_gate(logits)
+    gate_logits = queries.gate_logits[:, None] + items.gate_logits[None] + similarity.gate.pair_part(logits) + similarity.gate.logit_scale * logits
     return (torch.softmax(gate_logits, -1) * logits).sum(-1)
 
 

@@ -14,7 +14,7 @@ from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.errors import ConfigError
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule, SASRecEncoder, UserIdEncoder
 from rails_lightning.objectives import SharedNegatives
-from rails_lightning.similarity import DotProduct, MixtureOfLogits
+from rails_lightning.similarity import DotProduct, MixtureOfLogits, with_group_dim
 
 MODELS = ["TwoTower", "MoL"]
 FIRST_LOSSES = {"TwoTower": TEST_DATA / "two_tower_first_losses.json", "MoL": TEST_DATA / "mol_first_losses.json"}
@@ -149,8 +149,8 @@ def test_checkpoint_rebuilds_the_model_without_config(tmp_path, model):
     module.eval(), loaded.eval()
     batch = data.val_dataloader().dataset[list(range(20))]
     with torch.no_grad():
-        expected = module.similarity.cross_scores(module.encode_queries(batch), module.encode_corpus())[0]
-        got = loaded.similarity.cross_scores(loaded.encode_queries(batch), loaded.encode_corpus())[0]
+        expected = module.similarity.score(with_group_dim(module.encode_queries(batch), 0), with_group_dim(module.encode_corpus(), 0))[0]
+        got = loaded.similarity.score(with_group_dim(loaded.encode_queries(batch), 0), with_group_dim(loaded.encode_corpus(), 0))[0]
     torch.testing.assert_close(got, expected)
 
 
@@ -173,7 +173,7 @@ def test_optimiser_does_not_decay_biases_norms_and_scalars():
     assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in kept["params"])
     names = {id(p): n for n, p in module.named_parameters()}
     kept_names = {names[id(p)] for p in kept["params"]}
-    assert {"log_temperature", "similarity.logit_scale"} <= kept_names
+    assert {"log_temperature", "similarity.gate.logit_scale"} <= kept_names
     assert any("norm" in n for n in kept_names) and any(n.endswith("bias") for n in kept_names)
     assert len(decayed["params"]) + len(kept["params"]) == sum(1 for p in module.parameters() if p.requires_grad)
     (everything,) = RetrievalModule(num_items=20, decay_all_parameters=True, weight_decay=0.1).configure_optimizers().param_groups
