@@ -54,22 +54,23 @@ def test_full_softmax_is_cross_entropy_over_the_corpus():
 
 
 @pytest.mark.parametrize("model, separable", [("TwoTower", False), ("MoL", False), ("MoL", True)])
-def test_grouped_scores_equal_cross_scores(model, separable):
-    """Each group's queries against its own items score exactly as the same pairs in a cross score."""
+def test_each_groups_own_items_score_as_shared_items(model, separable):
+    """Each group's queries against its own items (items (G, C)) score exactly as the same pairs with the items shared
+    by one group (items (1, C))."""
     torch.manual_seed(0)
     data = make_tiny_data()
-    options = {"similarity": functools.partial(MixtureOfLogits, component_dim=8, gate_sees_logits=False)} if separable else {}
+    options = {"similarity": functools.partial(MixtureOfLogits, component_dim=8, gate="separable")} if separable else {}
     module = make_tiny_model(data, model, **options).eval()
     batch = _first_batch(data)
     with torch.no_grad():
         states = module.encode_sequence(batch.user_ids, batch.input_ids)  # (B, L, D)
         queries = module.similarity.query_representation(states, batch.user_ids[:, None].expand(-1, states.shape[1]))  # (B, L)
         ids = torch.randint(1, data.num_items + 1, (len(states), 7))  # (B, 7): each sequence its own items
-        grouped, _ = module.similarity.grouped_scores(queries, module.encode_items(ids))  # (B, L, 7)
+        grouped, _ = module.similarity.score(queries, module.encode_items(ids))  # (B, L, 7)
         for row in (0, 5):
-            one = type(queries)(*(f[row] for f in queries)) if isinstance(queries, tuple) else queries[row]  # L queries
-            crossed, _ = module.similarity.cross_scores(one, module.encode_items(ids[row]))  # (L, 7)
-            torch.testing.assert_close(grouped[row], crossed, rtol=1e-5, atol=1e-5)
+            one = type(queries)(*(f[row : row + 1] for f in queries)) if isinstance(queries, tuple) else queries[row : row + 1]  # (1, L)
+            shared, _ = module.similarity.score(one, module.encode_items(ids[row : row + 1]))  # (1, L, 7)
+            torch.testing.assert_close(grouped[row], shared[0], rtol=1e-5, atol=1e-5)
 
 
 

@@ -6,8 +6,8 @@ queries), R sampled negatives, N corpus size (item ids 1..N).
     history (B, L) --item tower--> (B, L, D) --query encoder--> states (B, L, D)
     states at the M target positions --similarity.query_representation--> queries
     item ids --item tower--> (.., D) --similarity.item_representation--> items
-    softmax of similarity.pair_scores (positives) against the objective's negatives: similarity.cross_scores
-    (negatives shared by the batch) and similarity.grouped_scores (negatives drawn per query or per sequence)
+    softmax of the positives' similarity.score against the objective's negatives' (shared by the batch, drawn per
+    query or per sequence: the similarity's one score function, queries and items laid out in groups)
 
 Models differ only in their similarity (``DotProduct`` for the two-tower model, ``MixtureOfLogits``
 for MoL), chosen with ``class_path``, and are trained with an objective (``rails_lightning.objectives``:
@@ -261,25 +261,26 @@ class RetrievalModule(pl.LightningModule):
             every_position = self.similarity.query_representation(states, all_user_ids)  # (B, L) queries
             queries = _map_fields(every_position, lambda field: field[has_target])  # M queries
         inv_temperature = torch.exp(-self.log_temperature)
-        positive_logits = self.similarity.pair_scores(queries, self.encode_items(positive_ids)) * inv_temperature  # (M,)
-        # Shared negatives: one (M, R_S) cross score; per-query ones: M groups of one query; per-sequence ones: B groups
+        single = _map_fields(queries, lambda field: field[:, None])  # M groups of one query
+        positive_logits = self.similarity.score(single, self.encode_items(positive_ids[:, None]))[0][:, 0, 0] * inv_temperature  # (M,)
+        # Shared negatives: one group of M queries; per-query ones: M groups of one query; per-sequence ones: B groups
         # of L positions. The similarity's auxiliary outputs (MoL's load balancing) come from the first part drawn.
         M = positive_ids.numel()
         logits, negative_ids, log_q, auxiliary = [], [], [], None
         if negatives.shared is not None:
-            scores, auxiliary = self.similarity.cross_scores(queries, self.encode_items(negatives.shared))  # (M, R_S)
-            logits.append(scores)
+            shared = _map_fields(queries, lambda field: field[None])  # one group of M queries
+            scores, auxiliary = self.similarity.score(shared, self.encode_items(negatives.shared[None]), auxiliary=True)  # (1, M, R_S)
+            logits.append(scores[0])
             negative_ids.append(negatives.shared.expand(M, -1))
             log_q.append(negatives.shared_log_q.expand(M, -1))
         if negatives.per_query is not None:
-            single = _map_fields(queries, lambda field: field[:, None])  # M groups of one query
-            scores, part_auxiliary = self.similarity.grouped_scores(single, self.encode_repeated_items(negatives.per_query))  # (M, 1, R_Q)
+            scores, part_auxiliary = self.similarity.score(single, self.encode_repeated_items(negatives.per_query), auxiliary=auxiliary is None)  # (M, 1, R_Q)
             auxiliary = part_auxiliary if auxiliary is None else auxiliary
             logits.append(scores[:, 0])
             negative_ids.append(negatives.per_query)
             log_q.append(negatives.per_query_log_q)
         if negatives.per_sequence is not None:
-            scores, part_auxiliary = self.similarity.grouped_scores(every_position, self.encode_repeated_items(negatives.per_sequence))  # (B, L, R_B)
+            scores, part_auxiliary = self.similarity.score(every_position, self.encode_repeated_items(negatives.per_sequence), auxiliary=auxiliary is None)  # (B, L, R_B)
             auxiliary = part_auxiliary if auxiliary is None else auxiliary
             logits.append(scores[has_target])
             rows = has_target.nonzero()[:, 0]  # (M,) the sequence of each query, in the mask's order
