@@ -2,8 +2,8 @@
 
 For M queries x R items with P_Q x P_X component logits (random, in [-1, 1]) and a pair gate (linear, or an MLP
 with ``--hidden`` units), times ``MixtureOfLogits``' gate arithmetic both ways on the same inputs: the PyTorch ops
-(the (M, R, P) passes of ``MixtureOfLogits.mix`` and the load-balancing statistics) and ``fused_pair_gate``; the
-component matmul is not included (it is the same for both). Gate dropout 0.2, every item's gates balanced, as in
+(``similarity.mol.gate.pair_gate``, the reference: the (M, R, P) passes and the load-balancing statistics) and the
+kernel (``similarity.mol.kernel.run_pair_gate("kernel", ...)``); the component matmul is not included (it is the same for both). Gate dropout 0.2, every item's gates balanced, as in
 ``configs/synthetic/mol.yaml``. Prints the best of ``--repeats`` forward and backward milliseconds and the ratio.
 
     python benchmarks/pair_gate_kernel.py [--queries 2900] [--items 512] [--components 8,4] [--hidden 0] [--bfloat16]
@@ -15,25 +15,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from rails_lightning.cli import _keep_freed_memory
-from rails_lightning.losses import entropy
-from rails_lightning.similarity.fused_pair_gate import fused_pair_gate, load_kernel
-
-
-def pytorch_gate(logits, query, item, weight, bias, hidden, dropout):
-    """The PyTorch ops' version: (M, P_Q, R, P_X) logits -> scores (M, R), gate sums (P,), entropy sum ()."""
-    M, P_Q, R, P_X = logits.shape
-    pairs = logits.permute(0, 2, 1, 3).reshape(M, R, P_Q * P_X).float()  # (M, R, P)
-    gate_logits = F.linear(pairs, weight, bias) + query[:, None] + item[None]
-    if hidden is not None:
-        first, first_bias, second = hidden
-        gate_logits = gate_logits + F.linear(F.silu(F.linear(pairs, first, first_bias)), second)
-    gates = torch.softmax(gate_logits, dim=-1)
-    scores = (F.dropout(gates, dropout) * pairs).sum(-1)
-    flat = gates.reshape(-1, gates.shape[-1])
-    return scores, flat.sum(0), entropy(flat).sum()
+from rails_lightning.similarity.mol.gate import PairGateWeights, pair_gate
+from rails_lightning.similarity.mol.kernel import gate_path, run_pair_gate
 
 
 def best_times(function, inputs, upstream, repeats: int) -> tuple[float, float]:
@@ -63,24 +48,24 @@ def main() -> None:
     _keep_freed_memory()
     P_Q, P_X = (int(n) for n in args.components.split(","))
     P, M, R, H, dropout = P_Q * P_X, args.queries, args.items, args.hidden, 0.2
-    kernel = load_kernel(P_Q, P_X, H)
-    if kernel is None:
-        raise SystemExit("the kernel could not be built (see the warning above)")
     generator = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if args.bfloat16 else torch.float32
-    logits = torch.rand(M, P_Q, R, P_X, generator=generator).mul(2).sub(1).to(dtype).requires_grad_()
-    query, item = torch.randn(M, P, generator=generator), torch.randn(R, P, generator=generator)
-    weight = (torch.randn(P, P, generator=generator) / P**0.5) if H == 0 else 0.5 * torch.eye(P)
+    logits = torch.rand(1, M, P_Q, R, P_X, generator=generator).mul(2).sub(1).to(dtype).requires_grad_()  # one group
+    query, item = torch.randn(1, M, P, generator=generator), torch.randn(1, R, P, generator=generator)
+    weight = (torch.randn(P, P, generator=generator) / P**0.5) if H == 0 else 0.5 * torch.eye(P)  # MLP: s I, its diagonal read
     bias = torch.zeros(P)
-    hidden = None if H == 0 else (torch.randn(H, P, generator=generator) / P**0.5, torch.zeros(H), torch.randn(P, H, generator=generator) / H**0.5)
-    parameters = [t.requires_grad_() for t in (query, item, weight, bias, *(hidden or ()))]
-    upstream = torch.randn(M, R, generator=generator)
+    hidden = () if H == 0 else (torch.randn(H, P, generator=generator) / P**0.5, torch.zeros(H), torch.randn(P, H, generator=generator) / H**0.5)
+    parameters = [t.requires_grad_() for t in (query, item, weight, bias, *hidden)]
+    upstream = torch.randn(1, M, R, generator=generator)
+    if gate_path("kernel", logits, "additive", PairGateWeights(weight, bias, *hidden)) != "kernel":
+        raise SystemExit("the kernel could not be built or does not apply to these sizes (see the warning above)")
 
-    def pytorch(logits, query, item, weight, bias, *rest):
-        return pytorch_gate(logits, query, item, weight, bias, rest or None, dropout)
+    def pytorch(logits, query, item, weight, bias, *rest):  # the reference: the gate arithmetic as PyTorch ops
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bfloat16):  # bfloat16 logits come from bf16-mixed
+            return pair_gate(logits, query, item, PairGateWeights(weight, bias, *rest), "additive", dropout, True, R)
 
     def fused(logits, query, item, weight, bias, *rest):
-        return fused_pair_gate(kernel, logits, query, item, weight, bias, R, dropout, hidden=rest or None)
+        return run_pair_gate("kernel", logits, query, item, PairGateWeights(weight, bias, *rest), "additive", dropout, True, R)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; M={M} R={R} P={P_Q}x{P_X} "
           f"{'MLP gate H=' + str(H) if H else 'linear gate'}, {dtype}")  # fmt: skip

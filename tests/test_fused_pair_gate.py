@@ -1,6 +1,6 @@
 """The fused pair-gate kernel, the operator ``rails_lightning::pair_gate``: it builds wherever a C++ compiler exists
 (every parity test below fails, not skips, when it does not build there), it passes ``torch.library.opcheck``, and
-through ``MixtureOfLogits(fused_pair_gate=True)`` it gives the reference's scores, load-balancing loss and gradients for
+through ``MixtureOfLogits(gate_implementation="kernel")`` it gives the reference's scores, load-balancing loss and gradients for
 items shared by every group and for each group's own; a gate dropout of the right rate that the backward reproduces;
 bfloat16 logits; the fallback to the reference where it cannot build; and a real fit under bf16-mixed.
 
@@ -46,7 +46,7 @@ def _pair(P_Q=4, P_X=2, perturb=True, **options):
     torch.manual_seed(0)
     options = {"component_dim": 8, "gate_hidden_dim": 5, "logit_gate_hidden_dim": 0, "gate_logit_scale": 0.5, **options}
     reference = MixtureOfLogits(D, NUM_USERS, P_Q, P_X, **options)
-    fused = MixtureOfLogits(D, NUM_USERS, P_Q, P_X, fused_pair_gate=True, **options)
+    fused = MixtureOfLogits(D, NUM_USERS, P_Q, P_X, gate_implementation="kernel", **options)
     with torch.no_grad():  # a pair gate far from its initialisation: every weight and bias matters
         generator = torch.Generator().manual_seed(1)
         for parameter in reference.gate.pair_part.parameters() if perturb else ():
@@ -93,9 +93,9 @@ def test_training_scores_loss_and_gradients_equal_the_reference(kernel_runs, siz
     for name in ("load_balancing", "gate_entropy", "gate_usage_max", "gate_usage_min", "gate_effective_components"):
         torch.testing.assert_close(fused_auxiliary.statistics[name], auxiliary.statistics[name], msg=name)
     torch.testing.assert_close(fused_auxiliary.losses["load_balancing_loss"], auxiliary.losses["load_balancing_loss"])
-    for name, grad in grads.items():
+    for name, grad in grads.items():  # summation orders differ (FMA or not, vector widths): 1e-4 of the largest entry
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()), msg=name)
 
 
 @pytest.mark.parametrize("pair_gate_hidden", [0, 16])
@@ -152,7 +152,7 @@ def test_bfloat16_gate_products_stay_within_bfloat16_precision(kernel_runs, pair
 
     def outputs(logit_dtype):
         leaves = [None if t is None else t.clone().requires_grad_() for t in [inputs[0].to(logit_dtype), *inputs[1:]]]
-        scores, usage, entropy = kernel.fused_pair_gate(leaves[0], leaves[1], leaves[2], weights(leaves), "additive", 0.0, False, 40)
+        scores, usage, entropy = kernel.run_pair_gate("kernel", leaves[0], leaves[1], leaves[2], weights(leaves), "additive", 0.0, False, 40)
         present = [leaf for leaf in leaves if leaf is not None]
         grads = torch.autograd.grad((scores * upstream).sum() + usage @ usage_weights + entropy, present)
         return [scores.detach(), usage.detach(), entropy.detach()], [grad.float() for grad in grads]
@@ -193,14 +193,14 @@ def test_gate_dropout_rate_and_scale(kernel_runs):
     M, R, p = 64, 500, 0.25
     logits, a, b, weights = _uniform_gate(M, R)
     torch.manual_seed(0)
-    scores = kernel.fused_pair_gate(logits, a, b, weights, "additive", p, True, 0).scores[0]
+    scores = kernel.run_pair_gate("kernel", logits, a, b, weights, "additive", p, True, 0).scores[0]
     kept = scores * (1 - p) * 8  # (M, R) kept components per pair
     torch.testing.assert_close(kept, kept.round(), atol=1e-4, rtol=0)
     assert abs(float(kept.mean()) / 8 - (1 - p)) < 0.01
     assert abs(float(scores.mean()) - 1.0) < 0.015
     assert kept.min() < 8 and kept.max() == 8  # some pairs lose components, some none
     assert (scores[0] != scores[1]).any()  # different pairs, different masks
-    torch.testing.assert_close(kernel.fused_pair_gate(logits, a, b, weights, "additive", p, False, 0).scores[0], torch.ones(M, R))  # eval
+    torch.testing.assert_close(kernel.run_pair_gate("kernel", logits, a, b, weights, "additive", p, False, 0).scores[0], torch.ones(M, R))  # eval
 
 
 def test_backward_reproduces_the_forward_dropout_mask(kernel_runs):
@@ -212,7 +212,7 @@ def test_backward_reproduces_the_forward_dropout_mask(kernel_runs):
 
     def total(values, dropout=0.5):
         torch.manual_seed(5)
-        return kernel.fused_pair_gate(values, a, b, weights, "additive", dropout, True, 50).scores.sum()
+        return kernel.run_pair_gate("kernel", values, a, b, weights, "additive", dropout, True, 50).scores.sum()
 
     point = logits.clone().requires_grad_()
     (gradient,) = torch.autograd.grad(total(point), point)
@@ -225,16 +225,16 @@ def test_backward_reproduces_the_forward_dropout_mask(kernel_runs):
 
 
 def test_where_it_does_not_apply_the_reference_runs():
-    """Multiplicative and separable gates, P or H not multiples of 8: the dispatcher takes the reference."""
+    """Multiplicative and separable gates, P or H not multiples of 8: the dispatcher takes the eager reference."""
     logits, a, b, *rest = _operator_inputs(1, 3, 5, 3, 2, 0)  # P = 6
     weights = PairGateWeights(rest[1], rest[0])
-    assert kernel.kernel_path(logits, "additive", weights) == "reference"
+    assert kernel.gate_path("kernel", logits, "additive", weights) == "eager"
     logits, a, b, *rest = _operator_inputs(1, 3, 5, 4, 2, 0)
     weights = PairGateWeights(rest[1], rest[0])
-    assert kernel.kernel_path(logits, "multiplicative", weights) == "reference"
-    assert kernel.kernel_path(logits, "separable", None) == "reference"
+    assert kernel.gate_path("kernel", logits, "multiplicative", weights) == "eager"
+    assert kernel.gate_path("kernel", logits, "separable", None) == "eager"
     expected = pair_gate(logits, a, b, weights, "multiplicative", 0.0, False, 5)
-    for got, want in zip(kernel.fused_pair_gate(logits, a, b, weights, "multiplicative", 0.0, False, 5), expected):
+    for got, want in zip(kernel.run_pair_gate("kernel", logits, a, b, weights, "multiplicative", 0.0, False, 5), expected):
         torch.testing.assert_close(got, want)
 
 
@@ -256,7 +256,7 @@ def test_without_a_compiler_it_warns_once_and_uses_the_reference(monkeypatch, fr
         fused_scores, _ = fused.score(queries, items)
     torch.testing.assert_close(fused_scores, reference.score(queries, items)[0])
     logits, *_ = _operator_inputs(1, 2, 3, 4, 2, 0)
-    assert kernel.kernel_path(logits, "additive", PairGateWeights(torch.zeros(8, 8), torch.zeros(8))) == "reference"  # no second warning
+    assert kernel.gate_path("kernel", logits, "additive", PairGateWeights(torch.zeros(8, 8), torch.zeros(8))) == "eager"  # no second warning
 
 
 def test_a_failing_build_warns_with_the_compiler_error(monkeypatch, fresh_build):
@@ -284,7 +284,7 @@ def test_bf16_mixed_fit_with_the_fused_gate_learns_and_evaluates(kernel_runs, tm
         data.num_items, data.num_users, data.max_seq_len, item_dim=16, query_encoder=MeanPoolEncoder,
         objective=functools.partial(SharedNegatives, num_negatives=32),
         similarity=functools.partial(MixtureOfLogits, num_query_components=4, num_item_components=2, component_dim=8,
-                                     logit_gate_hidden_dim=pair_gate_hidden, fused_pair_gate=True),
+                                     logit_gate_hidden_dim=pair_gate_hidden, gate_implementation="kernel"),
     )  # fmt: skip
     losses = LossRecorder()
     trainer = cpu_trainer(tmp_path, 3, [CorpusEvaluation(ks=(1, 10)), losses], enable_checkpointing=False, precision="bf16-mixed")

@@ -321,7 +321,7 @@ def test_reference_options_shapes_and_multiplicative_gate():
     # with and without autograd the same.
     mol.eval()
     queries, items = with_group_dim(mol.encode_queries(query), 0), with_group_dim(mol.encode_corpus(), 0)
-    output = scoring.score(queries, items, mol.similarity.gate, NUM_ITEMS, fused=False)
+    output = scoring.score(queries, items, mol.similarity.gate, NUM_ITEMS)
     with torch.no_grad():
         no_grad_scores = mol.similarity.score(queries, items)[0]
     logits = torch.einsum("mid,rjd->mrij", queries.components[0], items.components[0]).flatten(2)  # (5, N, P)
@@ -473,14 +473,14 @@ def test_no_combination_of_options_is_refused(form):
     """Every gate form with every other option builds, scores shared and per-group items, and trains (options that
     only shape a part another option leaves out are unused, not refused)."""
     train, _ = _batches()
-    for fused in (False, True):
+    for implementation in ("eager", "kernel"):
         for user_id in (False, True):
             for swiglu, hidden in ((False, 0), (True, 0), (True, 12)):
                 torch.manual_seed(0)
                 mol = _quiet(MoL(num_query_components=2, num_item_components=4, component_dim=8, component_hidden_dim=hidden, gate=form,
-                                 fused_pair_gate=fused, user_id_component=user_id, user_id_dropout=0.5, user_id_l2=0.1,
+                                 gate_implementation=implementation, user_id_component=user_id, user_id_dropout=0.5, user_id_l2=0.1,
                                  swiglu_query_components=swiglu, logit_gate_hidden_dim=8, gate_logit_scale=0.5))  # fmt: skip
-                assert torch.isfinite(mol.training_step(train, 0)), (fused, user_id, swiglu, hidden)
+                assert torch.isfinite(mol.training_step(train, 0)), (implementation, user_id, swiglu, hidden)
 
 
 def test_linear_logit_gate_is_one_map_with_the_scale():
@@ -492,7 +492,7 @@ def test_linear_logit_gate_is_one_map_with_the_scale():
     assert isinstance(gate.pair_part, nn.Linear) and isinstance(gate.query_part, nn.Sequential)
     queries = with_group_dim(similarity.query_representation(torch.randn(7, D), torch.zeros(7, dtype=torch.long)), 0)
     items = with_group_dim(similarity.item_representation(torch.randn(11, D)), 0)
-    output = scoring.score(queries, items, gate, 11, fused=False)  # (1, 7, 11)
+    output = scoring.score(queries, items, gate, 11)  # (1, 7, 11)
     logits = torch.einsum("mid,rjd->mrij", queries.components[0], items.components[0]).flatten(2)  # (7, 11, P)
     expected = torch.softmax(queries.gate_logits[0, :, None] + items.gate_logits[0, None] + gate.pair_part(logits) + 0.5 * logits, dim=-1)
     torch.testing.assert_close(output.scores[0], (expected * logits).sum(-1))

@@ -1,5 +1,10 @@
-"""The pair gate's fused CPU kernel (``pair_gate.cpp``) as the PyTorch operator ``rails_lightning::pair_gate``, and the
-dispatcher that runs it where it applies and the PyTorch reference (``gate.pair_gate``) everywhere else.
+"""The pair gate's fast implementations and the dispatcher between them and the PyTorch reference (``gate.pair_gate``):
+
+* ``eager``: the reference as it is;
+* ``compiled``: the reference under ``torch.compile`` (Inductor fuses its elementwise passes: softmax, dropout, the
+  combination, the entropy; any gate form, any device);
+* ``kernel``: the fused CPU kernel (``pair_gate.cpp``) as the PyTorch operator ``rails_lightning::pair_gate``, for
+  the additive gate, P and H multiples of 8; the reference where it does not apply.
 
 The operator computes what ``gate.pair_gate`` computes for the additive pair gate (shapes and arguments as there), with
 the gate dropout mask drawn by a hash of ``seed`` rather than by torch's ``bernoulli`` (the same distribution, other
@@ -15,8 +20,8 @@ The C++ is compiled on first use, once per (P_Q, P_X, H), by ``torch.utils.cpp_e
   serially otherwise.
 
 Each variant has its own build directory and library name. Where the build fails (no compiler, a compiler error) the
-dispatcher warns once and uses the reference. ``path_counts`` counts the calls each path took, so that a test can
-tell that the kernel ran.
+dispatcher warns once and uses the reference; so does ``compiled`` without a C++ compiler (Inductor needs one on a
+CPU). ``path_counts`` counts the calls each path took, so that a test can tell that the kernel ran.
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ from rails_lightning.similarity.mol.gate import GateForm, GateOutput, PairGateWe
 
 SOURCE = Path(__file__).with_name("pair_gate.cpp")
 
-KernelPath = Literal["kernel", "reference"]
+GateImplementation = Literal["eager", "compiled", "kernel"]
 
-path_counts: Counter[KernelPath] = Counter()  # calls of ``fused_pair_gate`` by the path they took
+path_counts: Counter[GateImplementation] = Counter()  # calls of ``run_pair_gate`` by the path they took
 
 
 def cache_dir() -> Path:
@@ -116,23 +121,39 @@ def applies(logits: Tensor, form: GateForm, weights: PairGateWeights | None) -> 
     return P % 8 == 0 and H % 8 == 0
 
 
-def kernel_path(logits: Tensor, form: GateForm, weights: PairGateWeights | None) -> KernelPath:
-    """Which implementation ``fused_pair_gate`` runs for these inputs: the kernel where it applies and is built."""
-    if not applies(logits, form, weights):
-        return "reference"
-    P_Q, P_X, H = logits.shape[2], logits.shape[4], 0 if weights.hidden_weight is None else weights.hidden_weight.shape[0]
-    return "kernel" if load(P_Q, P_X, H) is not None else "reference"
+def gate_path(implementation: GateImplementation, logits: Tensor, form: GateForm, weights: PairGateWeights | None) -> GateImplementation:
+    """What ``run_pair_gate`` runs for ``implementation`` and these inputs: the kernel where it applies and is built,
+    the compiled reference where a C++ compiler exists, else the eager reference."""
+    if implementation == "kernel":
+        if not applies(logits, form, weights):
+            return "eager"
+        P_Q, P_X, H = logits.shape[2], logits.shape[4], 0 if weights.hidden_weight is None else weights.hidden_weight.shape[0]
+        return "kernel" if load(P_Q, P_X, H) is not None else "eager"
+    if implementation == "compiled" and compiler() is None:
+        warnings.warn("compiled pair gate: no C++ compiler for torch.compile; using the eager reference", stacklevel=2)
+        return "eager"
+    return implementation
 
 
-def fused_pair_gate(
-    logits: Tensor, query_gate_logits: Tensor, item_gate_logits: Tensor, weights: PairGateWeights | None, form: GateForm,
-    dropout: float, training: bool, stat_items: int,
+@functools.cache
+def compiled_pair_gate():
+    """``gate.pair_gate`` under ``torch.compile`` (compiled on first call, again for new shapes until they are marked
+    dynamic)."""
+    return torch.compile(pair_gate)
+
+
+def run_pair_gate(
+    implementation: GateImplementation, logits: Tensor, query_gate_logits: Tensor, item_gate_logits: Tensor,
+    weights: PairGateWeights | None, form: GateForm, dropout: float, training: bool, stat_items: int,
 ) -> GateOutput:  # fmt: skip
-    """``gate.pair_gate`` (same arguments), through the kernel where ``kernel_path`` says so."""
-    path = kernel_path(logits, form, weights)
+    """``gate.pair_gate`` (the same arguments after the first), through ``gate_path(implementation, ...)``."""
+    path = gate_path(implementation, logits, form, weights)
     path_counts[path] += 1
-    if path == "reference":
-        return pair_gate(logits, query_gate_logits, item_gate_logits, weights, form, dropout, training, stat_items)
+    arguments = (logits, query_gate_logits, item_gate_logits, weights, form, dropout, training, stat_items)
+    if path == "eager":
+        return pair_gate(*arguments)
+    if path == "compiled":
+        return compiled_pair_gate()(*arguments)
     dropout = dropout if training else 0.0
     seed = int(torch.randint(0, 2**32, (), dtype=torch.int64)) if dropout > 0 else 0
     hidden = [None if w is None else w.float().contiguous() for w in (weights.hidden_weight, weights.hidden_bias, weights.output_weight)]

@@ -29,6 +29,7 @@ from rails_lightning.similarity.base import Auxiliary, Similarity
 from rails_lightning.similarity.mol import scoring
 from rails_lightning.similarity.mol.gate import GateForm, MoLGate
 from rails_lightning.similarity.mol.heads import ItemHead, MoLItems, MoLQueries, QueryHead, head_input
+from rails_lightning.similarity.mol.kernel import GateImplementation
 
 ApproximateTopK = Callable[["MixtureOfLogits", MoLItems, SearchOptions], TopKRetriever]
 
@@ -86,13 +87,14 @@ class MixtureOfLogits(Similarity):
         load_balancing_negatives: the load-balancing loss and the gate statistics use the gates of the first
             this-many negatives of each query (drawn at random, so a random subset); 0 for all. With the separable
             gate only these gates are computed.
-        fused_pair_gate: run the pair gate through its fused CPU kernel (``kernel.py``: C++, compiled on first use)
-            where it applies -- the additive gate, CPU tensors, P_Q x P_X and the pair part's hidden width
-            multiples of 8 -- and the PyTorch reference elsewhere (and, with one warning, where the kernel cannot
-            be built). The gate dropout mask is then drawn by a hash of a seed from torch's generator rather than
-            by torch's ``bernoulli`` (the same distribution, other draws). Under ``--trainer.precision=bf16-mixed``
-            on a CPU with AVX512-BF16 the gate's matrix products and weight gradients run in bfloat16 with float32
-            accumulation.
+        gate_implementation: how the pair gate is computed (``kernel.py``; the same function each way):
+            ``eager``, the PyTorch reference as it is; ``compiled``, the reference under ``torch.compile``;
+            ``kernel``, the fused CPU kernel (C++, compiled on first use) where it applies -- the additive gate, CPU
+            tensors, P_Q x P_X and the pair part's hidden width multiples of 8 -- and the eager reference elsewhere
+            (and, with one warning, where it cannot be built). The kernel draws the gate dropout mask by a hash of a
+            seed from torch's generator rather than by torch's ``bernoulli`` (the same distribution, other draws);
+            under ``--trainer.precision=bf16-mixed`` on a CPU with AVX512-BF16 its matrix products and weight
+            gradients run in bfloat16 with float32 accumulation. The separable gate has no pair gate to compute.
         approximate_topk: a RAILS approximate top-k (``class_path`` of a class in
             ``rails_lightning.retrieval.mol_topk`` with its ``k_prime``), evaluated next to the exact top-k; None
             for exact only.
@@ -122,7 +124,7 @@ class MixtureOfLogits(Similarity):
         gate_logit_scale: float = 0.0,
         load_balancing_weight: float = 1e-3,
         load_balancing_negatives: int = 0,
-        fused_pair_gate: bool = False,
+        gate_implementation: GateImplementation = "eager",
         approximate_topk: ApproximateTopK | None = None,
     ) -> None:
         super().__init__(input_dim, num_users)
@@ -143,7 +145,7 @@ class MixtureOfLogits(Similarity):
         self.num_query_components, self.num_item_components, self.num_components = P_Q, P_X, P_Q * P_X
         self.load_balancing_weight, self.load_balancing_negatives = load_balancing_weight, load_balancing_negatives
         self.user_id_l2 = user_id_l2 if user_id_component else 0.0
-        self.fused_pair_gate = fused_pair_gate
+        self.gate_implementation = gate_implementation
         self.approximate_topk = approximate_topk
         self.query_head = QueryHead(input_dim, P_Q, component_dim, component_hidden_dim, swiglu_query_components,
                                     num_users if user_id_component else 0, user_id_dropout, user_id_init_std)  # fmt: skip
@@ -169,7 +171,7 @@ class MixtureOfLogits(Similarity):
     def score(self, queries: MoLQueries, items: MoLItems, auxiliary: bool = False) -> tuple[Tensor, Auxiliary]:
         (G, Q), C = queries.gate_logits.shape[:2], items.gate_logits.shape[1]
         counted_items = min(self.load_balancing_negatives or C, C) if auxiliary else 0
-        scores, usage, entropy_sum = scoring.score(queries, items, self.gate, counted_items, self.fused_pair_gate)  # (G, Q, C), (P,), ()
+        scores, usage, entropy_sum = scoring.score(queries, items, self.gate, counted_items, self.gate_implementation)  # (G, Q, C), (P,), ()
         if not auxiliary:
             return scores, Auxiliary()
         pairs = G * Q * counted_items

@@ -19,23 +19,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rails_lightning.losses import entropy
-from rails_lightning.similarity.mol.gate import GateOutput, MoLGate, pair_gate
+from rails_lightning.similarity.mol.gate import GateOutput, MoLGate
 from rails_lightning.similarity.mol.heads import MoLItems, MoLQueries
-from rails_lightning.similarity.mol.kernel import fused_pair_gate
+from rails_lightning.similarity.mol.kernel import GateImplementation, run_pair_gate
 
 
-def score(queries: MoLQueries, items: MoLItems, gate: MoLGate, stat_items: int, fused: bool) -> GateOutput:
+def score(queries: MoLQueries, items: MoLItems, gate: MoLGate, stat_items: int, implementation: GateImplementation = "eager") -> GateOutput:
     """Scores (G, Q, C) of queries with leading dims (G, Q) against items with leading dims (1 | G, C), and the gate
     statistics over the pairs of the first ``stat_items`` items of each group.
 
     The separable gate scores with two matmuls and no (G, Q, C, P) tensor (``separable_score``); the others compute
-    the component logits and run the pair gate, through the fused kernel where ``fused`` and it applies.
+    the component logits and run the pair gate as ``implementation`` says (``kernel.run_pair_gate``).
     """
     if gate.form == "separable":
         return separable_score(queries, items, gate, stat_items)
     logits = component_logits(queries.components, items.components)  # (G, Q, P_Q, C, P_X)
-    run = fused_pair_gate if fused else pair_gate
-    return run(logits, queries.gate_logits, items.gate_logits, gate.pair_weights(), gate.form, gate.dropout, gate.training, stat_items)
+    weights = gate.pair_weights()
+    return run_pair_gate(implementation, logits, queries.gate_logits, items.gate_logits, weights, gate.form, gate.dropout, gate.training, stat_items)
 
 
 def component_logits(queries: Tensor, items: Tensor) -> Tensor:
