@@ -186,7 +186,7 @@ class RailsCLI(LightningCLI):
             "float32. Default: leave PyTorch's setting (full float32).",
         )
         # Data facts the model is built from.
-        for name in ("num_items", "num_users", "num_item_features"):
+        for name in ("num_items", "num_users", "num_item_features", "action_names"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
         parser.link_arguments("data.max_seq_len", "model.max_seq_len")
 

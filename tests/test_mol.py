@@ -136,7 +136,7 @@ def test_load_balancing_gradient_reaches_the_gate():
         grads = [p.grad for p in mol.get_submodule(name).parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
     assert mol.similarity.gate.logit_scale.grad.abs() > 0
-    assert mol.item_embedding.weight.grad is not None  # and on through the gate inputs into the towers
+    assert mol.item_tower.embedding.weight.grad is not None  # and on through the gate inputs into the towers
 
 
 def _load_balancing_of(gates):
@@ -288,7 +288,7 @@ def test_separable_gate_trains_and_balances_a_subset_of_negatives():
     assert "gate_logit_scale" not in aux.statistics
     loss = mol.training_step(train, 0)
     loss.backward()
-    for name in ("similarity.gate.query_part", "similarity.gate.item_part", "similarity.query_head.components", "item_embedding"):
+    for name in ("similarity.gate.query_part", "similarity.gate.item_part", "similarity.query_head.components", "item_tower.embedding"):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mol.get_submodule(name).parameters()), name
 
 

@@ -48,13 +48,13 @@ def test_fit_logs_full_corpus_metrics_and_learns(tmp_path, model, encoder):
 
 def test_item_features_reach_the_item_tower():
     featured = RetrievalModule(num_items=5, num_item_features=3, item_dim=8, query_encoder=MeanPoolEncoder)
-    featured.item_features[2] = torch.tensor([1.0, 0.0, 1.0])
+    featured.item_tower.item_features[2] = torch.tensor([1.0, 0.0, 1.0])
     with torch.no_grad():
         before = featured.item_vectors(torch.tensor([2])).clone()
-        featured.item_feature_projection.weight.add_(1.0)
+        featured.item_tower.feature_projection.weight.add_(1.0)
         after = featured.item_vectors(torch.tensor([2]))
     assert not torch.allclose(before, after)
-    assert RetrievalModule(num_items=5).item_feature_projection is None
+    assert RetrievalModule(num_items=5).item_tower.feature_projection is None
 
 
 def test_item_features_of_another_width_are_refused(tmp_path):

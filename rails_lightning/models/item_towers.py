@@ -50,6 +50,9 @@ class ItemTower(nn.Module):
         super().__init__()
         self.num_items, self.dim = num_items, dim
 
+    def load_item_features(self, features: Tensor) -> None:
+        """Keep fixed (N + 1, F) item features (e.g. genre flags) where the tower maps them; others ignore them."""
+
     def load_content(self, content: ItemContent) -> None:
         """Keep the features of the corpus's items 0..N (``content`` aligned with the model's item ids)."""
 
@@ -74,6 +77,14 @@ class IdEmbedding(ItemTower):
         self.feature_projection = nn.Linear(num_item_features, dim, bias=False) if num_item_features else None
         # Filled from the DataModule in the model's `setup`, saved in checkpoints with the weights.
         self.register_buffer("item_features", torch.zeros(num_items + 1, num_item_features))
+
+    def load_item_features(self, features: Tensor) -> None:
+        if features.shape != self.item_features.shape:
+            raise ConfigError(
+                f"the data's item features are {tuple(features.shape)} but the model was built for {tuple(self.item_features.shape)} "
+                "(num_items + 1, num_item_features): build the model from this data (the CLI links them) or use a checkpoint trained on it"
+            )
+        self.item_features.copy_(features)
 
     def forward(self, item_ids: Tensor) -> Tensor:
         x = self.embedding(item_ids)  # (..., D)
@@ -225,6 +236,9 @@ class IdAndContent(ContentTower):
             raise ConfigError(f"id_dropout must be in [0, 1), got {id_dropout}")
         self.id_dropout = id_dropout
         self.ids = IdEmbedding(num_items, dim, num_item_features)
+
+    def load_item_features(self, features: Tensor) -> None:
+        self.ids.load_item_features(features)
 
     def forward(self, item_ids: Tensor) -> Tensor:
         ids = self.ids(item_ids)  # (..., D)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -38,10 +38,12 @@ from rails_lightning.losses import sampled_softmax_loss
 from rails_lightning.objectives import ObjectiveFactory, SharedNegatives, TrainingObjective, TrainingStep
 from rails_lightning.models.components import build_factory, describe
 from rails_lightning.models.encoders import QueryEncoder, SASRecEncoder
+from rails_lightning.models.item_towers import IdEmbedding, ItemTower
 from rails_lightning.retrieval import CorpusIndex, SearchOptions, Shards, TopKRetriever
 from rails_lightning.retrieval.corpus_index import ENCODE_BATCH_SIZE
 from rails_lightning.similarity import DotProduct, Similarity
 
+ItemTowerFactory = Callable[[int, int, int], ItemTower]  # (num_items, dim, num_item_features)
 QueryEncoderFactory = Callable[[int, int, int], QueryEncoder]  # (dim, num_users, max_seq_len)
 SimilarityFactory = Callable[[int, int], Similarity]  # (input_dim, num_users)
 
@@ -61,7 +63,14 @@ class RetrievalModule(pl.LightningModule):
         num_users: number of users (linked from the DataModule).
         max_seq_len: history length (linked from the DataModule).
         num_item_features: width of the item feature vectors, 0 for none (linked from the DataModule).
+        action_names: the action types events carry (linked from the DataModule; () for none). Each
+            history position's input then adds a learned map of its signed action vector (2 x - 1: +1 for
+            an action the event has, -1 for one it has not) to its item vector, for every query encoder.
         item_dim: item embedding dimension D (also the query encoder's width).
+        item_tower: what turns an item id into its D-vector, chosen with ``class_path``
+            (``rails_lightning.models.item_towers``): ``IdEmbedding`` (the default), ``ContentTower`` (the item's
+            text, categories and numbers; serves items never seen in training), ``IdAndContent``; the query
+            encoder reads histories through the same tower.
         query_encoder: the query tower, chosen with ``class_path`` (in Python: a class, a
             ``functools.partial`` of one, or a ``{"class_path", "init_args"}`` dict).
         similarity: how queries and items score, chosen with ``class_path``: ``DotProduct``
@@ -89,7 +98,9 @@ class RetrievalModule(pl.LightningModule):
         num_users: int = 1,
         max_seq_len: int = 50,
         num_item_features: int = 0,
+        action_names: Sequence[str] = (),
         item_dim: int = 64,
+        item_tower: ItemTowerFactory = partial(IdEmbedding),
         query_encoder: QueryEncoderFactory = partial(SASRecEncoder),
         similarity: SimilarityFactory = partial(DotProduct),
         objective: ObjectiveFactory = partial(SharedNegatives),
@@ -110,7 +121,8 @@ class RetrievalModule(pl.LightningModule):
         self.save_hyperparameters(
             {
                 "num_items": num_items, "num_users": num_users, "max_seq_len": max_seq_len,
-                "num_item_features": num_item_features, "item_dim": item_dim,
+                "num_item_features": num_item_features, "action_names": list(action_names), "item_dim": item_dim,
+                "item_tower": describe(item_tower),
                 "query_encoder": describe(query_encoder), "similarity": describe(similarity),
                 "objective": describe(objective), "target_fraction": target_fraction,
                 "temperature": temperature, "learn_temperature": learn_temperature,
@@ -119,18 +131,13 @@ class RetrievalModule(pl.LightningModule):
             }
         )
         self.num_items = num_items
-        # Item tower: id embedding (+ a linear map of the item features, e.g. genres).
-        self.item_embedding = nn.Embedding(num_items + 1, item_dim, padding_idx=0)
-        nn.init.normal_(self.item_embedding.weight, std=0.02)
-        with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
-        self.item_feature_projection = nn.Linear(num_item_features, item_dim, bias=False) if num_item_features else None
-        # Filled from the DataModule in `setup`, saved in checkpoints with the weights.
-        self.register_buffer("item_features", torch.zeros(num_items + 1, num_item_features))
+        self.item_tower: ItemTower = build_factory(item_tower, ItemTower)(num_items, item_dim, num_item_features)
         self.query_encoder = build_factory(query_encoder, QueryEncoder)(item_dim, num_users, max_seq_len)
         self.similarity: Similarity = build_factory(similarity, Similarity)(item_dim, num_users)
         self.objective: TrainingObjective = build_factory(objective, TrainingObjective)(num_items)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
+        self.action_names = tuple(action_names)
+        self.action_embedding = nn.Linear(len(action_names), item_dim, bias=False) if action_names else None
         # The encoded corpus that evaluation and mining share; dropped whenever the weights change.
         self.corpus_index = CorpusIndex(self)
 
@@ -142,19 +149,30 @@ class RetrievalModule(pl.LightningModule):
     # ------------------------------------------------------------------ towers
     def item_vectors(self, item_ids: Tensor) -> Tensor:
         """The item tower's output (..., D), before the similarity's head."""
-        x = self.item_embedding(item_ids)
-        if self.item_feature_projection is not None:
-            x = x + self.item_feature_projection(self.item_features[item_ids])
-        return x
+        return self.item_tower(item_ids)
 
-    def encode_sequence(self, user_ids: Tensor, input_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
-        """(B,), (B, L), (B, L) seconds or None -> (B, L, D) causal query states."""
-        return self.query_encoder(user_ids, self.item_vectors(input_ids), input_ids > 0, timestamps)
+    def history_inputs(self, input_ids: Tensor, actions: Tensor | None = None) -> Tensor:
+        """(B, L) history item ids, (B, L) action bitmasks or None -> (B, L, D) query-encoder inputs: each item's
+        vector, plus the learned map of its signed action vector when the model has action types."""
+        x = self.item_vectors(input_ids)  # (B, L, D)
+        if self.action_embedding is None:
+            return x
+        if actions is None:
+            raise ConfigError(f"this model reads action types {list(self.action_names)}, and the batch carries none")
+        bits = torch.arange(len(self.action_names), device=actions.device)
+        signed = ((actions.unsqueeze(-1) >> bits) & 1).to(x.dtype) * 2 - 1  # (B, L, A): +1 has, -1 has not
+        return x + self.action_embedding(signed) * (input_ids > 0).unsqueeze(-1)  # padding stays the item tower's
+
+    def encode_sequence(
+        self, user_ids: Tensor, input_ids: Tensor, timestamps: Tensor | None = None, actions: Tensor | None = None
+    ) -> Tensor:
+        """(B,), (B, L), (B, L) seconds or None, (B, L) action bitmasks or None -> (B, L, D) causal query states."""
+        return self.query_encoder(user_ids, self.history_inputs(input_ids, actions), input_ids > 0, timestamps)
 
     def encode_queries(self, batch: QueryBatch) -> Any:
         """The query representation of each evaluation query (the last position of its history), in float32: under
         mixed precision the forward runs in autocast, the corpus is encoded outside it, and they must search together."""
-        states = self.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps)[:, -1]  # (B, D)
+        states = self.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps, batch.actions)[:, -1]  # (B, D)
         return _map_fields(self.similarity.query_representation(states, batch.user_ids), Tensor.float)
 
     def encode_items(self, item_ids: Tensor) -> Any:
@@ -205,14 +223,18 @@ class RetrievalModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        features = datamodule.item_features if isinstance(datamodule, InteractionDataModule) else None
-        if features is not None:
-            if features.shape != self.item_features.shape:
+        if not isinstance(datamodule, InteractionDataModule):
+            return
+        if datamodule.item_features is not None:
+            self.item_tower.load_item_features(datamodule.item_features)
+            self.corpus_index.invalidate()
+        if self.item_tower.reads_content:
+            if datamodule.item_content is None:
                 raise ConfigError(
-                    f"the data's item features are {tuple(features.shape)} but the model was built for {tuple(self.item_features.shape)} "
-                    "(num_items + 1, num_item_features): build the model from this data (the CLI links them) or use a checkpoint trained on it"
+                    f"{type(self.item_tower).__name__} reads item content and {datamodule.source.description} has none: "
+                    "give the source an item table (InteractionLogSource(items=ItemTable(...))) or use MovieLensSource"
                 )
-            self.item_features.copy_(features)
+            self.item_tower.load_content(datamodule.item_content)
             self.corpus_index.invalidate()
 
     def teardown(self, stage: str) -> None:
@@ -250,7 +272,7 @@ class RetrievalModule(pl.LightningModule):
         self.corpus_index.invalidate()  # the optimizer step changed the weights
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
-        states = self.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps)  # (B, L, D)
+        states = self.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps, batch.actions)  # (B, L, D)
         has_target = self.training_positions(batch.target_ids)  # (B, L), M positions
         positive_ids = batch.target_ids[has_target]  # (M,)
         negatives = self.objective.negatives(TrainingStep(self, batch, states, has_target, positive_ids))
@@ -323,7 +345,18 @@ class RetrievalModule(pl.LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
+    # Checkpoints written before the item tower became a pluggable part name its weights as the module's own.
+    _FORMER_NAMES = {
+        "item_embedding.weight": "item_tower.embedding.weight",
+        "item_feature_projection.weight": "item_tower.feature_projection.weight",
+        "item_features": "item_tower.item_features",
+    }
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        weights = checkpoint.get("state_dict", {})
+        for former, current in self._FORMER_NAMES.items():
+            if former in weights:
+                weights[current] = weights.pop(former)
         states = checkpoint.get("rng_states")
         if states and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(states["torch"])
