@@ -113,3 +113,72 @@ def test_movielens_ratings_become_actions():
     assert log.action_names == RATING_ACTIONS and flags[:, 0].all()
     assert 0.4 < flags[:, 1].mean() < 0.7 and 0.1 < flags[:, 3].mean() < 0.3  # liked (>= 4), disliked (<= 2)
     assert not (flags[:, 1] & flags[:, 3]).any()
+
+
+def _action_data(tmp_path):
+    path = _write_log(tmp_path, "kinds", lambda u, s: "like" if (u + s) % 2 else "skip")
+    data = InteractionDataModule(InteractionLogSource(str(path), action_columns=["kinds"]), min_interactions=3, max_seq_len=8)
+    data.setup("fit")
+    return data
+
+
+@pytest.mark.parametrize("encoder", ["SASRecEncoder", "HSTUEncoder", "MeanPoolEncoder"])
+def test_a_targets_action_never_enters_its_query_and_history_actions_do(tmp_path, encoder):
+    import torch
+
+    from rails_lightning.models import RetrievalModule, encoders
+    from rails_lightning.models.hstu import HSTUEncoder
+
+    data = _action_data(tmp_path)
+    cls = HSTUEncoder if encoder == "HSTUEncoder" else getattr(encoders, encoder)
+    torch.manual_seed(0)
+    model = RetrievalModule(data.num_items, data.num_users, data.max_seq_len, action_names=data.action_names,
+                            item_dim=8, query_encoder=cls).eval()
+    assert model.hparams.action_names == ["like", "skip"]
+    batch = next(iter(data.test_dataloader()))
+    with torch.no_grad():
+        before = model.encode_queries(batch)
+        # Flip the action of every test target (each user's last event) in the store: the queries stay the same.
+        store = data.store
+        store.actions[store.offsets[1:] - 1] ^= 0b11
+        assert torch.equal(model.encode_queries(next(iter(data.test_dataloader()))), before)
+        # Flip the actions of the history events instead: the queries change.
+        store.actions[store.offsets[1:] - 2] ^= 0b11
+        assert not torch.allclose(model.encode_queries(next(iter(data.test_dataloader()))), before)
+
+
+def test_a_model_with_action_types_refuses_a_batch_without_them(tmp_path):
+    import torch
+
+    from rails_lightning.errors import ConfigError
+    from rails_lightning.models import RetrievalModule
+
+    data = _action_data(tmp_path)
+    model = RetrievalModule(data.num_items, data.num_users, data.max_seq_len, action_names=data.action_names, item_dim=8)
+    batch = next(iter(data.test_dataloader()))
+    batch.actions = None
+    with pytest.raises(ConfigError, match=r"reads action types \['like', 'skip'\]"):
+        with torch.no_grad():
+            model.encode_queries(batch)
+
+
+@pytest.mark.slow
+def test_fit_with_actions_from_the_command_line(tmp_path):
+    """A real CLI fit on a log with an action column: the checkpoint carries the action vocabulary."""
+    import os
+    import subprocess
+    import sys
+
+    from rails_lightning.runs import RunRecord
+
+    path = _write_log(tmp_path, "kinds", lambda u, s: "like" if (u + s) % 2 else "skip")
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "rails_lightning", "fit", "--data.source=InteractionLogSource", f"--data.source.path={path}",
+         "--data.source.action_columns=[kinds]", "--data.min_interactions=3", "--model.item_dim=8",
+         "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", f"--run_dir={run_dir}"],
+        capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = RunRecord.read(run_dir).load_model()
+    assert model.action_names == ("like", "skip") and model.action_embedding.weight.shape == (8, 2)
