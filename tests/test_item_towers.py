@@ -92,3 +92,77 @@ def test_id_and_content_drops_the_id_part_in_training_only():
     torch.testing.assert_close(tower.eval().encode_content(_content(with_padding=False)), content_only[:N])
     with pytest.raises(ConfigError, match="id_dropout"):
         _tower(IdAndContent, id_dropout=1.0)
+
+
+CLUSTERS = {"space": "SciFi", "romance": "Romance", "crime": "Crime", "cartoon": "Animation"}
+
+
+def _content_log(folder, users_per_cluster=20, items_per_cluster=10, length=8):
+    """A log where each user watches one cluster's items, and an item table whose titles and genres name the
+    cluster; plus a table of one new item of the "space" cluster that no one watched."""
+    import random
+
+    rng = random.Random(0)
+    log, table = ["user_id,item_id,timestamp"], ["item_id,title,genres"]
+    for c, (word, genre) in enumerate(CLUSTERS.items()):
+        items = [100 * (c + 1) + j for j in range(items_per_cluster)]
+        table += [f"{i},{word} story {j},{genre}" for j, i in enumerate(items)]
+        for u in range(users_per_cluster):
+            for t, item in enumerate(rng.sample(items, length)):
+                log.append(f"{c * users_per_cluster + u},{item},{t}")
+    (folder / "log.csv").write_text("\n".join(log) + "\n")
+    (folder / "items.csv").write_text("\n".join(table) + "\n")
+    (folder / "new_items.csv").write_text("item_id,title,genres\n999,space story new,SciFi\n")
+    return [100 + j for j in range(5)]  # a history of "space" items
+
+
+@pytest.mark.slow
+def test_a_content_tower_serves_an_item_it_never_saw(tmp_path):
+    """Fit with a content tower, export, add an item only its metadata describes, retrieve it for a history
+    of its kind."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    history = _content_log(tmp_path)
+    config = tmp_path / "content.yaml"
+    config.write_text(f"""
+data:
+  min_interactions: 3
+  max_seq_len: 8
+  source:
+    class_path: rails_lightning.data.InteractionLogSource
+    init_args:
+      path: {tmp_path / 'log.csv'}
+      items:
+        class_path: rails_lightning.data.ItemTable
+        init_args: {{path: {tmp_path / 'items.csv'}, text_columns: [title], categorical_columns: [genres]}}
+model:
+  item_dim: 16
+  item_tower:
+    class_path: rails_lightning.models.item_towers.ContentTower
+    init_args: {{text_columns: [title], categorical_columns: [genres], text_cache_dir: null, hidden_dim: 32}}
+  objective:
+    class_path: rails_lightning.objectives.SharedNegatives
+    init_args: {{num_negatives: 32}}
+trainer:
+  max_epochs: 8
+  enable_progress_bar: false
+""")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+
+    def run(*args):
+        result = subprocess.run([sys.executable, "-m", "rails_lightning", *args], capture_output=True, text=True,
+                                env=env, cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    run("fit", "--config", str(config), f"--run_dir={tmp_path / 'run'}")
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    run("index", f"--ckpt_path={checkpoint}", f"--out={tmp_path / 'index'}")
+    run("index", "--add", f"--ckpt_path={checkpoint}", f"--out={tmp_path / 'index'}", f"--item_table={tmp_path / 'new_items.csv'}")
+    answer = json.loads(run("retrieve", f"--index={tmp_path / 'index'}", "--history", ",".join(map(str, history)),
+                            "--exclude-history", "-k", "6", "--json"))
+    assert 999 in answer["items"] or "999" in answer["items"], answer
+    assert answer["titles"][[str(i) for i in answer["items"]].index("999")] == "space story new"

@@ -49,8 +49,12 @@ def build_index_parser() -> argparse.ArgumentParser:
     parser.add_argument("--items", help="raw item ids, `a,b,c` or `@file` with one per line: the corpus to export "
                         "(default: every item of the run), or with --add the items to add")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--add", action="store_true", help="add --items, encoded by --ckpt_path's item tower, to the index's delta")
+    mode.add_argument("--add", action="store_true", help="add --items (or every new item of --item_table), encoded by "
+                      "--ckpt_path's item tower, to the index's delta")
     mode.add_argument("--compact", action="store_true", help="fold the delta into the main index")
+    parser.add_argument("--item_table", help="with --add: metadata of items the model never saw (csv / parquet / json lines "
+                        "with the columns its content tower reads), encoded from their content alone")
+    parser.add_argument("--item_id_column", default="item_id", help="the id column of --item_table (default item_id)")
     return parser
 
 
@@ -64,9 +68,9 @@ def index_main(argv: Sequence[str]) -> int:
     if not args.ckpt_path:
         parser.error("--ckpt_path is required (except with --compact)")
     if args.add:
-        if not args.items:
-            parser.error("--add needs --items")
-        size = add_items(args.out, args.ckpt_path, _item_list(args.items))
+        if not args.items and not args.item_table:
+            parser.error("--add needs --items or --item_table")
+        size = add_items(args.out, args.ckpt_path, _item_list(args.items), args.item_table, args.item_id_column)
         print(f"[rails_lightning] delta of {args.out}: {size} items", flush=True)
         return 0
     out = export_index(args.ckpt_path, args.out, args.index, _item_list(args.items))

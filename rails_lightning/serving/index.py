@@ -12,8 +12,8 @@
 * ``manifest.json``: model name and hyperparameters (plain data: the model is rebuilt from them),
   corpus size, index type, source checkpoint, date.
 
-``add_items(out_dir, checkpoint, raw_ids)`` encodes new items with a checkpoint's item tower into a
-*delta* (``delta.safetensors``, ``delta.json``) without touching the main index; ``ServingIndex`` searches
+``add_items(out_dir, checkpoint, raw_ids, item_table)`` encodes new items with a checkpoint's item tower (by id,
+or, for items the model never saw, from their metadata through a content tower) into a *delta* (``delta.safetensors``, ``delta.json``) without touching the main index; ``ServingIndex`` searches
 main and delta and merges the two top-k lists by score (exact: each list holds its part's best k
 allowed items). ``compact(out_dir)`` folds the delta into the main index (FAISS rebuilt from the stored
 vectors).
@@ -147,9 +147,20 @@ def _read_ids(directory: Path) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def add_items(index_dir: str | Path, checkpoint: str | Path, item_ids: Sequence[Any]) -> int:
-    """Encode the raw ``item_ids`` with ``checkpoint``'s item tower into the index's delta; returns its size."""
+def add_items(
+    index_dir: str | Path, checkpoint: str | Path, item_ids: Sequence[Any] | None, item_table: str | None = None,
+    item_id_column: str = "item_id",
+) -> int:
+    """Encode raw items into the index's delta with ``checkpoint``'s item tower; returns the delta's size.
+
+    Items the checkpoint's run knows are encoded by id. Items it never saw need a model whose item tower reads
+    content (``ContentTower``, ``IdAndContent``) and their rows in ``item_table`` (csv / parquet / json lines,
+    the columns the tower reads, ids in ``item_id_column``): they are encoded from their content alone.
+    Without ``item_ids``, every item of ``item_table`` that the index lacks is added.
+    """
     from safetensors.torch import load_file, save_file
+
+    from rails_lightning.data.item_content import ItemTable
 
     index_dir = Path(index_dir)
     manifest = json.loads((index_dir / MANIFEST).read_text())
@@ -157,20 +168,52 @@ def add_items(index_dir: str | Path, checkpoint: str | Path, item_ids: Sequence[
     present = dict.fromkeys(ids["rows"] + delta["rows"])
     model, data = _load_model(checkpoint)
     model_raw_ids = data.store.item_raw_ids[1:].tolist()
+    content = None
+    if item_table is not None:
+        tower = model.item_tower
+        if not tower.reads_content:
+            raise UserError(f"{checkpoint}'s item tower ({type(tower).__name__}) reads item ids only: --item_table needs a content tower")
+        content = ItemTable(item_table, item_id_column, tower.text_columns, tower.categorical_columns, tower.numeric_columns).load()
+    if item_ids is None:
+        if content is None:
+            raise UserError("give the items to add (--items) or their metadata (--item_table)")
+        item_ids = [raw for raw in content.raw_ids.tolist() if _lookup(raw, present) is None]
     new = [raw for raw in item_ids if _lookup(raw, present) is None]
     if len(new) != len(item_ids):
         raise UserError(f"{len(item_ids) - len(new)} of the items are in the index already")
-    new_ids = _model_ids(new, model_raw_ids, f"the model of {checkpoint}")
-    fields = _fields(model.encode_items(torch.from_numpy(new_ids)))
+    model_index = {raw: i + 1 for i, raw in enumerate(model_raw_ids)}
+    known = [raw for raw in new if _lookup(raw, model_index) is not None]
+    unseen = [raw for raw in new if _lookup(raw, model_index) is None]
+    parts, rows, titles = [], [], []
+    if known:
+        known_ids = _model_ids(known, model_raw_ids, f"the model of {checkpoint}")
+        parts.append(_fields(model.encode_items(torch.from_numpy(known_ids))))
+        rows += [model_raw_ids[i - 1] for i in known_ids.tolist()]
+        titles += [data.item_titles[i] for i in known_ids.tolist()]
+    if unseen:
+        if content is None:
+            raise UserError(
+                f"{len(unseen)} item ids unknown to the model of {checkpoint}, e.g. {unseen[:5]}: a model with a content "
+                "tower (ContentTower, IdAndContent) encodes new items from their metadata, given with --item_table FILE"
+            )
+        table_ids = {raw: raw for raw in content.raw_ids.tolist()}
+        found = [_lookup(raw, table_ids) for raw in unseen]
+        missing = [raw for raw, f in zip(unseen, found) if f is None]
+        if missing:
+            raise UserError(f"{len(missing)} new items have no row in {item_table}, e.g. {missing[:5]}")
+        described, _ = content.aligned(np.array(found, dtype=content.raw_ids.dtype))
+        parts.append(_fields(model.similarity.item_representation(model.item_tower.encode_content(described))))
+        rows += found
+        names = described.titles() or {}
+        titles += [names.get(raw, f"item {raw}") for raw in found]
+    fields = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     if list(fields) != manifest["item_fields"]:
         raise UserError(f"{checkpoint} is a {model.model_name} model; this index holds {manifest['model']} items")
     if (index_dir / DELTA_TENSORS).is_file():
         old = load_file(str(index_dir / DELTA_TENSORS))
         fields = {name: torch.cat([old[f"items.{name}"], value]) for name, value in fields.items()}
     save_file({f"items.{name}": value.contiguous() for name, value in fields.items()}, str(index_dir / DELTA_TENSORS))
-    titles = data.item_titles
-    delta = {"rows": delta["rows"] + [model_raw_ids[i - 1] for i in new_ids.tolist()],
-             "titles": delta["titles"] + [titles[i] for i in new_ids.tolist()]}
+    delta = {"rows": delta["rows"] + rows, "titles": delta["titles"] + titles}
     (index_dir / DELTA_IDS).write_text(json.dumps(delta))
     return len(delta["rows"])
 
