@@ -182,3 +182,19 @@ def test_fit_with_actions_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     model = RunRecord.read(run_dir).load_model()
     assert model.action_names == ("like", "skip") and model.action_embedding.weight.shape == (8, 2)
+    # The serving index carries the vocabulary: a history may say what was done with each item.
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+
+    def command(*args):
+        return subprocess.run([sys.executable, "-m", "rails_lightning", *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+
+    index = tmp_path / "index"
+    assert command("index", f"--ckpt_path={RunRecord.read(run_dir).checkpoint}", f"--out={index}").returncode == 0
+    liked = command("retrieve", f"--index={index}", "--history", "1:like,2:like", "--json")
+    skipped = command("retrieve", f"--index={index}", "--history", "1:skip,2:skip", "--json")
+    assert liked.returncode == 0 and skipped.returncode == 0, liked.stderr[-2000:] + skipped.stderr[-2000:]
+    assert json.loads(liked.stdout)["scores"] != json.loads(skipped.stdout)["scores"]  # the actions reach the query
+    assert command("retrieve", f"--index={index}", "--user", "0", "--json").returncode == 0
+    bad = command("retrieve", f"--index={index}", "--history", "1:loved")
+    assert bad.returncode == 1 and "unknown action type(s) ['loved']; this model knows ['like', 'skip']" in bad.stderr

@@ -91,8 +91,9 @@ def _table(answer: Answer, color: bool) -> str:
 
 def _answer(index: ServingIndex, user: str | None, history: str | None, k: int, exclude: bool) -> Answer:
     if user is not None:
-        return index.retrieve(index.query(index.user_history(user), user), k, exclude)
-    return index.retrieve(index.query(index.items_of(history.split(","))), k, exclude)
+        return index.retrieve(index.query(index.user_history(user), user, index.user_actions(user)), k, exclude)
+    items, actions = index.parse_history(history.split(","))
+    return index.retrieve(index.query(items, actions=actions), k, exclude)
 
 
 def _show(answer: Answer, as_json: bool) -> None:
@@ -118,7 +119,8 @@ def build_retrieve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--index", required=True, help="the index folder")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--user", help="a raw user id: the query is their whole stored history")
-    query.add_argument("--history", help="comma-separated raw item ids, oldest first")
+    query.add_argument("--history", help="comma-separated raw item ids, oldest first; for a model with action types, "
+                       "each may say what the user did: `1196:liked,260:disliked+rated,1210`")
     query.add_argument("--interactive", action="store_true", help="read queries from standard input, one per line")
     parser.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     parser.add_argument("--exclude-history", action="store_true", help="never return an item of the query's history")

@@ -117,6 +117,8 @@ def export_index(checkpoint: str | Path, out_dir: str | Path, factory: str = "Fl
     tensors |= {f"items.{name}": value.contiguous() for name, value in fields.items()}
     tensors["history.offsets"] = torch.from_numpy(store.offsets)
     tensors["history.items"] = torch.from_numpy(store.items)
+    if store.actions is not None:  # what each history event was, over the model's action_names (in the manifest)
+        tensors["history.actions"] = torch.from_numpy(store.actions)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (DELTA_TENSORS, DELTA_IDS, FAISS_INDEX):
         (out / stale).unlink(missing_ok=True)
@@ -274,6 +276,8 @@ class ServingIndex:
         self.model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
         self.history_offsets = tensors["history.offsets"].numpy()
         self.history_items = tensors["history.items"].numpy()
+        self.history_actions = tensors["history.actions"].numpy() if "history.actions" in tensors else None
+        self.action_names = tuple(self.manifest["hparams"].get("action_names") or ())
         ids, delta = _read_ids(directory)
         self.user_index = {raw: i for i, raw in enumerate(ids["users"])}
         self.model_items = ids["model_items"]  # raw id of each model item id - 1
@@ -308,13 +312,39 @@ class ServingIndex:
         return self.model.exact_retriever(items, SearchOptions())
 
     # ------------------------------------------------------------------ queries
-    def user_history(self, raw_user: str) -> np.ndarray:
-        """The user's stored history, as the model's item ids."""
+    def _user_range(self, raw_user: str) -> slice:
         user = _lookup(str(raw_user), self.user_index)
         if user is None:
             raise UserError(f"user {raw_user!r} is not in this index ({len(self.user_index)} users)")
         u = self.user_index[user]
-        return self.history_items[self.history_offsets[u] : self.history_offsets[u + 1]]
+        return slice(self.history_offsets[u], self.history_offsets[u + 1])
+
+    def user_history(self, raw_user: str) -> np.ndarray:
+        """The user's stored history, as the model's item ids."""
+        return self.history_items[self._user_range(raw_user)]
+
+    def user_actions(self, raw_user: str) -> np.ndarray | None:
+        """The action bitmasks of the user's stored history events, or None when the index has no actions."""
+        return None if self.history_actions is None else self.history_actions[self._user_range(raw_user)]
+
+    def parse_history(self, entries: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """``["1196:liked", "260:disliked+rated", "1210"]`` -> the model's item ids and, for a model with action
+        types, each event's action bitmask (an entry without ``:`` has none of them)."""
+        entries = [str(entry).strip() for entry in entries if str(entry).strip()]
+        items = self.items_of([entry.split(":", 1)[0] for entry in entries])
+        if not self.action_names:
+            if any(":" in entry for entry in entries):
+                raise UserError("this model has no action types; give plain item ids (`1196,260`)")
+            return items, None
+        bit = {name: 1 << a for a, name in enumerate(self.action_names)}
+        masks = []
+        for entry in entries:
+            names = [n.strip() for n in entry.split(":", 1)[1].split("+")] if ":" in entry else []
+            unknown = [n for n in names if n not in bit]
+            if unknown:
+                raise UserError(f"{entry}: unknown action type(s) {unknown}; this model knows {list(self.action_names)}")
+            masks.append(sum(bit[n] for n in set(names)))
+        return items, np.array(masks, dtype=np.int64)
 
     def items_of(self, raw_items: list[str]) -> np.ndarray:
         """Raw item ids -> the model's item ids (a history the model can encode)."""
@@ -325,18 +355,25 @@ class ServingIndex:
             raise UserError(f"item ids the model does not know: {unknown or raw_items}")
         return np.array([self.model_item_index[f] for f in found], dtype=np.int64)
 
-    def query(self, history: np.ndarray, user: str | None = None) -> QueryBatch:
-        """One query from ``history`` (the model's item ids, oldest first): its last ``max_seq_len`` items, left-padded;
-        the whole history is what ``--exclude-history`` excludes. Without a user, user index 0 stands in."""
+    def query(self, history: np.ndarray, user: str | None = None, actions: np.ndarray | None = None) -> QueryBatch:
+        """One query from ``history`` (the model's item ids, oldest first) and its events' action bitmasks (for a
+        model with action types; none given: no action): its last ``max_seq_len`` events, left-padded; the whole
+        history is what ``--exclude-history`` excludes. Without a user, user index 0 stands in."""
         length = self.model.hparams.max_seq_len
-        window = np.zeros(length, dtype=np.int64)
-        recent = history[-length:]
-        window[length - len(recent) :] = recent
+
+        def window(values: np.ndarray) -> Tensor:  # (1, L), left-padded with 0
+            out = np.zeros(length, dtype=np.int64)
+            recent = np.asarray(values, dtype=np.int64)[-length:]
+            out[length - len(recent) :] = recent
+            return torch.from_numpy(out)[None]
+
+        if self.action_names and actions is None:
+            actions = np.zeros(len(history), dtype=np.int64)
         user_index = 0 if user is None else self.user_index[_lookup(str(user), self.user_index)]
         return QueryBatch(
-            user_ids=torch.tensor([user_index]), input_ids=torch.from_numpy(window)[None],
-            targets=torch.zeros(1, 1, dtype=torch.long),
+            user_ids=torch.tensor([user_index]), input_ids=window(history), targets=torch.zeros(1, 1, dtype=torch.long),
             exclude_offsets=torch.tensor([0, len(history)]), exclude_items=torch.from_numpy(np.asarray(history, dtype=np.int64)),
+            actions=None if actions is None else window(actions),
         )
 
     def _row_exclusion(self, batch: QueryBatch) -> tuple[Exclusion, Exclusion]:
