@@ -18,6 +18,14 @@ import pytest
 from conftest import REPO, TINY_CLI_ARGS
 
 
+@pytest.fixture
+def newcomer(tmp_path) -> tuple[dict[str, str], Path]:
+    """A newcomer's environment (no WANDB_*, an empty HOME) and an empty folder to run in."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    return _newcomer_env(tmp_path / "home"), tmp_path / "work"
+
+
 def _newcomer_env(home: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     env.update(HOME=str(home), PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
@@ -41,14 +49,11 @@ def _check_run(cwd: Path, output: str) -> None:
 
 
 @pytest.mark.slow
-def test_fit_without_credentials_or_terminal_runs_offline(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    work = tmp_path / "work"
-    work.mkdir()
+def test_fit_without_credentials_or_terminal_runs_offline(newcomer):
+    env, work = newcomer
     result = subprocess.run(
         [sys.executable, "-m", "rails_lightning", "fit", *TINY_CLI_ARGS],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=_newcomer_env(home), cwd=work, timeout=600,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd=work, timeout=600,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -56,16 +61,13 @@ def test_fit_without_credentials_or_terminal_runs_offline(tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_in_a_terminal_without_credentials_never_prompts(tmp_path):
+def test_fit_in_a_terminal_without_credentials_never_prompts(newcomer):
     """Under a pseudo-terminal a login prompt would block: the run must finish on its own, offline."""
-    home = tmp_path / "home"
-    home.mkdir()
-    work = tmp_path / "work"
-    work.mkdir()
+    env, work = newcomer
     leader, follower = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "rails_lightning", "fit", *TINY_CLI_ARGS],
-        stdin=follower, stdout=follower, stderr=follower, env=_newcomer_env(home), cwd=work, close_fds=True,
+        stdin=follower, stdout=follower, stderr=follower, env=env, cwd=work, close_fds=True,
     )
     os.close(follower)
     chunks, deadline = [], time.monotonic() + 600
@@ -90,29 +92,26 @@ def test_fit_in_a_terminal_without_credentials_never_prompts(tmp_path):
 
 
 @pytest.mark.slow
-def test_wandb_mode_online_without_credentials_is_a_one_line_error(tmp_path):
+def test_wandb_mode_online_without_credentials_is_a_one_line_error(newcomer):
     """An explicit ``WANDB_MODE`` is respected; ``online`` with nothing to log in with would prompt, so it is refused."""
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {**_newcomer_env(home), "WANDB_MODE": "online"}
+    env, work = newcomer
     result = subprocess.run(
         [sys.executable, "-m", "rails_lightning", "fit", *TINY_CLI_ARGS],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env={**env, "WANDB_MODE": "online"}, cwd=work, timeout=300,
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("rails_lightning: error: WANDB_MODE=online but W&B has no credentials")
-    assert not (tmp_path / "runs").exists()
+    assert not (work / "runs").exists()
 
 
 @pytest.mark.slow
-def test_no_logger_means_no_wandb(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
+def test_no_logger_means_no_wandb(newcomer):
+    env, work = newcomer
     result = subprocess.run(
         [sys.executable, "-m", "rails_lightning", "fit", *TINY_CLI_ARGS, "--trainer.logger=false"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=_newcomer_env(home), cwd=tmp_path, timeout=600,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd=work, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = (work / "runs").iterdir()
     assert (run_dir / "run.json").is_file() and not (run_dir / "wandb").exists()
     assert "W&B" not in result.stderr
