@@ -238,6 +238,24 @@ def test_where_it_does_not_apply_the_reference_runs():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["additive", "multiplicative"])
+def test_compiled_reference_equals_the_eager_one(compiler_present, form):
+    """``gate_implementation: compiled`` is the reference under torch.compile: the same scores, statistics and
+    gradients (no dropout), for items shared by every group and for each group's own."""
+    for own_items in (False, True):
+        inputs = _operator_inputs(3, 2, 10, 4, 2, 16, own_items)
+        leaves = [None if t is None else t.requires_grad_() for t in inputs]
+        weights = PairGateWeights(leaves[4], leaves[3], *leaves[5:])
+        results = []
+        for implementation in ("eager", "compiled"):
+            output = kernel.run_pair_gate(implementation, leaves[0], leaves[1], leaves[2], weights, form, 0.0, True, 6)
+            total = output.scores.square().sum() + output.usage @ torch.arange(8.0) + output.entropy
+            results.append([*output, *torch.autograd.grad(total, [leaf for leaf in leaves if leaf is not None])])
+        for got, expected in zip(*results, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """An empty kernel cache and no build remembered, for the tests that make the build fail."""
@@ -259,6 +277,7 @@ def test_without_a_compiler_it_warns_once_and_uses_the_reference(monkeypatch, fr
     assert kernel.gate_path("kernel", logits, "additive", PairGateWeights(torch.zeros(8, 8), torch.zeros(8))) == "eager"  # no second warning
 
 
+@pytest.mark.slow
 def test_a_failing_build_warns_with_the_compiler_error(monkeypatch, fresh_build):
     broken = fresh_build / "pair_gate.cpp"
     broken.write_text(kernel.SOURCE.read_text() + "\nthis is not C++;\n")
@@ -275,7 +294,7 @@ def test_an_unusable_cache_warns_and_falls_back(monkeypatch, fresh_build):
         assert kernel.load(4, 2, 0) is None
 
 
-@pytest.mark.parametrize("pair_gate_hidden", [0, 16])
+@pytest.mark.parametrize("pair_gate_hidden", [pytest.param(0, marks=pytest.mark.slow), 16])
 def test_bf16_mixed_fit_with_the_fused_gate_learns_and_evaluates(kernel_runs, tmp_path, pair_gate_hidden):
     """A real Trainer fit: loss falls over the epochs and the full-corpus metrics come out (exact top-k through the kernel)."""
     torch.manual_seed(0)
