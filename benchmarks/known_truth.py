@@ -39,7 +39,7 @@ def run_setting(setting: str, interests: int, seed: int, args) -> dict:
     from rails_lightning.data.known_truth import bayes_optimal_hit_rate, bayes_optimal_ranking, expected_hit_rate, query_truth
     from rails_lightning.models import MeanPoolEncoder, RetrievalModule
     from rails_lightning.objectives import FullSoftmax, SharedNegatives
-    from rails_lightning.retrieval.popularity import PopularityTopK, popularity_baseline
+    from rails_lightning.baseline import PopularityTopK, popularity_baseline
     from rails_lightning.similarity import DotProduct, MixtureOfLogits
 
     class TopKRecorder(CorpusEvaluation):

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from rails_lightning.cli import _keep_freed_memory
+from rails_lightning.runtime import keep_freed_memory as _keep_freed_memory
 from rails_lightning.similarity.mol.gate import PairGateWeights, pair_gate
 from rails_lightning.similarity.mol.kernel import gate_path, run_pair_gate
 

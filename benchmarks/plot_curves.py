@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rails_lightning.report import ReportedRun, group_by_config  # noqa: E402
+from rails_lightning.reports import ReportedRun, group_by_config  # noqa: E402
 from rails_lightning.runs import RECORD_FILE, RunRecord  # noqa: E402
 
 BANDS = ("minmax", "std", "none")
@@ -52,7 +52,7 @@ def read_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
 def group_runs(specs: list[str]) -> dict[str, list[Path]]:
     """``RUN_DIR[=LABEL]`` arguments -> {label: run directories}, in the order the labels first appear.
 
-    Labelled runs group by their label; unlabelled ones by config (``report.group_by_config``)."""
+    Labelled runs group by their label; unlabelled ones by config (``reports.group_by_config``)."""
     labelled: list[tuple[str | None, Path]] = []
     for spec in specs:
         path, _, label = spec.partition("=")

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from rails_lightning.cli import _keep_freed_memory
+from rails_lightning.runtime import keep_freed_memory
 from train_step_cost import build, timed_step  # benchmarks/ is the script's own folder, hence on sys.path
 
 
@@ -26,7 +26,7 @@ def main_() -> None:
     options = sys.argv[1:]
     sys.argv[1:] = []
     warnings.filterwarnings("ignore", message=".*self.log.*")
-    _keep_freed_memory()  # glibc's malloc as `fit` sets it (on the CPU, large buffers are otherwise re-zeroed every step)
+    keep_freed_memory()  # glibc's malloc as `fit` sets it (on the CPU, large buffers are otherwise re-zeroed every step)
     torch.set_float32_matmul_precision("high")
     model, _, datamodule, step_context = build(options)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

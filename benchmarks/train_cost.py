@@ -30,7 +30,8 @@ import lightning.pytorch as pl
 import torch
 
 from rails_lightning.callbacks import CorpusEvaluation
-from rails_lightning.cli import _keep_freed_memory, main
+from rails_lightning.cli import main
+from rails_lightning.runtime import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 MOL_CONFIG = REPO / "configs" / "synthetic" / "mol.yaml"
@@ -91,7 +92,7 @@ def main_() -> None:
     if args.epochs < 2:
         raise SystemExit("--epochs must be at least 2 (the first epoch is a warm-up)")
     sys.argv[1:] = []  # the CLI below parses only the options given to it
-    _keep_freed_memory()
+    keep_freed_memory()
     runs = {"TwoTower": [], "MoL": []}
     common = TINY_ARGS if args.tiny else []
     command = {"TwoTower": [*common], "MoL": ["--config", args.mol_config, *common, *args.mol_args]}

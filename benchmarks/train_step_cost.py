@@ -34,7 +34,8 @@ import warnings
 
 import torch
 
-from rails_lightning.cli import _keep_freed_memory, main
+from rails_lightning.cli import main
+from rails_lightning.runtime import keep_freed_memory
 
 
 def build(options: list[str]):
@@ -106,7 +107,7 @@ def main_() -> None:
             parser.error(f"a variant is NAME=OPTIONS, got {spec!r}")
         variants[name] = shlex.split(options)
     sys.argv[1:] = []
-    _keep_freed_memory()
+    keep_freed_memory()
     warnings.filterwarnings("ignore", message=".*self.log.*")
     built = {name: build(options) for name, options in variants.items()}
     # One batch stream for all variants: the first variant's loader (same data and batch size for all).

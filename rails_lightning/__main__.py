@@ -29,9 +29,9 @@ def _run(argv: list[str], command_line: bool) -> int:
 
         return sweep.main(argv[1:])
     if command == "report":
-        from rails_lightning import report
+        from rails_lightning import reports
 
-        return report.main(argv[1:])
+        return reports.main(argv[1:])
     if command in ("index", "retrieve"):
         from rails_lightning.serving import commands
 

@@ -23,19 +23,20 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from rails_lightning.baseline import popularity_baseline
 from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.commands import PROG, help_description
 from rails_lightning.data.datamodule import InteractionDataModule
 from rails_lightning.errors import CheckpointError, ConfigError
 from rails_lightning.models.components import build_factory
 from rails_lightning.models.retrieval_module import RetrievalModule
-from rails_lightning.retrieval.popularity import popularity_baseline
+from rails_lightning.reports.comparison import final_table
 from rails_lightning.runs import RECORD_FILE, STARTED_RUN_DIRS, RunRecord, hardware_description
+from rails_lightning.runtime import keep_freed_memory
 from rails_lightning.similarity import Similarity
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 MODEL_PRESETS = {path.stem: path for path in (Path(__file__).parent / "configs" / "models").glob("*.yaml")}
-REPORT_KEYS = ("hr@10", "ndcg@10", "mrr")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SUBCOMMAND_DETAILS = {
     "fit": "Without --config, the embedded default: a SASRec-style two-tower model on synthetic data. The run "
@@ -120,29 +121,6 @@ def settle_wandb_mode() -> str:
     return reason
 
 
-def _keep_freed_memory() -> None:
-    """Have glibc's malloc keep freed memory in the process instead of returning it at once.
-
-    A training step on the CPU allocates and frees large tensors (MoL's (positions x negatives x
-    components) gates); glibc serves each from a fresh mmap that the kernel must zero page by page, so
-    much of a MoL step's time went to the kernel. Keeping the memory trades that for a higher resident
-    peak. A no-op outside glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if sys.platform != "linux" or not name or os.environ.get("MALLOC_MMAP_MAX_") is not None:
-        return  # not glibc, or the user set malloc's knobs already
-    try:
-        libc = ctypes.CDLL(name)
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        libc.mallopt(M_MMAP_MAX, 0)  # large blocks from the heap, not fresh mmaps
-        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # return the heap's free top only beyond 2 GiB (an int)
-    except (OSError, AttributeError):
-        pass
-
-
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with the description's paragraphs and example kept as written (subcommand
     parsers take their parent's formatter)."""
@@ -192,7 +170,7 @@ class RailsCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand:  # a real run, not a parse for a test or a notebook
-            _keep_freed_memory()
+            keep_freed_memory()
         config = self.config[self.subcommand] if self.subcommand else self.config
         # A process Lightning's DDP launcher started (LOCAL_RANK > 0) re-runs this command line: it joins the
         # run directory its first process chose. Other launchers (torchrun, SLURM) start every process at once.
@@ -375,13 +353,7 @@ class RailsCLI(LightningCLI):
         for logger in self.trainer.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in record.metrics.items()})
             logger.log_metrics({f"baseline_popularity/{k}": v for k, v in baseline.items()})
-        rows = [(record.model, record.metrics), ("most popular", baseline)]
-        header = f"{'':14s}" + "".join(f"{s + '/' + k:>14s}" for s in ("val", "test") for k in REPORT_KEYS)
-        lines = [header] + [
-            f"{name:14s}" + "".join(f"{values.get(s + '/' + k, float('nan')):14.4f}" for s in ("val", "test") for k in REPORT_KEYS)
-            for name, values in rows
-        ]
-        print("\n" + "\n".join(lines), flush=True)
+        print("\n" + final_table(record), flush=True)
         self._print(f"best checkpoint: {best}")
         self._print(f"run record: {path}")
 

@@ -36,10 +36,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from rails_lightning import report
 from rails_lightning.commands import help_description
 from rails_lightning.models.components import build_factory
 from rails_lightning.errors import SweepError
+from rails_lightning.reports import DEFAULT_METRIC, format_cell, sweep_results, write_report
 from rails_lightning.runs import RunRecord
 from rails_lightning.similarity import Similarity
 
@@ -148,10 +148,6 @@ def _first_program(argv: list[str]) -> int:
     return 1 if argv and argv[0].endswith("/env") else 0
 
 
-def _value_label(value: Any) -> str:
-    return report._fmt(value)
-
-
 def short_params(run_config: dict[str, Any]) -> dict[str, Any]:
     """``{"model.temperature": {"value": 0.05}}`` -> ``{"temperature": 0.05}`` (the seed and the model
     have their own columns)."""
@@ -160,7 +156,7 @@ def short_params(run_config: dict[str, Any]) -> dict[str, Any]:
         if name in ("seed_everything", "model", "model.similarity"):
             continue
         value = entry.get("value") if isinstance(entry, dict) else entry
-        params[name.rsplit(".", 1)[-1]] = _value_label(value) if isinstance(value, dict) else value
+        params[name.rsplit(".", 1)[-1]] = format_cell(value) if isinstance(value, dict) else value
     return params
 
 
@@ -225,7 +221,7 @@ def run_sweep(
     if violations:
         raise SweepError(f"{sweep_file} is not a valid W&B sweep config: " + "; ".join(violations))
     name = str(config.get("name") or Path(sweep_file).stem)
-    metric = config.get("metric", {}).get("name", report.DEFAULT_METRIC)
+    metric = config.get("metric", {}).get("name", DEFAULT_METRIC)
     limit = _trial_limit(config, count)
     check_metric_is_logged(config, metric, extra_args)
     out = _new_folder(Path(out_dir) if out_dir else Path(f"sweeps_out/{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -297,7 +293,7 @@ def run_sweep(
         markdown = ""
         if record["trials"]:
             title = f"Sweep {name} ({config['method']}, {len(record['trials'])} trials): {metric}"
-            markdown = report.write_report(report.sweep_results(out), out, metric, title)
+            markdown = write_report(sweep_results(out), out, metric, title)
             print("\n" + markdown, flush=True)
             _say(f"summary: {out / 'summary.md'}, plot: {out / 'hr_at_k.png'}")
     return out, markdown

@@ -17,14 +17,14 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 from conftest import REPO
-from rails_lightning import report, sweep
+from rails_lightning import reports, sweep
 from rails_lightning.cli import SUBCOMMANDS, parse_command_line
 from rails_lightning.commands import COMMANDS, PROG
 from rails_lightning.serving.commands import build_index_parser, build_retrieve_parser
 
 PLAIN_PARSERS = {
     "sweep": sweep.build_parser,
-    "report": report.build_parser,
+    "report": reports.build_parser,
     "index": build_index_parser,
     "retrieve": build_retrieve_parser,
 }

@@ -19,13 +19,14 @@ import pytest
 import torch
 
 from conftest import TINY_CLI_ARGS, cpu_trainer, make_tiny_data, make_tiny_model
-from rails_lightning.callbacks import AtomicCheckpointIO, CorpusEvaluation
+from rails_lightning.baseline import PopularityTopK, popularity_baseline
+from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.data import DataError, InteractionDataModule, InteractionLogSource
 from rails_lightning.data.sequences import InteractionLog
 from rails_lightning.data.source import InteractionSource
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule
 from rails_lightning.objectives import SharedNegatives
-from rails_lightning.retrieval.popularity import PopularityTopK, popularity_baseline
+from rails_lightning.plugins import AtomicCheckpointIO
 from rails_lightning.runs import RunRecord
 
 
@@ -204,7 +205,7 @@ def test_6_empty_splits_are_refused_before_training(tmp_path):
 # ---------------------------------------------------------------------------------------------- point 7
 _KILL_DURING_SECOND_LAST_SAVE = """
 import os, signal, sys, torch
-import rails_lightning.callbacks.checkpoint_io as io
+import rails_lightning.plugins.checkpoint_io as io
 last_saves = []
 real_save = torch.save
 def dying_save(obj, f, *args, **kwargs):
@@ -250,7 +251,7 @@ def test_7_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypat
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("rails_lightning.callbacks.checkpoint_io.torch.save", failing_save)
+    monkeypatch.setattr("rails_lightning.plugins.checkpoint_io.torch.save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         io.save_checkpoint({"epoch": 2}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 1}

@@ -12,9 +12,8 @@ import pytest
 
 from conftest import TINY_CLI_ARGS
 from rails_lightning.__main__ import main as command_main
-from rails_lightning.report import (
-    RESULTS_TABLE_END, RESULTS_TABLE_START, ReportedRun, build_parser, group_by_config, results_table,
-)
+from rails_lightning.reports import ReportedRun, build_parser, group_by_config, published_figures, results_table
+from rails_lightning.reports.reproduction import RESULTS_TABLE_END, RESULTS_TABLE_START
 from rails_lightning.runs import RECORD_FILE, SCHEMA_VERSION, RunRecord
 
 # In-process fits pass their own args (LightningCLI warns about pytest's) and share W&B's one disabled run.
@@ -100,6 +99,22 @@ def test_published_figure_only_for_its_dataset_encoder_and_model(encoder, layers
     assert row[-1] == published
     (row,) = _table_rows(results_table([_run("a", _config(dataset="ml-100k", encoder=encoder, layers=layers, similarity=similarity))]))
     assert row[-1] == "—"
+
+
+def test_every_published_figure_says_where_it_comes_from_and_how_it_was_measured():
+    figures = published_figures()
+    assert len(figures) == 5
+    for figure in figures:
+        assert figure.url.startswith("https://") and figure.source and figure.split and figure.selection, figure
+        assert set(figure.metrics) <= {"test/hr@10", "test/ndcg@10"} and 0 < figure.metrics["test/hr@10"] < 1, figure
+
+
+def test_a_published_figure_without_hr10_is_refused(tmp_path):
+    entry = {"figure": "X", "dataset": "ml-1m", "encoder": "SASRec", "encoder_layers": None, "model": "MoL",
+             "metrics": {"test/ndcg@10": 0.2}, "split": "leave-one-out", "selection": "on test", "source": "s", "url": "https://x"}
+    (tmp_path / "published.yaml").write_text(json.dumps({"figures": [entry]}))  # JSON is YAML
+    with pytest.raises(ValueError, match="has no test/hr@10"):
+        published_figures(tmp_path / "published.yaml")
 
 
 def test_old_record_without_hardware_reads_as_unknown(tmp_path):

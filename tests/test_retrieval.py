@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from rails_lightning.baseline import PopularityTopK
 from rails_lightning.errors import ConfigError
 from rails_lightning.retrieval import SearchOptions, approximate_inner_product_retriever, inner_product_retriever
-from rails_lightning.retrieval.popularity import PopularityTopK
 from rails_lightning.retrieval.topk import BruteForceTopK, Exclusion, FaissInnerProductTopK, keep_allowed, unique_ids
 
 

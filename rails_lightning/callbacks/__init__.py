@@ -1,5 +1,4 @@
-from rails_lightning.callbacks.checkpoint_io import AtomicCheckpointIO
 from rails_lightning.callbacks.corpus_evaluation import CorpusEvaluation
 from rails_lightning.callbacks.wandb_logging import WandbBestCheckpoint, WandbHitRateTable
 
-__all__ = ["AtomicCheckpointIO", "CorpusEvaluation", "WandbHitRateTable", "WandbBestCheckpoint"]
+__all__ = ["CorpusEvaluation", "WandbHitRateTable", "WandbBestCheckpoint"]

@@ -1,4 +1,7 @@
-"""Most-popular-items baseline: every query gets the most frequent items it has not seen.
+"""The most-popular-items baseline every model is reported beside: each query gets the most frequent
+items it has not seen, evaluated under the protocol ``CorpusEvaluation`` applies to a model (the full
+corpus, the user's history excluded, the same ``RetrievalMetrics`` over the same val or test queries).
+``fit`` records it in the run record (``RunRecord.baseline``) beside the best checkpoint's metrics.
 
 Fair to the model it is compared with: the counts are over what the model sees at that stage
 (``InteractionDataModule.visible_item_counts``: at test time the validation item too), the same
