@@ -59,8 +59,8 @@ def compiler() -> str | None:
 
 
 def target_flags() -> list[str]:
-    """The instruction-set flag: ``-march=$RAILS_LIGHTNING_KERNEL_MARCH`` (default ``native``) on x86-64; elsewhere the
-    compiler's default target, with ``-mcpu=native`` unless a level is set."""
+    """The target flag: ``-march=$RAILS_LIGHTNING_KERNEL_MARCH`` on x86-64, ``-mcpu=`` it elsewhere (default
+    ``native``: this CPU's instruction set)."""
     march = os.environ.get("RAILS_LIGHTNING_KERNEL_MARCH")
     if platform.machine().lower() in ("x86_64", "amd64"):
         return [f"-march={march or 'native'}"]
