@@ -6,6 +6,7 @@ its example (``help_description``), so the two cannot disagree.
 
 from __future__ import annotations
 
+import argparse
 import textwrap
 from typing import NamedTuple
 
@@ -76,3 +77,12 @@ def overview() -> str:
         f"Anywhere on the line, --debug shows the traceback of an error instead of its one-line message.",
     ]
     return "\n".join(lines)
+
+
+def argument_parser(name: str, details: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of a plain (non-Lightning) command: usage under ``python -m rails_lightning NAME``, and a
+    ``--help`` that starts with what it does and its example, then ``details``."""
+    return argparse.ArgumentParser(
+        prog=f"{PROG} {name}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=help_description(name, details), epilog=epilog,
+    )

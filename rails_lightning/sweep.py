@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from rails_lightning.commands import help_description
+from rails_lightning.commands import argument_parser
 from rails_lightning.models.components import build_factory
 from rails_lightning.errors import SweepError
 from rails_lightning.reports import DEFAULT_METRIC, format_cell, sweep_results, write_report
@@ -408,17 +408,13 @@ def _say(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rails_lightning sweep",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=help_description(
-            "sweep",
-            "Run a W&B sweep file locally (no W&B server): W&B's own search engine proposes the trials "
-            "(grid, random, bayes), each runs `python -m rails_lightning fit ${args} --run_dir=OUT/TRIAL` as a "
-            "subprocess with W&B offline, and a comparison table (metric per trial, mean ± std per model) and a plot "
-            "of HR@K against K are written to OUT/summary.md and OUT/hr_at_k.png. Arguments after `--` are added "
-            "to every trial's fit command (e.g. -- --trainer.max_epochs=2).",
-        ),
+    parser = argument_parser(
+        "sweep",
+        "Run a W&B sweep file locally (no W&B server): W&B's own search engine proposes the trials "
+        "(grid, random, bayes), each runs `python -m rails_lightning fit ${args} --run_dir=OUT/TRIAL` as a "
+        "subprocess with W&B offline, and a comparison table (metric per trial, mean ± std per model) and a plot "
+        "of HR@K against K are written to OUT/summary.md and OUT/hr_at_k.png. Arguments after `--` are added "
+        "to every trial's fit command (e.g. -- --trainer.max_epochs=2).",
         epilog="Also: python -m rails_lightning report RUN_DIR... [--out DIR] compares finished runs.",
     )
     parser.add_argument("sweep_file", help="a W&B sweep YAML (sweeps/*.yaml)")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from rails_lightning.commands import help_description
+from rails_lightning.commands import argument_parser
 from rails_lightning.errors import UserError
 from rails_lightning.reports.collect import DEFAULT_METRIC, collect_runs
 from rails_lightning.reports.comparison import write_report
@@ -17,16 +17,12 @@ from rails_lightning.reports.reproduction import RESULTS_TABLE_END, RESULTS_TABL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rails_lightning report",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=help_description(
-            "report",
-            "Turn finished runs (run directories of `fit`, or local sweep directories) into a markdown "
-            "comparison table (summary.md: the metric per run, mean ± std per model beside the most-popular baseline) "
-            "and a PNG of HR@K against K per model (hr_at_k.png); --leaderboard ranks the runs, --table writes the "
-            "reproduction table (one row per config, mean ± std over seeds, next to the published figure).",
-        ),
+    parser = argument_parser(
+        "report",
+        "Turn finished runs (run directories of `fit`, or local sweep directories) into a markdown "
+        "comparison table (summary.md: the metric per run, mean ± std per model beside the most-popular baseline) "
+        "and a PNG of HR@K against K per model (hr_at_k.png); --leaderboard ranks the runs, --table writes the "
+        "reproduction table (one row per config, mean ± std over seeds, next to the published figure).",
     )
     parser.add_argument("runs", nargs="+", help="run directories (with run.json), folders of them, or local sweep directories")
     parser.add_argument("--out", default=None, help="output folder (default: sweeps_out/report-<date-time>)")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from rails_lightning.commands import help_description
+from rails_lightning.commands import argument_parser
 from rails_lightning.errors import UserError
 from rails_lightning.serving.index import Answer, ServingIndex, add_items, compact, export_index
 
@@ -31,16 +31,12 @@ def _item_list(text: str | None) -> list[str] | None:
 
 
 def build_index_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rails_lightning index",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=help_description(
-            "index",
-            "Export a trained model's item corpus for serving: item embeddings, a FAISS index (dot product) or "
-            "the data of the exact / RAILS MoL top-k, users' histories, raw ids and titles, and a manifest; "
-            "safetensors, FAISS and JSON files only (nothing is unpickled). With --add, encode new items into a delta "
-            "next to the main index (no rebuild); with --compact, fold the delta into the main index.",
-        ),
+    parser = argument_parser(
+        "index",
+        "Export a trained model's item corpus for serving: item embeddings, a FAISS index (dot product) or "
+        "the data of the exact / RAILS MoL top-k, users' histories, raw ids and titles, and a manifest; "
+        "safetensors, FAISS and JSON files only (nothing is unpickled). With --add, encode new items into a delta "
+        "next to the main index (no rebuild); with --compact, fold the delta into the main index.",
     )
     parser.add_argument("--ckpt_path", help="a checkpoint inside a run directory (RUN_DIR/checkpoints/*.ckpt)")
     parser.add_argument("--out", required=True, help="the index folder")
@@ -105,14 +101,10 @@ def _show(answer: Answer, as_json: bool) -> None:
 
 
 def build_retrieve_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rails_lightning retrieve",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=help_description(
-            "retrieve",
-            "Show what a model retrieves for a user (from their stored history) or for a list of items, "
-            "from an index written by `python -m rails_lightning index`, with the query's latency.",
-        ),
+    parser = argument_parser(
+        "retrieve",
+        "Show what a model retrieves for a user (from their stored history) or for a list of items, "
+        "from an index written by `python -m rails_lightning index`, with the query's latency.",
         epilog="--interactive reads one query per line after a prompt: `user RAW_ID` or comma-separated raw item ids; a bad "
         "query prints its error and the prompt returns; an empty line or the end of input ends it.",
     )
