@@ -58,16 +58,6 @@ def test_the_check_finds_each_way_of_reaching_a_private_name():
     assert private_imports("import torch\ntorch._C\nfrom torch._dynamo import config\n") == []  # not the project's
 
 
-# Known, owned elsewhere, to be made public there; strict: the mark must go once the import has.
-KNOWN = {
-    "rails_lightning/data/known_truth.py": "imports data.synthetic._ItemTitles",
-}
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param(path, marks=pytest.mark.xfail(strict=True, reason=KNOWN[str(path.relative_to(REPO))]))
-    if str(path.relative_to(REPO)) in KNOWN else path
-    for path in SOURCES
-], ids=lambda path: str(path.relative_to(REPO)))
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: str(path.relative_to(REPO)))
 def test_no_private_name_of_another_module(path):
     assert private_imports(path.read_text()) == []

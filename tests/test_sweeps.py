@@ -273,8 +273,11 @@ def test_unreachable_wandb_server_means_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")  # restored after the test
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
-    main([*TINY, "--trainer.logger=false", f"--run_dir={tmp_path}"], run=False)
+    main([*TINY, f"--run_dir={tmp_path}"], run=False)  # the default config's WandbLogger: the mode is decided
     assert os.environ["WANDB_MODE"] == "offline"
+    from wandb.sdk import wandb_setup
+
+    assert wandb_setup.singleton().settings.mode == "offline"  # also where wandb itself reads it
 
 
 class _FakeRun:

@@ -58,7 +58,7 @@ import numpy as np
 
 from rails_lightning.data.sequences import InteractionLog, gather_ranges
 from rails_lightning.data.source import InteractionSource
-from rails_lightning.data.synthetic import _ItemTitles
+from rails_lightning.data.synthetic import ClusterTitles
 
 __all__ = [
     "KnownTruthSource", "KnownTruthWorld", "KnownTruthInteractions", "QueryTruth",
@@ -240,7 +240,7 @@ class KnownTruthSource(InteractionSource):
             item_ids=data.item_ids,
             order=data.positions,
             name=self.description,
-            item_titles=_ItemTitles(data.world.item_cluster),
+            item_titles=ClusterTitles(data.world.item_cluster),
             item_clusters=data.world.item_cluster,
             catalogue=np.arange(data.world.num_items),
         )

@@ -173,13 +173,13 @@ class SyntheticSource(InteractionSource):
             item_ids=data.item_ids,
             order=data.positions,
             name=self.description,
-            item_titles=_ItemTitles(data.item_cluster),
+            item_titles=ClusterTitles(data.item_cluster),
             item_clusters=data.item_cluster,
             catalogue=np.arange(len(data.item_cluster)) if self.include_unseen_items else None,
         )
 
 
-class _ItemTitles(Mapping):
+class ClusterTitles(Mapping):
     """``item i (cluster c)`` for every raw item id, made when asked for: a dict of them would hold
     millions of strings for a million-item corpus."""
 
