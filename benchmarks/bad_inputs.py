@@ -37,6 +37,12 @@ def _log(rows: list[tuple], path: Path) -> Path:
     return path
 
 
+def log_with(path: Path, rows: list[tuple], column: str, value) -> str:
+    """A log of ``rows`` (user, item, time) with one more column, ``value(row number)`` in each row."""
+    path.write_text(f"user_id,item_id,timestamp,{column}\n" + "".join(f"{u},{i},{t},{value(r)}\n" for r, (u, i, t) in enumerate(rows)))
+    return str(path)
+
+
 def _reconsumption_rows() -> list[tuple]:
     import random
 
@@ -69,6 +75,8 @@ def serve(folder: Path) -> str:
 def cases(work: Path, url: str) -> list[tuple]:
     """(case, arguments after `python -m rails_lightning`[, the text of the line to show]); files go into ``work``."""
     log = lambda name, rows: str(_log(rows, work / name))  # noqa: E731
+    items = lambda path, *extra: ["--data.source.items=ItemTable", f"--data.source.items.path={path}",  # noqa: E731
+                                  "--data.source.items.text_columns=[title]", *extra]
     src = lambda path, *extra: ["--data.source=InteractionLogSource", f"--data.source.path={path}", *extra]  # noqa: E731
     good = [(u, i, t) for u in range(30) for t, i in enumerate(range(1 + u % 5, 9 + u % 5))]
     (work / "empty.csv").write_text("")
@@ -82,6 +90,10 @@ def cases(work: Path, url: str) -> list[tuple]:
     (work / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
     (work / "bad.jsonl").write_text('{"user_id": 1, "item_id": 2, "timestamp": 3}\n{"user_id": 1, \n')
     (work / "log.xlsx").write_text("x")
+    (work / "dup_items.csv").write_text("item_id,title,year\n1,Alpha,1990\n1,Beta,1991\n")
+    (work / "noid_items.csv").write_text("movie,title\n1,Alpha\n")
+    (work / "badyear_items.csv").write_text("item_id,title,year\n1,Alpha,1990\n2,Beta,soon\n")
+    (work / "partial_items.csv").write_text("item_id,title\n1,Alpha\n2,Beta\n")
     (work / "bad.yaml").write_text("model:\n  item_dim: [1\n")
     (work / "random.ckpt").write_bytes(os.urandom(4096))
     with open(work / "evil.ckpt", "wb") as f:
@@ -150,6 +162,15 @@ def cases(work: Path, url: str) -> list[tuple]:
         ("sweep metric never logged (point 8)", ["sweep", str(sweep_bad_metric), "--", *TINY]),
         ("sweep whose every trial fails (point 8)", ["sweep", "sweeps/mol_vs_dot.yaml", "--count", "1", f"--out={work / 'sw'}", "--", *TINY, "--model.learning_rate=1e6"]),
         ("random sweep without --count or run_cap", ["sweep", str(sweep_no_cap)]),
+        # Item metadata (an item table joined to the log) and action types.
+        ("item table not found", ["fit", *src(log("g.csv", good), *items(work / "nope_items.csv")), *TINY[6:]]),
+        ("item table without its id column", ["fit", *src(log("g.csv", good), *items(work / "noid_items.csv")), *TINY[6:]]),
+        ("item table with a repeated id", ["fit", *src(log("g.csv", good), *items(work / "dup_items.csv")), *TINY[6:]]),
+        ("item table with a non-number in a numeric column", ["fit", *src(log("g.csv", good), *items(work / "badyear_items.csv", "--data.source.items.numeric_columns=[year]")), *TINY[6:]]),
+        ("items without a metadata row: counted, empty content", ["fit", *src(log("g.csv", good), *items(work / "partial_items.csv")), *TINY[6:], "--model.item_tower=ContentTower"], "no row in the item table|Error"),
+        ("content tower without item content", ["fit", *src(log("g.csv", good)), *TINY[6:], "--model.item_tower=ContentTower"]),
+        ("unknown action column", ["fit", *src(log("g.csv", good), "--data.source.action_columns=[liked]"), *TINY[6:]]),
+        ("action column that is not 0/1, a list or names", ["fit", *src(log_with(work / "acts.csv", good, "liked", lambda r: 2 if r == 5 else 0), "--data.source.action_columns=[liked]"), *TINY[6:]]),
     ]
 
 
