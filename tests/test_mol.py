@@ -515,3 +515,17 @@ def test_bf16_mixed_precision_fits_and_evaluates_on_the_full_corpus(tmp_path, mo
     assert torch.isfinite(hr10) and 0 < hr10 <= 1
     float32 = cpu_trainer(tmp_path, 1, [CorpusEvaluation(ks=(1, 10))]).validate(module, datamodule=data, verbose=False)[0]
     assert abs(float32["val/hr@10"] - float(hr10)) < 0.05  # the same model, queries encoded in float32
+
+
+@pytest.mark.parametrize("form", ["additive", "multiplicative", "separable"])
+def test_gates_for_analysis_are_the_probabilities_the_score_mixes(form):
+    torch.manual_seed(0)
+    similarity = MixtureOfLogits(16, 10, 4, 2, component_dim=8, gate=form).eval()
+    queries = similarity.query_representation(torch.randn(5, 16), torch.arange(5))
+    items = similarity.item_representation(torch.randn(7, 16))
+    gates = similarity.gates(queries, items)  # (5, 7, 8)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(5, 7))
+    logits = torch.einsum("qid,rjd->qrij", queries.components, items.components).flatten(2)  # (5, 7, P), p = i * P_X + j
+    with torch.no_grad():
+        scores = similarity.score(with_group_dim(queries, 0), with_group_dim(items, 0))[0][0]
+    torch.testing.assert_close(scores, (gates * logits).sum(-1), rtol=1e-4, atol=1e-5)

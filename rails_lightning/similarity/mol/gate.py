@@ -68,6 +68,17 @@ def pair_gate(
         training: whether dropout applies.
         stat_items: the gate statistics count the pairs of the first this-many items of each group.
     """
+    logits, gates = gate_probabilities(logits, query_gate_logits, item_gate_logits, weights, form)  # (G, Q, C, P) each
+    scores = (F.dropout(gates, dropout, training) * logits).sum(-1)  # (G, Q, C)
+    counted = gates[:, :, :stat_items].reshape(-1, gates.shape[-1])  # (pairs, P)
+    return GateOutput(scores, counted.sum(0), entropy(counted).sum())
+
+
+def gate_probabilities(
+    logits: Tensor, query_gate_logits: Tensor, item_gate_logits: Tensor, weights: PairGateWeights | None, form: GateForm
+) -> tuple[Tensor, Tensor]:
+    """Component logits (G, Q, P_Q, C, P_X) -> the pairs' logits (G, Q, C, P) and their gate probabilities
+    (G, Q, C, P), before dropout; arguments as ``pair_gate``'s."""
     G, Q, P_Q, C, P_X = logits.shape
     logits = logits.permute(0, 1, 3, 2, 4).reshape(G, Q, C, P_Q * P_X)  # (G, Q, C, P)
     a, b = query_gate_logits[:, :, None, :], item_gate_logits[:, None, :, :]  # (G, Q, 1, P), (1 | G, 1, C, P)
@@ -77,10 +88,7 @@ def pair_gate(
         gate_logits = pair_logits(logits, weights) + a + b
     else:
         gate_logits = F.silu(pair_logits(logits, weights) + a * b)
-    gates = torch.softmax(gate_logits, dim=-1)  # (G, Q, C, P)
-    scores = (F.dropout(gates, dropout, training) * logits).sum(-1)  # (G, Q, C)
-    counted = gates[:, :, :stat_items].reshape(-1, gates.shape[-1])  # (pairs, P)
-    return GateOutput(scores, counted.sum(0), entropy(counted).sum())
+    return logits, torch.softmax(gate_logits, dim=-1)
 
 
 def pair_logits(logits: Tensor, weights: PairGateWeights) -> Tensor:

@@ -25,9 +25,9 @@ from rails_lightning.errors import ConfigError
 from rails_lightning.losses import entropy, load_balancing_loss
 from rails_lightning.retrieval import SearchOptions, TopKRetriever
 from rails_lightning.retrieval.mol_topk import MoLExactTopK
-from rails_lightning.similarity.base import Auxiliary, Similarity
+from rails_lightning.similarity.base import Auxiliary, Similarity, with_group_dim
 from rails_lightning.similarity.mol import scoring
-from rails_lightning.similarity.mol.gate import GateForm, MoLGate
+from rails_lightning.similarity.mol.gate import GateForm, MoLGate, gate_probabilities
 from rails_lightning.similarity.mol.heads import ItemHead, MoLItems, MoLQueries, QueryHead, head_input
 from rails_lightning.similarity.mol.kernel import GateImplementation
 
@@ -176,6 +176,13 @@ class MixtureOfLogits(Similarity):
             return scores, Auxiliary()
         pairs = G * Q * counted_items
         return scores, self._auxiliary(usage / pairs, entropy_sum / pairs, queries)
+
+    def gates(self, queries: MoLQueries, items: MoLItems) -> Tensor:
+        """For analysis: the gate probabilities (M, R, P) of M queries (fields (M, ...)) x R items (fields (R, ...)),
+        before dropout, the pairs flattened as p = i * P_X + j."""
+        queries, items = with_group_dim(queries, 0), with_group_dim(items, 0)
+        logits = scoring.component_logits(queries.components, items.components)  # (1, M, P_Q, R, P_X)
+        return gate_probabilities(logits, queries.gate_logits, items.gate_logits, self.gate.pair_weights(), self.gate.form)[1][0]
 
     def _auxiliary(self, usage: Tensor, mean_entropy: Tensor, queries: MoLQueries) -> Auxiliary:
         """The load-balancing loss and gate statistics from the mean gate (P,), each component's share of the gate
