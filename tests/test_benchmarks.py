@@ -26,9 +26,9 @@ def test_train_step_cost_reports_every_variant_against_the_first():
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines() if line.startswith("| ")}
     floors = {"component logits alone, float32", "component logits alone, bfloat16"}
     assert set(rows) == {"variant", "two-tower", "MoL", *floors}
-    for name in floors:  # timed forward and backward, no optimiser
+    for name in floors:  # timed forward and backward, no optimiser (at this size a floor may round to 0 ms)
         forward, backward, optimiser, step, ratio = (float(cell) for cell in rows[name])
-        assert optimiser == 0 and ratio > 0 and forward + backward == pytest.approx(step, abs=3)
+        assert optimiser == 0 and ratio >= 0 and forward + backward == pytest.approx(step, abs=3)
     assert rows["two-tower"][-1].strip() == "1.00"
     forward, backward, optimiser, step, ratio = (float(cell) for cell in rows["MoL"])
     assert step > 0 and ratio > 0 and forward + backward + optimiser == pytest.approx(step, abs=3)
