@@ -55,10 +55,6 @@ class ItemContent:
             numeric={name: np.where(missing, np.nan, values[np.maximum(rows, 0)]) for name, values in self.numeric.items()},
         ), missing
 
-    def vocabulary(self, column: str) -> list[str]:
-        """The distinct values of a categorical column, sorted."""
-        return sorted({value for values in self.categorical[column] for value in values})
-
 
 class ItemTable:
     """An item table joined to an interaction log on the item id: one row per item.

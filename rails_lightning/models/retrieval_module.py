@@ -138,6 +138,7 @@ class RetrievalModule(pl.LightningModule):
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self.action_names = tuple(action_names)
         self.action_embedding = nn.Linear(len(action_names), item_dim, bias=False) if action_names else None
+        self._loaded_content = None  # the DataModule's item content the item tower holds, if any
         # The encoded corpus that evaluation and mining share; dropped whenever the weights change.
         self.corpus_index = CorpusIndex(self)
 
@@ -234,8 +235,10 @@ class RetrievalModule(pl.LightningModule):
                     f"{type(self.item_tower).__name__} reads item content and {datamodule.source.description} has none: "
                     "give the source an item table (InteractionLogSource(items=ItemTable(...))) or use MovieLensSource"
                 )
-            self.item_tower.load_content(datamodule.item_content)
-            self.corpus_index.invalidate()
+            if datamodule.item_content is not self._loaded_content:  # fit, then test: the same content, featurised once
+                self.item_tower.load_content(datamodule.item_content)
+                self._loaded_content = datamodule.item_content
+                self.corpus_index.invalidate()
 
     def teardown(self, stage: str) -> None:
         self.corpus_index.invalidate()  # the stage is over: hold no encoded corpus (the module may also change device)
