@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rails_lightning.data.actions import pack
 from rails_lightning.data.batches import QueryBatch
 from rails_lightning.errors import CheckpointError, UserError
 from rails_lightning.models import RetrievalModule
@@ -336,15 +337,14 @@ class ServingIndex:
             if any(":" in entry for entry in entries):
                 raise UserError("this model has no action types; give plain item ids (`1196,260`)")
             return items, None
-        bit = {name: 1 << a for a, name in enumerate(self.action_names)}
-        masks = []
-        for entry in entries:
+        flags = np.zeros((len(entries), len(self.action_names)), dtype=bool)  # (B, A)
+        for row, entry in enumerate(entries):
             names = [n.strip() for n in entry.split(":", 1)[1].split("+")] if ":" in entry else []
-            unknown = [n for n in names if n not in bit]
+            unknown = [n for n in names if n not in self.action_names]
             if unknown:
                 raise UserError(f"{entry}: unknown action type(s) {unknown}; this model knows {list(self.action_names)}")
-            masks.append(sum(bit[n] for n in set(names)))
-        return items, np.array(masks, dtype=np.int64)
+            flags[row, [self.action_names.index(n) for n in names]] = True
+        return items, pack(flags)
 
     def items_of(self, raw_items: list[str]) -> np.ndarray:
         """Raw item ids -> the model's item ids (a history the model can encode)."""
