@@ -198,3 +198,69 @@ def test_fit_with_actions_from_the_command_line(tmp_path):
     assert command("retrieve", f"--index={index}", "--user", "0", "--json").returncode == 0
     bad = command("retrieve", f"--index={index}", "--history", "1:loved")
     assert bad.returncode == 1 and "unknown action type(s) ['loved']; this model knows ['like', 'skip']" in bad.stderr
+
+
+def test_target_groups_are_the_targets_of_an_action_type(tmp_path):
+    """Query batches say which targets are of a reported action type; an unknown group is a one-line error."""
+    from rails_lightning.errors import ConfigError
+
+    path = _write_log(tmp_path, "kinds", lambda u, s: "like" if (u + s) % 2 else "skip")
+    data = InteractionDataModule(InteractionLogSource(str(path), action_columns=["kinds"]), min_interactions=3,
+                                 max_seq_len=8, target_groups=["skip", "like"])
+    data.setup("fit")
+    assert data.target_group_names == ("skip", "like")
+    batch = next(iter(data.test_dataloader()))
+    # The test target is each user's last event, step 4: liked when (u + 4) is odd.
+    users = batch.user_ids.numpy()
+    expected_like = (data.store.user_raw_ids[users] + 4) % 2 == 1
+    assert batch.target_groups.tolist() == [[0b10] if liked else [0b01] for liked in expected_like]
+    with pytest.raises(ConfigError, match=r"--data.target_groups='loved' is not a group of .*action types \['like', 'skip'\]"):
+        InteractionDataModule(InteractionLogSource(str(path), action_columns=["kinds"]), min_interactions=3,
+                              target_groups=["loved"]).setup("fit")
+
+
+def test_group_metrics_equal_the_metrics_of_the_groups_queries_alone(tmp_path):
+    """A real validation: val/like/... equals the metrics of the same model's rankings computed here, by brute
+    force over the corpus, for the queries whose target is liked, their other targets dropped."""
+    import lightning.pytorch as pl
+    import torch
+
+    from rails_lightning.callbacks import CorpusEvaluation
+    from rails_lightning.models import RetrievalModule
+
+    lines = ["user_id,item_id,timestamp,kinds"]
+    rng = np.random.default_rng(0)
+    for user in range(40):
+        for step in range(int(rng.integers(4, 9))):
+            lines.append(f"{user},{int(rng.integers(1, 30))},{step},{'like' if rng.random() < 0.5 else 'skip'}")
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(lines) + "\n")
+    data = InteractionDataModule(InteractionLogSource(str(path), action_columns=["kinds"]), min_interactions=3,
+                                 max_seq_len=8, eval_batch_size=7, target_groups=["like"], split="temporal",
+                                 val_fraction=0.3, test_fraction=0.2)
+    torch.manual_seed(0)
+    model = RetrievalModule(data.num_items, data.num_users, data.max_seq_len, action_names=data.action_names, item_dim=8)
+    evaluation = CorpusEvaluation(ks=(1, 5, 10))
+    trainer = pl.Trainer(max_epochs=1, callbacks=[evaluation], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.validate(model, datamodule=data)
+    got = evaluation.last_metrics
+    # Brute force: every query's full ranking, its history excluded.
+    model.eval()
+    hits = {k: [] for k in (1, 5, 10)}
+    with torch.no_grad():
+        items = model.encode_corpus()  # (N, D)
+        for batch in data.val_dataloader():
+            scores = model.encode_queries(batch) @ items.T  # (B, N)
+            for row in range(len(scores)):
+                excluded = batch.exclude_items[batch.exclude_offsets[row]:batch.exclude_offsets[row + 1]]
+                ranked = [i + 1 for i in torch.argsort(scores[row], descending=True, stable=True).tolist() if i + 1 not in set(excluded.tolist())]
+                liked = {t for t, g in zip(batch.targets[row].tolist(), batch.target_groups[row].tolist()) if t > 0 and g & 1}
+                if liked:
+                    for k in hits:
+                        hits[k].append(len(liked & set(ranked[:k])) / len(liked))
+    assert len(hits[10]) > 3
+    for k in (1, 5, 10):
+        assert got[f"val/like/recall@{k}"] == pytest.approx(np.mean(hits[k]), abs=1e-9)
+    assert "val/like/ndcg@10" in got and got["val/like/hr@10"] >= got["val/like/recall@10"]
+    assert "val/skip/hr@10" not in got
