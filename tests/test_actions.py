@@ -4,6 +4,7 @@ the sequence store into the batches, aligned with the history items and never wi
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -264,3 +265,76 @@ def test_group_metrics_equal_the_metrics_of_the_groups_queries_alone(tmp_path):
         assert got[f"val/like/recall@{k}"] == pytest.approx(np.mean(hits[k]), abs=1e-9)
     assert "val/like/ndcg@10" in got and got["val/like/hr@10"] >= got["val/like/recall@10"]
     assert "val/skip/hr@10" not in got
+
+
+def _encoder_class(name):
+    from rails_lightning.models import encoders
+    from rails_lightning.models.hstu import HSTUEncoder
+
+    return partial(HSTUEncoder, time_bias_buckets=64) if name == "HSTUEncoder" else getattr(encoders, name)
+
+
+@pytest.mark.parametrize("encoder", ["SASRecEncoder", "HSTUEncoder", "MeanPoolEncoder"])
+def test_a_history_filter_encodes_the_history_as_if_the_hidden_events_never_happened(encoder):
+    """history_filter="liked": every position's state equals the unfiltered model's state (same weights) after the
+    latest liked event of the history with the other events taken out; changing a hidden event changes nothing,
+    while making it liked does."""
+    import torch
+
+    from rails_lightning.models import RetrievalModule
+
+    names, L = ("liked", "seen"), 8
+    torch.manual_seed(0)
+    common = dict(num_items=30, num_users=4, max_seq_len=L, action_names=names, item_dim=8, query_encoder=_encoder_class(encoder))
+    filtered = RetrievalModule(**common, history_filter="liked").eval()
+    whole = RetrievalModule(**common).eval()
+    whole.load_state_dict(filtered.state_dict())
+    rng = np.random.default_rng(0)
+    user_ids = torch.arange(3)
+    input_ids = torch.from_numpy(rng.integers(1, 31, (3, L)))
+    input_ids[0, :2] = 0  # left padding
+    actions = torch.from_numpy(rng.integers(0, 4, (3, L))) * (input_ids > 0)
+    actions[2] = 0b10  # nothing liked: the empty history
+    timestamps = torch.cumsum(torch.from_numpy(rng.integers(1, 10_000, (3, L))), 1) * (input_ids > 0)
+    with torch.no_grad():
+        states = filtered.encode_sequence(user_ids, input_ids, timestamps, actions)  # (B, L, D)
+        for row in range(3):
+            shown = [t for t in range(L) if input_ids[row, t] > 0 and actions[row, t] & 1]
+            compact = [torch.zeros(L, dtype=torch.long) for _ in range(3)]
+            for values, out in zip((input_ids, timestamps, actions), compact):  # encode_sequence's order
+                out[L - len(shown):] = values[row, shown]
+            expected = whole.encode_sequence(user_ids[row:row + 1], *(v[None] for v in compact))[0]  # (L, D)
+            for t in range(L):
+                latest = L - len(shown) + sum(s <= t for s in shown) - 1
+                torch.testing.assert_close(states[row, t], expected[latest], rtol=1e-5, atol=1e-6)
+        hidden = (input_ids > 0) & (actions & 1 == 0)  # (B, L)
+        changed_ids = torch.where(hidden, (input_ids % 30) + 1, input_ids)
+        changed_actions = torch.where(hidden, actions ^ 0b10, actions)
+        changed_times = torch.where(hidden, timestamps + 7, timestamps)
+        assert torch.equal(filtered.encode_sequence(user_ids, changed_ids, changed_times, changed_actions), states)
+        liked_now = torch.where(hidden, actions | 1, actions)
+        assert not torch.allclose(filtered.encode_sequence(user_ids, input_ids, timestamps, liked_now)[:, -1], states[:, -1])
+
+
+def test_action_options_of_the_model(tmp_path):
+    """embed_actions=False reads ids alone (no action parameters; actions change nothing); history_filter must
+    name one of the data's action types."""
+    import torch
+
+    from rails_lightning.errors import ConfigError
+    from rails_lightning.models import RetrievalModule
+
+    data = _action_data(tmp_path)
+    torch.manual_seed(0)
+    ids_only = RetrievalModule(data.num_items, data.num_users, data.max_seq_len, action_names=data.action_names,
+                               embed_actions=False, item_dim=8).eval()
+    assert ids_only.action_embedding is None and ids_only.hparams.action_names == ["like", "skip"]
+    batch = next(iter(data.test_dataloader()))
+    with torch.no_grad():
+        before = ids_only.encode_queries(batch)
+        batch.actions = batch.actions ^ 0b11
+        assert torch.equal(ids_only.encode_queries(batch), before)
+    with pytest.raises(ConfigError, match=r"--model.history_filter='loved' is not an action type of the data, which has its action types \['like', 'skip'\]"):
+        RetrievalModule(data.num_items, action_names=data.action_names, history_filter="loved")
+    with pytest.raises(ConfigError, match="which has no action types"):
+        RetrievalModule(data.num_items, history_filter="liked")
