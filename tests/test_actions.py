@@ -338,3 +338,41 @@ def test_action_options_of_the_model(tmp_path):
         RetrievalModule(data.num_items, action_names=data.action_names, history_filter="loved")
     with pytest.raises(ConfigError, match="which has no action types"):
         RetrievalModule(data.num_items, history_filter="liked")
+
+
+def test_shuffled_history_actions_keep_the_logged_target_groups(tmp_path):
+    """shuffle_history_actions: the query encoder is shown the same action masks permuted across all events (by
+    its seed), while the target groups, and so the evaluation, stay those of the logged actions."""
+    from rails_lightning.errors import ConfigError
+
+    path = _write_log(tmp_path, "kinds", lambda u, s: ["like", "skip", "like|share"][(u * 5 + s) % 3])
+
+    def data(**options):
+        module = InteractionDataModule(InteractionLogSource(str(path), action_columns=["kinds"]), min_interactions=3,
+                                       max_seq_len=8, target_groups=["like", "skip"], **options)
+        module.setup("fit")
+        return module
+
+    logged, shuffled, again = data(), data(shuffle_history_actions=True), data(shuffle_history_actions=True)
+    assert sorted(shuffled.history_actions.tolist()) == sorted(logged.store.actions.tolist())
+    assert (shuffled.history_actions != logged.store.actions).mean() > 0.3
+    np.testing.assert_array_equal(again.history_actions, shuffled.history_actions)  # the seed's draw
+    assert not np.array_equal(data(shuffle_history_actions=True, action_shuffle_seed=1).history_actions, shuffled.history_actions)
+    np.testing.assert_array_equal(shuffled.store.actions, logged.store.actions)  # the log itself is untouched
+    for stage in ("val", "test"):
+        a, b = next(iter(logged.query_loader(stage))), next(iter(shuffled.query_loader(stage)))
+        assert torch_equal(a.input_ids, b.input_ids) and torch_equal(a.targets, b.targets)
+        assert torch_equal(a.target_groups, b.target_groups) and not torch_equal(a.actions, b.actions)
+    rows = [{u: (i, a) for u, i, a in zip(batch.user_ids.tolist(), batch.input_ids.tolist(), batch.actions.tolist())}
+            for batch in (next(iter(m.train_dataloader())) for m in (logged, shuffled))]  # user -> (inputs, actions)
+    assert rows[0].keys() == rows[1].keys() and all(rows[0][u][0] == rows[1][u][0] for u in rows[0])
+    assert any(rows[0][u][1] != rows[1][u][1] for u in rows[0])
+    no_actions = InteractionDataModule(InteractionLogSource(str(path)), min_interactions=3, shuffle_history_actions=True)
+    with pytest.raises(ConfigError, match="--data.shuffle_history_actions: .* has no action types to shuffle"):
+        no_actions.setup("fit")
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
