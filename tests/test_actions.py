@@ -376,3 +376,52 @@ def torch_equal(a, b):
     import torch
 
     return torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
+@pytest.mark.filterwarnings("ignore:There is a wandb run")
+def test_ablation_table_over_tiny_real_runs(tmp_path, monkeypatch):
+    """Four tiny fits through the CLI (two variants x two seeds, target groups on a temporal split); `report --table
+    --metrics` over them has a row per variant with the group metrics as mean ± std over the seeds."""
+    import math
+
+    from rails_lightning.__main__ import main as command_main
+    from rails_lightning.cli import main
+    from rails_lightning.runs import RunRecord
+
+    lines = ["user_id,item_id,timestamp,kinds"]
+    rng = np.random.default_rng(0)
+    for user in range(60):
+        for step in range(12):
+            item = int(rng.integers(1, 40))
+            lines.append(f"{user},{item},{user * 7 + step * 100},{'like' if item % 3 else 'skip'}")
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(lines) + "\n")
+    common = ["fit", "--data.source=InteractionLogSource", f"--data.source.path={log}", "--data.source.action_columns=[kinds]",
+              "--data.split=temporal", "--data.val_fraction=0.2", "--data.test_fraction=0.2", "--data.target_groups=[like, skip]",
+              "--data.min_interactions=3", "--data.max_seq_len=8", "--model.item_dim=8", "--trainer.max_epochs=2",
+              "--trainer.enable_progress_bar=false"]
+    variants = {"ids": ["--model.embed_actions=false"], "liked": ["--model.embed_actions=false", "--model.history_filter=like"]}
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    runs = {}
+    for variant, options in variants.items():
+        for seed in (0, 1):
+            runs[variant, seed] = tmp_path / "runs" / f"{variant}-{seed}"
+            main([*common, *options, f"--seed_everything={seed}", f"--run_dir={runs[variant, seed]}"])
+    keys = ["test/hr@10", "test/like/hr@10", "test/skip/recall@10"]
+    records = {name: RunRecord.read(path) for name, path in runs.items()}
+    assert all(key in record.test for record in records.values() for key in keys)
+    assert command_main(["report", "--table", str(tmp_path / "runs"), "--metrics", *keys, "--out", str(tmp_path / "out")]) == 0
+    markdown = (tmp_path / "out" / "results_table.md").read_text()
+    table = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in markdown.splitlines() if line.startswith("| ")]
+    assert table[0][:5] == ["config", "seeds", *keys]
+    rows = {("liked" if "history_filter=like" in row[0] else "ids"): row for row in table[1:]}
+    assert len(table) == 3 and set(rows) == {"ids", "liked"}
+    for variant, row in rows.items():
+        assert row[1] == "2"
+        for column, key in enumerate(keys, start=2):
+            values = [records[variant, seed].test[key] for seed in (0, 1)]
+            mean = sum(values) / 2
+            std = math.sqrt(sum((v - mean) ** 2 for v in values))  # sample std of two values
+            assert row[column] == f"{mean:.4f} ± {std:.4f}", (variant, key)

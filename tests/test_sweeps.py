@@ -96,6 +96,15 @@ def test_every_proposal_expands_and_parses_through_the_cli(path, tmp_path, monke
         for name, value in _expected(run_config):
             if name == "seed_everything":
                 assert cli.config.seed_everything == value
+            elif name == "config":  # a variant's config file, the other parameters applied over it
+                assert [str(path) for path in cli.config.config] == [value]
+                stated = yaml.safe_load((REPO / value).read_text())
+                for option in ("embed_actions", "history_filter"):
+                    assert hparams[option] == stated["model"].get(option, hparams[option]), (value, option)
+                data = cli.datamodule
+                assert (data.split_kind, list(data.target_groups)) == (stated["data"]["split"], stated["data"]["target_groups"])
+                for option in ("max_seq_len", "shuffle_history_actions"):
+                    assert getattr(data, option) == stated["data"].get(option, getattr(data, option)), (value, option)
             elif name == "model":  # a whole model section: its similarity and any module options
                 for key, option in value.items():
                     if key == "similarity":
