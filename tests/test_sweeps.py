@@ -392,3 +392,10 @@ def test_interrupting_a_parallel_sweep_stops_every_trial(tmp_path):
     assert (out / "summary.md").is_file()
     still_running = subprocess.run(["pgrep", "-f", f"run_dir={out}"], capture_output=True, text=True).stdout
     assert still_running == "", still_running
+
+
+def test_trial_names_carry_a_swept_config_files_stem():
+    config = sweep.load_sweep_config(REPO / "sweeps" / "actions_ablation_ml1m.yaml")
+    names = [sweep.trial_name(index, config, run_config) for index, run_config in enumerate(sweep.proposals(config))]
+    assert names[:4] == ["00-actions_ids-TwoTower-seed0", "01-actions_ids-TwoTower-seed1", "02-actions_ids-TwoTower-seed2", "03-actions_ids-MoL-seed0"]
+    assert len(set(names)) == 24 and names[-1] == "23-actions_liked_history-MoL-seed2"
