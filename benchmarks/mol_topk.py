@@ -93,7 +93,7 @@ def similarity_options(model) -> dict:
     """The options of the model's MoL similarity: its constructor's defaults, overridden by those it was built with."""
     import inspect
 
-    from rails_lightning.models.components import build_factory
+    from rails_lightning.models.factories import build_factory
     from rails_lightning.similarity import Similarity
 
     factory = build_factory(model.hparams.similarity, Similarity)  # functools.partial(class, **options)
@@ -136,7 +136,7 @@ def _rss_bytes() -> int:
 def exact_child(problem_path: str, out_path: str, threads: int, device: str = "cpu") -> None:
     """Fresh process: load corpus + queries + MoL similarity, exact MoL top-100, report time and peak memory."""
     torch.set_num_threads(threads)
-    from rails_lightning.models.components import build_factory
+    from rails_lightning.models.factories import build_factory
     from rails_lightning.retrieval import SearchOptions
     from rails_lightning.retrieval.mol_topk import MoLExactTopK
     from rails_lightning.similarity import Similarity

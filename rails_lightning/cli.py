@@ -28,7 +28,7 @@ from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.commands import PROG, help_description
 from rails_lightning.data.datamodule import InteractionDataModule
 from rails_lightning.errors import CheckpointError, ConfigError
-from rails_lightning.models.components import build_factory
+from rails_lightning.models.factories import build_factory
 from rails_lightning.models.former_layouts import current_hyperparameters
 from rails_lightning.models.retrieval_module import RetrievalModule
 from rails_lightning.reports.comparison import final_table

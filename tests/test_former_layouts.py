@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_CLI_ARGS, cpu_trainer, make_tiny_model
 from rails_lightning.data import InteractionDataModule, SyntheticSource
 from rails_lightning.models import RetrievalModule
-from rails_lightning.models.components import build_factory
+from rails_lightning.models.factories import build_factory
 from rails_lightning.models.former_layouts import current_spec
 from rails_lightning.similarity import MixtureOfLogits, with_group_dim
 

@@ -156,7 +156,7 @@ def test_checkpoint_rebuilds_the_model_without_config(tmp_path, model):
 
 def test_checkpoint_specs_only_resolve_package_components():
     from rails_lightning.errors import CheckpointError
-    from rails_lightning.models.components import build_factory
+    from rails_lightning.models.factories import build_factory
 
     with pytest.raises(CheckpointError, match="only classes of rails_lightning"):
         build_factory({"class_path": "some_unimported_module.Evil"})

@@ -1,6 +1,6 @@
 """Checkpoints written in a former layout, read in today's: the one table of what was renamed.
 
-A checkpoint holds its model's parts as ``{"class_path", "init_args"}`` specs (``components.py``) and its weights
+A checkpoint holds its model's parts as ``{"class_path", "init_args"}`` specs (``factories.py``) and its weights
 by module name. When a class moves, an option changes form or a submodule is renamed, checkpoints written before
 still load, translated here when they are read:
 
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib
 from typing import Any, Callable
-
-Spec = dict[str, Any]
 
 #: Former class paths -> today's.
 FORMER_CLASS_PATHS = {
@@ -80,7 +78,7 @@ def is_spec(value: Any) -> bool:
     return isinstance(value, dict) and "class_path" in value
 
 
-def current_spec(spec: Spec) -> Spec:
+def current_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A stored ``{"class_path", "init_args"}`` spec (nested specs included) in today's class paths and options."""
     class_path = FORMER_CLASS_PATHS.get(str(spec["class_path"]), str(spec["class_path"]))
     init_args = {k: _current_value(v) for k, v in (spec.get("init_args") or {}).items()}

@@ -36,7 +36,7 @@ from rails_lightning.data.datamodule import InteractionDataModule
 from rails_lightning.errors import ConfigError, TrainingDiverged
 from rails_lightning.losses import sampled_softmax_loss
 from rails_lightning.objectives import ObjectiveFactory, SharedNegatives, TrainingObjective, TrainingStep
-from rails_lightning.models.components import build_factory, describe
+from rails_lightning.models.factories import build_factory, describe
 from rails_lightning.models.encoders import QueryEncoder, SASRecEncoder
 from rails_lightning.models.former_layouts import rename_former_weights
 from rails_lightning.models.item_towers import IdEmbedding, ItemTower

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from rails_lightning.errors import CheckpointError
 from rails_lightning.models.former_layouts import current_spec
 
-ComponentSpec = dict[str, Any]
+FactorySpec = dict[str, Any]
 
 
 def _bound_class(factory: Callable) -> tuple[type, dict[str, Any]]:
@@ -51,7 +51,7 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"option value {value!r} is not plain data (str, number, bool, None, list, dict or a factory)")
 
 
-def describe(factory: Callable | ComponentSpec) -> ComponentSpec:
+def describe(factory: Callable | FactorySpec) -> FactorySpec:
     """A factory (or a spec already) -> ``{"class_path", "init_args"}`` of plain data."""
     if isinstance(factory, dict):
         spec = current_spec(factory)
@@ -78,7 +78,7 @@ def _factory_values(value: Any) -> Any:
     return value
 
 
-def build_factory(spec: Callable | ComponentSpec, base: type | None = None) -> Callable:
+def build_factory(spec: Callable | FactorySpec, base: type | None = None) -> Callable:
     """A spec -> ``functools.partial(class, **init_args)`` (nested specs become factories too); factories pass through."""
     if not isinstance(spec, dict):
         return spec
