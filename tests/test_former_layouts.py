@@ -74,7 +74,7 @@ def test_former_mol_options_become_todays(sees_logits, multiplicative, form):
     spec = current_spec({"class_path": FORMER_CLASS_PATH, "init_args": former})
     assert spec["class_path"] == "rails_lightning.similarity.MixtureOfLogits"
     assert spec["init_args"]["gate"] == form and "gate_implementation" not in spec["init_args"]
-    assert spec["init_args"]["approximate_topk"] == former["approximate_topk"]
+    assert spec["init_args"]["approximate_topk"] == {"class_path": "rails_lightning.similarity.mol.topk.CombinedTopK", "init_args": {"k_prime": 8}}
     assert set(spec["init_args"]) <= set(inspect.signature(MixtureOfLogits).parameters)  # every removed option dropped
     similarity = build_factory({"class_path": FORMER_CLASS_PATH, "init_args": former})(16, 10)
     assert isinstance(similarity, MixtureOfLogits) and similarity.gate.form == form

@@ -20,7 +20,7 @@ from rails_lightning.errors import ConfigError
 from rails_lightning.losses import entropy
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule, SASRecEncoder
 from rails_lightning.retrieval import SearchOptions
-from rails_lightning.retrieval.mol_topk import CombinedTopK, MoLExactTopK
+from rails_lightning.similarity.mol.topk import CombinedTopK, MoLExactTopK
 from rails_lightning.objectives import PerQueryNegatives, SharedNegatives
 from rails_lightning.similarity import DotProduct, MixtureOfLogits, MoLItems, MoLQueries, with_group_dim
 from rails_lightning.similarity.mol import scoring

@@ -17,8 +17,12 @@ from typing import Any, Callable
 
 #: Former class paths -> today's.
 FORMER_CLASS_PATHS = {
-    # MoL became a package (rails_lightning/similarity/mol/).
+    # MoL became a package (rails_lightning/similarity/mol/), its top-k routines part of it.
     "rails_lightning.similarity.mixture_of_logits.MixtureOfLogits": "rails_lightning.similarity.MixtureOfLogits",
+    **{
+        f"rails_lightning.retrieval.mol_topk.{name}": f"rails_lightning.similarity.mol.topk.{name}"
+        for name in ("MoLExactTopK", "PerEmbeddingTopK", "AveragedEmbeddingTopK", "CombinedTopK")
+    },
 }
 
 #: Former weight names -> today's: a whole name, or its leading part up to a dot (a submodule's weights).
