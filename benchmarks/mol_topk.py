@@ -93,7 +93,7 @@ def similarity_options(model) -> dict:
     """The options of the model's MoL similarity: its constructor's defaults, overridden by those it was built with."""
     import inspect
 
-    from rails_lightning.models.components import build_factory
+    from rails_lightning.models.factories import build_factory
     from rails_lightning.similarity import Similarity
 
     factory = build_factory(model.hparams.similarity, Similarity)  # functools.partial(class, **options)
@@ -136,9 +136,9 @@ def _rss_bytes() -> int:
 def exact_child(problem_path: str, out_path: str, threads: int, device: str = "cpu") -> None:
     """Fresh process: load corpus + queries + MoL similarity, exact MoL top-100, report time and peak memory."""
     torch.set_num_threads(threads)
-    from rails_lightning.models.components import build_factory
+    from rails_lightning.models.factories import build_factory
     from rails_lightning.retrieval import SearchOptions
-    from rails_lightning.retrieval.mol_topk import MoLExactTopK
+    from rails_lightning.similarity.mol.topk import MoLExactTopK
     from rails_lightning.similarity import Similarity
 
     problem = torch.load(problem_path, mmap=False, weights_only=False)
@@ -202,7 +202,7 @@ def recall(ids, exact_ids) -> float:
 
 def approximate_settings(args):
     from rails_lightning.retrieval import SearchOptions
-    from rails_lightning.retrieval.mol_topk import AveragedEmbeddingTopK, CombinedTopK, PerEmbeddingTopK
+    from rails_lightning.similarity.mol.topk import AveragedEmbeddingTopK, CombinedTopK, PerEmbeddingTopK
 
     settings = []
     for backend in ("auto", "torch"):  # auto: the default (FAISS on the CPU); torch: the torch top-k

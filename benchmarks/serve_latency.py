@@ -87,7 +87,7 @@ def dot_product(size: int, args, rng) -> list[str]:
 @torch.no_grad()
 def mixture_of_logits(size: int, args, rng) -> list[str]:
     from rails_lightning.retrieval import SearchOptions
-    from rails_lightning.retrieval.mol_topk import AveragedEmbeddingTopK, MoLExactTopK
+    from rails_lightning.similarity.mol.topk import AveragedEmbeddingTopK, MoLExactTopK
     from rails_lightning.similarity import MixtureOfLogits
 
     torch.manual_seed(0)

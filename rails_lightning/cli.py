@@ -28,7 +28,8 @@ from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.commands import PROG, help_description
 from rails_lightning.data.datamodule import InteractionDataModule
 from rails_lightning.errors import CheckpointError, ConfigError
-from rails_lightning.models.components import build_factory
+from rails_lightning.models.factories import build_factory
+from rails_lightning.models.former_layouts import current_hyperparameters
 from rails_lightning.models.retrieval_module import RetrievalModule
 from rails_lightning.reports.comparison import final_table
 from rails_lightning.runs import RECORD_FILE, STARTED_RUN_DIRS, RunRecord, hardware_description
@@ -206,9 +207,10 @@ class RailsCLI(LightningCLI):
             self._print(f"no --ckpt_path: {self.subcommand} evaluates a freshly initialised (untrained) model")
 
     def _parse_ckpt_path(self) -> None:
-        """Before LightningCLI reads the model's options from ``--ckpt_path``: checkpoints are only ever loaded
-        with ``weights_only=True`` (no code runs from a file); one given by URL is downloaded to a cache keyed
-        by the whole URL, not its file name; a missing or unreadable file is a one-line error."""
+        """The model's options from ``--ckpt_path``'s hyperparameters, as LightningCLI reads them, except that
+        checkpoints are only ever loaded with ``weights_only=True`` (no code runs from a file); one given by URL is
+        downloaded to a cache keyed by the whole URL, not its file name; a missing or unreadable file is a one-line
+        error; and a checkpoint of a former layout is read in today's (``models/former_layouts.py``)."""
         config = self.config.get(self.config.get("subcommand") or "", None)
         if config is None or "weights_only" not in config:
             return super()._parse_ckpt_path()
@@ -223,7 +225,7 @@ class RailsCLI(LightningCLI):
         if not Path(ckpt_path).is_file():
             raise CheckpointError(f"{ckpt_path}: checkpoint not found (--ckpt_path takes a .ckpt file, e.g. RUN_DIR/checkpoints/last.ckpt)")
         try:
-            super()._parse_ckpt_path()
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as error:
             raise CheckpointError(
                 f"{ckpt_path}: refused to load the checkpoint: it holds objects other than weights and plain data "
@@ -231,6 +233,11 @@ class RailsCLI(LightningCLI):
             ) from error
         except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
             raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({type(error).__name__}: {_first_line(str(error))[:200]})") from error
+        if not isinstance(checkpoint, dict):
+            raise CheckpointError(f"{ckpt_path}: not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+        hparams = current_hyperparameters(checkpoint.get("hyper_parameters") or {})
+        if hparams:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def _start_run(self) -> None:
         """The run directory exists from here on (not before: a failed set-up leaves nothing behind)."""

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import yaml
 
 from rails_lightning.commands import argument_parser
-from rails_lightning.models.components import build_factory
+from rails_lightning.models.factories import build_factory
 from rails_lightning.errors import SweepError
 from rails_lightning.reports import DEFAULT_METRIC, format_cell, sweep_results, write_report
 from rails_lightning.runs import RunRecord

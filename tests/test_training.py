@@ -156,7 +156,7 @@ def test_checkpoint_rebuilds_the_model_without_config(tmp_path, model):
 
 def test_checkpoint_specs_only_resolve_package_components():
     from rails_lightning.errors import CheckpointError
-    from rails_lightning.models.components import build_factory
+    from rails_lightning.models.factories import build_factory
 
     with pytest.raises(CheckpointError, match="only classes of rails_lightning"):
         build_factory({"class_path": "some_unimported_module.Evil"})
@@ -183,3 +183,28 @@ def test_optimiser_does_not_decay_biases_norms_and_scalars():
 def test_dot_product_is_the_default_similarity():
     module = RetrievalModule(num_items=20)
     assert isinstance(module.similarity, DotProduct) and module.model_name == "TwoTower"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("model", MODELS)
+def test_a_fit_on_a_gpu_learns_and_evaluates_as_the_cpu_does(tmp_path, model, precision):
+    """On CUDA, in float32 and under bf16-mixed: the loss goes down, the corpus evaluation runs on the GPU (the exact
+    top-k there, MoL's included), and validating the trained model on the CPU gives about the GPU's metrics."""
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    data = make_tiny_data()
+    module = make_tiny_model(data, model)
+    recorder = LossRecorder()
+    fit = pl.Trainer(
+        max_epochs=4, accelerator="gpu", devices=1, precision=precision, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+        callbacks=[CorpusEvaluation(ks=(1, 10)), recorder],
+    )
+    fit.fit(module, datamodule=data)
+    first, last = sum(recorder.losses[:5]) / 5, sum(recorder.losses[-5:]) / 5
+    assert last < first - 0.5, f"loss did not go down: {first:.3f} -> {last:.3f}"
+    on_gpu = float(fit.callback_metrics["val/hr@10"])
+    on_cpu = cpu_trainer(tmp_path, 1, [CorpusEvaluation(ks=(1, 10))]).validate(module.cpu(), datamodule=data, verbose=False)[0]
+    assert abs(on_cpu["val/hr@10"] - on_gpu) < 0.05  # the same weights: only float rounding (or bf16 queries) differs

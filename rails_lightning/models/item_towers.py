@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from rails_lightning.data.item_content import ItemContent
 from rails_lightning.data.text_features import DEFAULT_CACHE_DIR, HashedWordNgrams, TextFeaturizer, embed_texts
 from rails_lightning.errors import ConfigError
-from rails_lightning.models.components import build_factory
+from rails_lightning.models.factories import build_factory
 
 TextFeaturizerFactory = Callable[[], TextFeaturizer]
 

@@ -36,8 +36,9 @@ from rails_lightning.data.datamodule import InteractionDataModule
 from rails_lightning.errors import ConfigError, TrainingDiverged
 from rails_lightning.losses import sampled_softmax_loss
 from rails_lightning.objectives import ObjectiveFactory, SharedNegatives, TrainingObjective, TrainingStep
-from rails_lightning.models.components import build_factory, describe
+from rails_lightning.models.factories import build_factory, describe
 from rails_lightning.models.encoders import QueryEncoder, SASRecEncoder
+from rails_lightning.models.former_layouts import rename_former_weights
 from rails_lightning.models.item_towers import IdEmbedding, ItemTower
 from rails_lightning.retrieval import CorpusIndex, SearchOptions, Shards, TopKRetriever
 from rails_lightning.retrieval.corpus_index import ENCODE_BATCH_SIZE
@@ -381,18 +382,8 @@ class RetrievalModule(pl.LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
-    # Checkpoints written before the item tower became a pluggable part name its weights as the module's own.
-    _FORMER_NAMES = {
-        "item_embedding.weight": "item_tower.embedding.weight",
-        "item_feature_projection.weight": "item_tower.feature_projection.weight",
-        "item_features": "item_tower.item_features",
-    }
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        weights = checkpoint.get("state_dict", {})
-        for former, current in self._FORMER_NAMES.items():
-            if former in weights:
-                weights[current] = weights.pop(former)
+        rename_former_weights(checkpoint.get("state_dict", {}))  # a checkpoint of a former layout: today's names
         states = checkpoint.get("rng_states")
         if states and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(states["torch"])

@@ -37,6 +37,7 @@ from rails_lightning.data.actions import pack
 from rails_lightning.data.batches import QueryBatch
 from rails_lightning.errors import CheckpointError, UserError
 from rails_lightning.models import RetrievalModule
+from rails_lightning.models.former_layouts import rename_former_weights
 from rails_lightning.retrieval import SearchOptions, TopKRetriever, inner_product_retriever
 from rails_lightning.retrieval.backend import build_faiss_index
 from rails_lightning.retrieval.topk import NEG_INF, Exclusion, FaissIndexTopK
@@ -274,7 +275,9 @@ class ServingIndex:
         self.manifest = json.loads((directory / MANIFEST).read_text())
         tensors = load_file(str(directory / TENSORS))
         self.model = RetrievalModule(**self.manifest["hparams"]).eval()
-        self.model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+        weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        rename_former_weights(weights)  # an index exported in a former layout
+        self.model.load_state_dict(weights)
         self.history_offsets = tensors["history.offsets"].numpy()
         self.history_items = tensors["history.items"].numpy()
         self.history_actions = tensors["history.actions"].numpy() if "history.actions" in tensors else None

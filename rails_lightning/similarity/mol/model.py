@@ -12,7 +12,7 @@ Shape legend: ``gate.py``. The parts, top to bottom:
 * load balancing: ``-H(mean_batch pi) + mean_batch H(pi)`` over the (query, negative) gates (optionally over the
   first ``load_balancing_negatives`` negatives only, a random subset since the negatives are drawn at random),
   weighted and added to the loss as ``load_balancing_loss``; logged with the gate entropy and the component usage;
-* retrieval: exact chunked top-k and the RAILS approximate ones (``rails_lightning.retrieval.mol_topk``).
+* retrieval: exact chunked top-k and the RAILS approximate ones (``topk.py``).
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from typing import Callable
 
 from torch import Tensor
 
+import rails_lightning.similarity.mol.scoring as scoring
 from rails_lightning.errors import ConfigError
 from rails_lightning.losses import entropy, load_balancing_loss
 from rails_lightning.retrieval import SearchOptions, TopKRetriever
-from rails_lightning.retrieval.mol_topk import MoLExactTopK
 from rails_lightning.similarity.base import Auxiliary, Similarity, with_group_dim
-from rails_lightning.similarity.mol import scoring
 from rails_lightning.similarity.mol.gate import GateForm, MoLGate, gate_probabilities
 from rails_lightning.similarity.mol.heads import ItemHead, MoLItems, MoLQueries, QueryHead, head_input
 from rails_lightning.similarity.mol.kernel import GateImplementation
+from rails_lightning.similarity.mol.topk import MoLExactTopK
 
 ApproximateTopK = Callable[["MixtureOfLogits", MoLItems, SearchOptions], TopKRetriever]
 
@@ -96,7 +96,7 @@ class MixtureOfLogits(Similarity):
             under ``--trainer.precision=bf16-mixed`` on a CPU with AVX512-BF16 its matrix products and weight
             gradients run in bfloat16 with float32 accumulation. The separable gate has no pair gate to compute.
         approximate_topk: a RAILS approximate top-k (``class_path`` of a class in
-            ``rails_lightning.retrieval.mol_topk`` with its ``k_prime``), evaluated next to the exact top-k; None
+            ``rails_lightning.similarity.mol.topk`` with its ``k_prime``), evaluated next to the exact top-k; None
             for exact only.
     """
 

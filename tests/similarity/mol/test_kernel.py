@@ -17,10 +17,10 @@ from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.models import MeanPoolEncoder, RetrievalModule
 from rails_lightning.objectives import SharedNegatives
 from rails_lightning.retrieval import SearchOptions
-from rails_lightning.retrieval.mol_topk import CombinedTopK, select_items
 from rails_lightning.similarity import MixtureOfLogits, MoLItems, with_group_dim
 from rails_lightning.similarity.mol import kernel
 from rails_lightning.similarity.mol.gate import PairGateWeights, pair_gate
+from rails_lightning.similarity.mol.topk import CombinedTopK, select_items
 
 D, NUM_USERS = 16, 10
 

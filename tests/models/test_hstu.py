@@ -239,3 +239,21 @@ def test_cli_fit_with_the_time_bias_on_a_timed_log_and_a_clear_error_without_tim
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "rails_lightning: error: HSTUEncoder(time_bias_buckets=16) needs the time" in result.stderr
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_states_and_gradients_are_the_cpus():
+    """The same encoder (in eval mode: no dropout) on the GPU, with the time bias: its states and its parameters'
+    gradients are the CPU's."""
+    model = encoder(time_bias_buckets=64)
+    history, is_item = left_padded([L, 7, 3])
+    times = torch.cumsum(torch.randint(1, 100_000, (3, L)), dim=1) * is_item
+    results = {}
+    for device in ("cpu", "cuda"):
+        model.to(device).zero_grad()
+        states = model(None, history.to(device), is_item.to(device), times.to(device))
+        states.square().sum().backward()
+        results[device] = states.cpu(), {name: p.grad.cpu() for name, p in model.named_parameters()}
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], atol=1e-5, rtol=1e-4)
+    for name, grad in results["cpu"][1].items():
+        torch.testing.assert_close(results["cuda"][1][name], grad, atol=1e-4, rtol=1e-3, msg=name)

@@ -182,7 +182,7 @@ def test_callback_searches_the_index_every_n_epochs_and_at_the_last(tmp_path, mo
 
     from conftest import TINY_SIMILARITIES, cpu_trainer, make_tiny_data, make_tiny_model
     from rails_lightning.callbacks import CorpusEvaluation
-    from rails_lightning.retrieval.mol_topk import CombinedTopK
+    from rails_lightning.similarity.mol.topk import CombinedTopK
 
     data = make_tiny_data()
     index = {"index": "IVF8,Flat"} if model == "TwoTower" else {}  # MoL brings its own approximate top-k

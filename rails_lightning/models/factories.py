@@ -5,7 +5,8 @@ options bound: what jsonargparse builds from ``class_path`` + ``init_args``, or 
 ``functools.partial`` in Python) and calls them with the data-dependent sizes. A checkpoint must
 rebuild the model without unpickling code, so each factory is also stored as plain data,
 ``{"class_path": "package.module.Class", "init_args": {...}}``, nested factories included, and
-turned back into a factory when the model is loaded.
+turned back into a factory when the model is loaded (a spec of a former layout in today's form:
+``former_layouts.py``).
 
 Only classes from this package (or from modules already imported) are ever resolved, and only
 subclasses of the expected base: a checkpoint cannot make the loader import arbitrary modules.
@@ -19,8 +20,9 @@ import sys
 from typing import Any, Callable
 
 from rails_lightning.errors import CheckpointError
+from rails_lightning.models.former_layouts import current_spec
 
-ComponentSpec = dict[str, Any]
+FactorySpec = dict[str, Any]
 
 
 def _bound_class(factory: Callable) -> tuple[type, dict[str, Any]]:
@@ -49,10 +51,11 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"option value {value!r} is not plain data (str, number, bool, None, list, dict or a factory)")
 
 
-def describe(factory: Callable | ComponentSpec) -> ComponentSpec:
+def describe(factory: Callable | FactorySpec) -> FactorySpec:
     """A factory (or a spec already) -> ``{"class_path", "init_args"}`` of plain data."""
     if isinstance(factory, dict):
-        return {"class_path": str(factory["class_path"]), "init_args": _plain(dict(factory.get("init_args") or {}))}
+        spec = current_spec(factory)
+        return {"class_path": spec["class_path"], "init_args": _plain(spec["init_args"])}
     cls, options = _bound_class(factory)
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _plain(options)}
 
@@ -75,9 +78,10 @@ def _factory_values(value: Any) -> Any:
     return value
 
 
-def build_factory(spec: Callable | ComponentSpec, base: type | None = None) -> Callable:
+def build_factory(spec: Callable | FactorySpec, base: type | None = None) -> Callable:
     """A spec -> ``functools.partial(class, **init_args)`` (nested specs become factories too); factories pass through."""
     if not isinstance(spec, dict):
         return spec
+    spec = current_spec(spec)
     cls = _resolve_class(spec["class_path"], base)
     return functools.partial(cls, **{k: _factory_values(v) for k, v in (spec.get("init_args") or {}).items()})

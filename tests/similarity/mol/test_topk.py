@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from rails_lightning.retrieval import Exclusion, SearchOptions
-from rails_lightning.retrieval.mol_topk import AveragedEmbeddingTopK, CombinedTopK, MoLExactTopK, PerEmbeddingTopK
 from rails_lightning.similarity import MixtureOfLogits, MoLItems, MoLQueries
+from rails_lightning.similarity.mol.topk import AveragedEmbeddingTopK, CombinedTopK, MoLExactTopK, PerEmbeddingTopK
 
 B, N, P_Q, P_X, D_P = 13, 300, 3, 4, 16
 APPROXIMATE = [PerEmbeddingTopK, AveragedEmbeddingTopK, CombinedTopK]

@@ -1,4 +1,5 @@
-"""Top-k for Mixture-of-Logits: exact chunked scoring and the RAILS approximate algorithms.
+"""Top-k for Mixture-of-Logits: exact chunked scoring and the RAILS approximate algorithms. They are part of the MoL
+package and built on the generic retrieval machinery (``rails_lightning.retrieval``), which knows nothing of MoL.
 
 Shape legend: B queries, N corpus items (ids 1..N; row r is item id r + 1), K results,
 k' candidates per inner-product search, C candidates per query, P_Q / P_X query / item
@@ -22,7 +23,7 @@ In YAML the approximate ones are chosen by ``class_path`` with their own options
 similarity passes itself, the corpus and the search options:
 
     approximate_topk:
-      class_path: rails_lightning.retrieval.mol_topk.CombinedTopK
+      class_path: rails_lightning.similarity.mol.topk.CombinedTopK
       init_args: {k_prime: 64, averaged_k_prime: 1024}
 """
 
@@ -36,24 +37,22 @@ from torch import Tensor
 
 from rails_lightning.retrieval.backend import SearchOptions, inner_product_retriever, uses_faiss
 from rails_lightning.retrieval.topk import NEG_INF, BruteForceTopK, Exclusion, TopKRetriever, unique_ids
+from rails_lightning.similarity.base import with_group_dim
+from rails_lightning.similarity.mol.heads import MoLItems, MoLQueries
 
 
 class MixtureScorer(Protocol):
-    """What the top-k routines need from the MoL similarity."""
+    """What the top-k routines need from the MoL similarity (``model.MixtureOfLogits``, which builds them: a protocol
+    rather than an import, so that the package's modules depend one way, the model on these routines)."""
 
     num_components: int
 
-    def score(self, queries: Any, items: Any, auxiliary: bool = False) -> tuple[Tensor, Any]: ...  # (G, Q,..) x (1 | G, C,..) -> (G, Q, C)
+    def score(self, queries: MoLQueries, items: MoLItems, auxiliary: bool = False) -> tuple[Tensor, Any]: ...  # (G, Q,..) x (1 | G, C,..) -> (G, Q, C)
 
 
-def select_items(items: Any, index: Any) -> Any:
-    """Index every field of an item representation (a NamedTuple of tensors) by the same rows."""
-    return type(items)(*(field[index] for field in items))
-
-
-def _grouped(representation: Any, dim: int) -> Any:
-    """A representation with a group dimension inserted at ``dim`` of every field."""
-    return type(representation)(*(field.unsqueeze(dim) for field in representation))
+def select_items(items: MoLItems, index: Any) -> MoLItems:
+    """Index every field of the items by the same rows."""
+    return MoLItems(*(field[index] for field in items))
 
 
 class MoLExactTopK(TopKRetriever):
@@ -62,15 +61,15 @@ class MoLExactTopK(TopKRetriever):
     Memory: at most ``options.score_block_elements`` (query, item, component) values at once.
     """
 
-    def __init__(self, similarity: MixtureScorer, items: Any, options: SearchOptions) -> None:
+    def __init__(self, similarity: MixtureScorer, items: MoLItems, options: SearchOptions) -> None:
         self.similarity, self.items = similarity, items
         self.num_items = items.components.shape[0]
         self.exact = BruteForceTopK(self.score_block, self.num_items, options.score_block_elements, similarity.num_components)
 
-    def score_block(self, queries: Any, start: int, end: int) -> Tensor:
+    def score_block(self, queries: MoLQueries, start: int, end: int) -> Tensor:
         """(B, end - start) MoL scores of the queries against corpus rows start:end."""
         block = select_items(self.items, slice(start, end))
-        return self.similarity.score(_grouped(queries, 0), _grouped(block, 0))[0][0]  # one group: (1, B) x (1, n)
+        return self.similarity.score(with_group_dim(queries, 0), with_group_dim(block, 0))[0][0]  # one group: (1, B) x (1, n)
 
     def fetch(self, queries, k, exclude=None):
         return self.exact.fetch(queries, k)
@@ -80,18 +79,18 @@ class RerankedTopK(TopKRetriever):
     """Base of the approximate algorithms: candidate ids from inner-product searches, re-ranked
     with the full MoL score. Subclasses define ``candidates``."""
 
-    def __init__(self, similarity: MixtureScorer, items: Any, options: SearchOptions) -> None:
+    def __init__(self, similarity: MixtureScorer, items: MoLItems, options: SearchOptions) -> None:
         self.similarity, self.items, self.options = similarity, items, options
         self.num_items = items.components.shape[0]
 
     @abstractmethod
-    def candidates(self, queries: Any, exclude: Exclusion | None) -> Tensor:
+    def candidates(self, queries: MoLQueries, exclude: Exclusion | None) -> Tensor:
         """Candidate item ids (B, C); 0 = none; duplicates allowed."""
 
     def fetch(self, queries, k, exclude=None):
         return self.rerank(queries, self.candidates(queries, exclude), k)
 
-    def rerank(self, queries: Any, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def rerank(self, queries: MoLQueries, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Score candidate ids (B, C) with the full MoL score; the best k (B, <= k), each id once."""
         ids, _ = unique_ids(ids).sort(dim=1)  # repeats and "none" (0) first
         ids = ids[:, int((ids == 0).sum(1).min()) :]  # (B, C): no column that is empty in every row
@@ -103,7 +102,7 @@ class RerankedTopK(TopKRetriever):
         for start in range(0, C, step):
             block = ids[:, start : start + step]  # (B, c)
             gathered = select_items(self.items, (block - 1).clamp_min(0))  # components (B, c, P_X, D_P)
-            parts.append(self.similarity.score(_grouped(queries, 1), gathered)[0][:, 0])  # B groups of one query: (B, c)
+            parts.append(self.similarity.score(with_group_dim(queries, 1), gathered)[0][:, 0])  # B groups of one query: (B, c)
         scores = torch.cat(parts, dim=1).masked_fill(ids < 1, NEG_INF)  # (B, C)
         scores, order = scores.topk(min(C, k), dim=1)
         return scores, ids.gather(1, order)
@@ -120,7 +119,7 @@ class PerEmbeddingTopK(RerankedTopK):
         k_prime: items retrieved per component pair.
     """
 
-    def __init__(self, similarity: MixtureScorer, items: Any, options: SearchOptions, k_prime: int = 128) -> None:
+    def __init__(self, similarity: MixtureScorer, items: MoLItems, options: SearchOptions, k_prime: int = 128) -> None:
         super().__init__(similarity, items, options)
         self.k_prime = k_prime
         components = items.components  # (N, P_X, D_P)
@@ -164,7 +163,7 @@ class AveragedEmbeddingTopK(RerankedTopK):
         k_prime: candidates retrieved by the averaged search.
     """
 
-    def __init__(self, similarity: MixtureScorer, items: Any, options: SearchOptions, k_prime: int = 1024) -> None:
+    def __init__(self, similarity: MixtureScorer, items: MoLItems, options: SearchOptions, k_prime: int = 1024) -> None:
         super().__init__(similarity, items, options)
         self.k_prime = k_prime
         self.index = inner_product_retriever(items.components.mean(1), options)  # over (N, D_P)
@@ -187,7 +186,7 @@ class CombinedTopK(RerankedTopK):
     """
 
     def __init__(
-        self, similarity: MixtureScorer, items: Any, options: SearchOptions, k_prime: int = 64, averaged_k_prime: int = 1024
+        self, similarity: MixtureScorer, items: MoLItems, options: SearchOptions, k_prime: int = 64, averaged_k_prime: int = 1024
     ) -> None:
         super().__init__(similarity, items, options)
         self.per_embedding = PerEmbeddingTopK(similarity, items, options, k_prime)
