@@ -59,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,10 +78,12 @@ TINY_MODEL = [
     "--model.similarity.init_args.component_dim=8", "--model.similarity.init_args.component_hidden_dim=16",
     "--model.similarity.init_args.gate_hidden_dim=16", "--model.similarity.init_args.approximate_topk=null",
 ]  # fmt: skip
+TINY_OBJECTIVE = ["--model.objective.init_args.num_negatives=16"]
+#: --tiny: the defaults it changes (options given on the command line still win).
 TINY = {"step_configs": [RAILS_CONFIG], "steps": 2, "warmup": 1, "topk_items": 5_000, "topk_queries": 64, "topk_dim": 16,
         "topk_block_elements": [1 << 16], "topk_repeats": 2, "budget_s": 240.0, "step_seconds": 60.0, "topk_seconds": 30.0,
         "fit_reserve_s": 45.0, "device": "cpu"}  # fmt: skip
-TINY_FIT = [*TINY_DATA, *TINY_MODEL, "--trainer.max_epochs=2"]
+PARTS = ("a", "b", "c")
 
 
 # ---------------------------------------------------------------------------------------------------- a. step ratio
@@ -89,6 +92,8 @@ def measure_step_ratio(configs: list[str], options: list[str], steps: int, warmu
     import torch
 
     from train_step_cost import build, timed_step  # benchmarks/ is this script's folder, hence on sys.path
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step logs; no trainer is attached here
 
     def synchronise() -> None:
         if device.type == "cuda":
@@ -122,7 +127,7 @@ def measure_step_ratio(configs: list[str], options: list[str], steps: int, warmu
                 if index >= warmup:
                     times[name].append(measured)
         counted = min(len(values) for values in times.values())
-        row = {"config": config, "precision": str(built["MoL"][0].trainer.precision) if built["MoL"][0]._trainer else None,
+        row = {"config": config, "options": options, "float32_matmul_precision": torch.get_float32_matmul_precision(),
                "counted_steps": counted, "warmup_steps": warmup, "batch_size": batches[0].input_ids.shape[0] if batches else None,
                "max_seq_len": batches[0].input_ids.shape[1] if batches else None,
                "status": "done" if counted == steps else f"stopped at the deadline after {counted} of {steps} counted steps"}
@@ -234,7 +239,8 @@ def run_fits(args, deadline: float, work_dir: Path) -> dict:
 
         runner = "sweep" if all(importlib.util.find_spec(name) for name in ("sweeps", "wandb")) else "fit"
     extra = [f"--trainer.max_time={_dhms(fit_seconds)}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-             *(TINY_FIT if args.tiny else [f"--data.source.init_args.data_dir={args.data_dir}"])]
+             *([*TINY_DATA, *TINY_MODEL, *TINY_OBJECTIVE, f"--trainer.max_epochs={args.tiny_epochs}"] if args.tiny
+               else [f"--data.source.init_args.data_dir={args.data_dir}"])]
     result.update(runner=runner, max_time_s=int(fit_seconds), extra_args=extra)
     log_path = work_dir / "fits.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
@@ -473,17 +479,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 75)")
     parser.add_argument("--work_dir", default=None, help="part c: folder of the run directories and the fits' log "
                         "(default: a new temporary folder)")
-    parser.add_argument("--tiny", action="store_true", help="CPU, tiny shapes, synthetic data, 2 epochs per seed: checks "
-                        "that every part runs (in seconds), measures nothing")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run (default: a b c); "
+                        "a part left out is recorded as not run")
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny shapes, synthetic data: checks that every part runs "
+                        "(in seconds) and measures nothing; changes the defaults of " + ", ".join(f"--{name}" for name in TINY))
+    parser.add_argument("--tiny_epochs", type=int, default=2, help="with --tiny: part c's epochs per seed (default 2)")
     return parser
 
 
 def main() -> int:
     parser = build_parser()
+    if "--tiny" in sys.argv[1:]:
+        parser.set_defaults(**TINY)
     args = parser.parse_args()
-    if args.tiny:
-        for name, value in TINY.items():
-            setattr(args, name, value)
+    args.out = Path(args.out).resolve()  # before moving to the repository root
+    args.work_dir = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="gpu_check_"))
     began = time.monotonic()
     budget_end = began + args.budget_s
     sys.path.insert(0, str(REPO))  # rails_lightning from this checkout, also without PYTHONPATH
@@ -500,26 +510,32 @@ def main() -> int:
         faiss_version = faiss.__version__
     except ImportError:
         faiss_version = None
-    work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    work_dir = args.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
-    options = TINY_DATA + TINY_MODEL if args.tiny else [f"--data.source.init_args.data_dir={args.data_dir}"]
+    options = [*TINY_DATA, *TINY_MODEL, *TINY_OBJECTIVE] if args.tiny else [f"--data.source.init_args.data_dir={args.data_dir}"]
     result = {
         "command": shlex.join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]), "tiny": args.tiny,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": hardware_description(device),
         "torch": torch.__version__, "faiss": faiss_version, "cpu_count": os.cpu_count(), "budget_s": args.budget_s,
         "work_dir": str(work_dir),
     }
-    step_deadline = min(time.monotonic() + args.step_seconds, budget_end)
-    result["step_ratio"] = _part("a. step ratio", measure_step_ratio, args.step_configs, [*options, *args.step_options],
-                                 args.steps, args.warmup, device, step_deadline)
-    topk_deadline = min(time.monotonic() + args.topk_seconds, budget_end)
-    result["topk"] = _part("b. exact top-k", measure_topk, args.topk_items, args.topk_queries, args.topk_dim, args.topk_k,
-                           args.topk_block_elements, args.topk_repeats, device, topk_deadline)
+    not_run = {"status": "not run (--parts)"}
+    if "a" in args.parts:
+        step_deadline = min(time.monotonic() + args.step_seconds, budget_end)
+        result["step_ratio"] = _part("a. step ratio", measure_step_ratio, args.step_configs, [*options, *args.step_options],
+                                     args.steps, args.warmup, device, step_deadline)
+    if "b" in args.parts:
+        topk_deadline = min(time.monotonic() + args.topk_seconds, budget_end)
+        result["topk"] = _part("b. exact top-k", measure_topk, args.topk_items, args.topk_queries, args.topk_dim, args.topk_k,
+                               args.topk_block_elements, args.topk_repeats, device, topk_deadline)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the fits are other processes on the same device
-    result["fits"] = _part("c. fits", run_fits, args, budget_end - 10, work_dir)  # 10 s to write the files
+    if "c" in args.parts:
+        result["fits"] = _part("c. fits", run_fits, args, budget_end - 10, work_dir)  # 10 s to write the files
+    for part in ("step_ratio", "topk", "fits"):
+        result.setdefault(part, dict(not_run))
     result["seconds"] = time.monotonic() - began
-    out = Path(args.out)
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_finite(result), indent=1))
     out.with_suffix(".md").write_text(markdown(result))
