@@ -10,7 +10,7 @@ a. **Training-step ratio.** For each of ``--step_configs`` (by default the RAILS
    built by the CLI's own parser (``train_step_cost.build``), moved to the device and fed the same training
    batches in turn, with the same negatives (the generator is seeded per batch). A step is
    ``train_step_cost.timed_step``: forward in the trainer's precision, backward, AdamW step, each phase ended by a
-   device synchronisation. The first ``--warmup`` steps are not counted. Records the median forward, backward,
+   device synchronisation; matrix products in TF32 where the config asks for it (hstu_mol.yaml), else float32. The first ``--warmup`` steps are not counted. Records the median forward, backward,
    optimiser and step milliseconds of each and the MoL / two-tower step ratio.
 b. **Exact top-k at scale.** ``--topk_items`` random item vectors and ``--topk_queries`` queries of dimension
    ``--topk_dim``, top ``--topk_k``: the framework's exact chunked torch top-k on the device
@@ -91,59 +91,67 @@ def measure_step_ratio(configs: list[str], options: list[str], steps: int, warmu
     """MoL against the same config with the dot product, on the same batches and negatives, interleaved step by step."""
     import torch
 
-    from train_step_cost import build, timed_step  # benchmarks/ is this script's folder, hence on sys.path
-
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step logs; no trainer is attached here
-
-    def synchronise() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     rows = []
     for config in configs:
         if time.monotonic() > deadline:
             rows.append({"config": config, "status": "not started: the part's deadline had passed"})
             continue
-        base = ["--config", config, *options]
-        variants = {"MoL": base, "two-tower": [*base, DOT_PRODUCT]}  # the similarity switch last: it drops MoL's options
-        built = {}
-        for name, variant in variants.items():
-            model, _, datamodule, step_context = build(variant)
-            model.to(device)
-            built[name] = (model, model.build_optimizer(), step_context)  # over the parameters as they now are
-        batches = []
-        for batch in datamodule.train_dataloader():  # the same data for both (only the similarity differs)
-            batches.append(batch)
-            if len(batches) == steps + warmup:
-                break
-        times = {name: [] for name in built}
-        for index, batch in enumerate(batches):
-            if time.monotonic() > deadline:
-                break
-            for name, (model, optimiser, step_context) in built.items():
-                moved = model.transfer_batch_to_device(batch, device, 0)
-                torch.manual_seed(index)  # the same negatives and dropout draws for both
-                measured = timed_step(model, optimiser, moved, index, step_context, synchronise)
-                if index >= warmup:
-                    times[name].append(measured)
-        counted = min(len(values) for values in times.values())
-        row = {"config": config, "options": options, "float32_matmul_precision": torch.get_float32_matmul_precision(),
-               "counted_steps": counted, "warmup_steps": warmup, "batch_size": batches[0].input_ids.shape[0] if batches else None,
-               "max_seq_len": batches[0].input_ids.shape[1] if batches else None,
-               "status": "done" if counted == steps else f"stopped at the deadline after {counted} of {steps} counted steps"}
-        if counted:
-            for name, rows_ in times.items():
-                forward, backward, optimiser_s = (statistics.median(column) * 1e3 for column in zip(*rows_))
-                row[name] = {"forward_ms": forward, "backward_ms": backward, "optimiser_ms": optimiser_s,
-                             "step_ms": statistics.median(sum(step) for step in rows_) * 1e3}
-            row["ratio"] = row["MoL"]["step_ms"] / row["two-tower"]["step_ms"]
+        rows.append(_step_ratio_of(config, options, steps, warmup, device, deadline))
         if device.type == "cuda":
-            row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        rows.append(row)
-        del built, batches
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the next config's models start from a free device
     return {"rows": rows}
+
+
+def _step_ratio_of(config: str, options: list[str], steps: int, warmup: int, device, deadline: float) -> dict:
+    """One config's row: median phase milliseconds of its MoL and of its dot-product twin, and their step ratio."""
+    import torch
+
+    from train_step_cost import build, timed_step  # benchmarks/ is this script's folder, hence on sys.path
+
+    def synchronise() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # Full float32 matrix products unless the config asks otherwise (hstu_mol.yaml: TF32), as `fit` would run it.
+    torch.set_float32_matmul_precision("highest")
+    base = ["--config", config, *options]
+    variants = {"MoL": base, "two-tower": [*base, DOT_PRODUCT]}  # the similarity switch last: it drops MoL's options
+    built = {}
+    for name, variant in variants.items():
+        model, _, datamodule, step_context = build(variant)
+        model.to(device)
+        built[name] = (model, model.build_optimizer(), step_context)  # over the parameters as they now are
+    batches = []
+    for batch in datamodule.train_dataloader():  # the same data for both (only the similarity differs)
+        batches.append(batch)
+        if len(batches) == steps + warmup:
+            break
+    times = {name: [] for name in built}
+    for index, batch in enumerate(batches):
+        if time.monotonic() > deadline:
+            break
+        for name, (model, optimiser, step_context) in built.items():
+            moved = model.transfer_batch_to_device(batch, device, 0)
+            torch.manual_seed(index)  # the same negatives and dropout draws for both
+            measured = timed_step(model, optimiser, moved, index, step_context, synchronise)
+            if index >= warmup:
+                times[name].append(measured)
+    counted = min(len(values) for values in times.values())
+    row = {"config": config, "options": options, "float32_matmul_precision": torch.get_float32_matmul_precision(),
+           "counted_steps": counted, "warmup_steps": warmup, "batch_size": batches[0].input_ids.shape[0] if batches else None,
+           "max_seq_len": batches[0].input_ids.shape[1] if batches else None,
+           "status": "done" if counted == steps else f"stopped at the deadline after {counted} of {steps} counted steps"}
+    if counted:
+        for name, measured in times.items():
+            forward, backward, optimiser_s = (statistics.median(column) * 1e3 for column in zip(*measured))
+            row[name] = {"forward_ms": forward, "backward_ms": backward, "optimiser_ms": optimiser_s,
+                         "step_ms": statistics.median(sum(step) for step in measured) * 1e3}
+        row["ratio"] = row["MoL"]["step_ms"] / row["two-tower"]["step_ms"]
+    if device.type == "cuda":
+        row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------- b. top-k
@@ -154,6 +162,7 @@ def measure_topk(num_items: int, num_queries: int, dim: int, k: int, block_eleme
 
     from rails_lightning.retrieval import SearchOptions, inner_product_retriever
 
+    torch.set_float32_matmul_precision("highest")  # exact float32 scores, as FAISS's: no TF32 rounding between them
     generator = torch.Generator().manual_seed(0)
     items_cpu = torch.randn(num_items, dim, generator=generator)  # (N, D)
     queries_cpu = torch.randn(num_queries, dim, generator=generator)  # (Q, D)
@@ -385,7 +394,8 @@ def markdown(result: dict) -> str:
             continue
         cells = [f"{row[name]['step_ms']:.1f} ({row[name]['forward_ms']:.1f} / {row[name]['backward_ms']:.1f} / {row[name]['optimiser_ms']:.1f})"
                  for name in ("two-tower", "MoL")]
-        lines.append(f"| {row['config']} | {row['batch_size']} x {row['max_seq_len']} | {row['counted_steps']} | {cells[0]} | {cells[1]} | "
+        matmul = "TF32" if row["float32_matmul_precision"] == "high" else row["float32_matmul_precision"]
+        lines.append(f"| {row['config']} ({matmul} products) | {row['batch_size']} x {row['max_seq_len']} | {row['counted_steps']} | {cells[0]} | {cells[1]} | "
                      f"**{row['ratio']:.2f}** |")
     part = result["topk"]
     lines += ["", f"### b. Exact top-{part.get('k', '?')} over {part.get('items', 0):,} items ({part.get('queries', 0):,} queries, "
@@ -503,7 +513,6 @@ def main() -> int:
     from rails_lightning.runs import hardware_description
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
-    torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as the RAILS config asks; no effect on a CPU
     try:
         import faiss
 
