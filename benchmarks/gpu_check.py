@@ -49,6 +49,7 @@ items, 2 epochs per seed): it checks that the command works, and measures nothin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -272,9 +273,9 @@ def run_fits(args, deadline: float, work_dir: Path) -> dict:
             f"python -m rails_lightning fit --config {RAILS_CONFIG} --seed_everything=S --run_dir=DIR/seedS " + shlex.join(extra)
         stopped = _wait_or_stop(processes, deadline - 5)
     result["wall_s"] = time.monotonic() - started
-    result["status"] = "stopped at the part's deadline (runs killed; their progress read from last.ckpt)" if stopped else "done"
+    result["status"] = "stopped at the part's deadline (a run without run.json is read from its last.ckpt)" if stopped else "done"
     runs = _sweep_runs(out, seeds) if runner == "sweep" else {seed: out / f"seed{seed}" for seed in seeds}
-    result["runs"] = [_run_progress(seed, run_dir, full_epochs) for seed, run_dir in runs.items()]
+    result["runs"] = [_run_progress(seed, run_dir) for seed, run_dir in runs.items()]
     result["extrapolation"] = _extrapolate(result["runs"], full_epochs)
     if not any(run["epochs"] for run in result["runs"]):
         result["status"] = "failed: no seed finished an epoch"
@@ -296,13 +297,13 @@ def _wait_or_stop(processes: list[subprocess.Popen], deadline: float) -> bool:
             return False
         time.sleep(0.5)
     for process in processes:
-        if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # it may end between the check and the signal
             os.killpg(process.pid, signal.SIGINT)
     grace = time.monotonic() + 10
     while time.monotonic() < grace and any(process.poll() is None for process in processes):
         time.sleep(0.5)
-    for process in processes:
-        if process.poll() is None:
+    for process in processes:  # whatever is left of each group (each process started its own session)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     return True
@@ -317,7 +318,7 @@ def _sweep_runs(out: Path, seeds: list) -> dict:
     return {trial["config"]["seed_everything"]["value"]: out / trial["name"] for trial in trials}
 
 
-def _run_progress(seed, run_dir: Path, full_epochs: int) -> dict:
+def _run_progress(seed, run_dir: Path) -> dict:
     """What one seed's run got through: from its run record when it finished, else from its last checkpoint."""
     from rails_lightning.runs import RunRecord
 
