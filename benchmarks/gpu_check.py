@@ -271,11 +271,11 @@ def run_fits(args, deadline: float, work_dir: Path) -> dict:
             ]  # fmt: skip
         result["command"] = shlex.join(["python", *processes[0].args[1:]]) if runner == "sweep" else \
             f"python -m rails_lightning fit --config {RAILS_CONFIG} --seed_everything=S --run_dir=DIR/seedS " + shlex.join(extra)
-        stopped = _wait_or_stop(processes, deadline - 5)
+        stopped = wait_or_stop(processes, deadline - 5)
     result["wall_s"] = time.monotonic() - started
     result["status"] = "stopped at the part's deadline (a run without run.json is read from its last.ckpt)" if stopped else "done"
     runs = _sweep_runs(out, seeds) if runner == "sweep" else {seed: out / f"seed{seed}" for seed in seeds}
-    result["runs"] = [_run_progress(seed, run_dir) for seed, run_dir in runs.items()]
+    result["runs"] = [run_progress(seed, run_dir) for seed, run_dir in runs.items()]
     result["extrapolation"] = _extrapolate(result["runs"], full_epochs)
     if not any(run["epochs"] for run in result["runs"]):
         result["status"] = "failed: no seed finished an epoch"
@@ -289,7 +289,7 @@ def _dhms(seconds: float) -> str:
     return f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _wait_or_stop(processes: list[subprocess.Popen], deadline: float) -> bool:
+def wait_or_stop(processes: list[subprocess.Popen], deadline: float) -> bool:
     """Wait for the processes; past ``deadline``, interrupt them (a sweep stops its trials on Ctrl-C), then kill their
     process groups. Returns whether they had to be stopped."""
     while time.monotonic() < deadline:
@@ -318,7 +318,7 @@ def _sweep_runs(out: Path, seeds: list) -> dict:
     return {trial["config"]["seed_everything"]["value"]: out / trial["name"] for trial in trials}
 
 
-def _run_progress(seed, run_dir: Path) -> dict:
+def run_progress(seed, run_dir: Path) -> dict:
     """What one seed's run got through: from its run record when it finished, else from its last checkpoint."""
     from rails_lightning.runs import RunRecord
 

@@ -293,8 +293,8 @@ def test_gpu_check_reads_a_stopped_fit_from_its_last_checkpoint(tmp_path):
         while not (run_dir / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < waited and fit.poll() is None:
             time.sleep(0.5)
     finally:
-        assert gpu_check._wait_or_stop([fit], time.monotonic()) is True  # still running: interrupted, then killed
+        assert gpu_check.wait_or_stop([fit], time.monotonic()) is True  # still running: interrupted, then killed
     assert fit.returncode is not None and not (run_dir / "run.json").exists()
-    progress = gpu_check._run_progress(0, run_dir)
+    progress = gpu_check.run_progress(0, run_dir)
     assert progress["read_from"] == "checkpoints/last.ckpt" and progress["status"] == "missing" and progress["epochs"] >= 1
     assert progress["first_epoch_s"] > 0 and 0 <= progress["best_val_hr@10"] <= 1 and progress["test_hr@10"] is None
