@@ -107,6 +107,9 @@ def cases(work: Path, url: str) -> list[tuple]:
             "      init_args: {monitor: val/hr@10, mode: max, save_last: true}\n"
         )
     text_ids = [(f"U{u}", f"B0{i:07d}X", t) for u, i, t in good]
+    acted = log_with(work / "acted.csv", good, "kinds", lambda r: "like" if r % 2 else "skip")  # a log with action types
+    two_columns = work / "two_columns.csv"
+    two_columns.write_text("user_id,item_id,timestamp,liked,kinds\n" + "".join(f"{u},{i},{t},1,liked\n" for u, i, t in good))
     sweep_no_cap = work / "no_cap.yaml"
     sweep_no_cap.write_text(
         "method: random\nmetric: {name: val/hr@10, goal: maximize}\n"
@@ -171,6 +174,11 @@ def cases(work: Path, url: str) -> list[tuple]:
         ("content tower without item content", ["fit", *src(log("g.csv", good)), *TINY[6:], "--model.item_tower=ContentTower"]),
         ("unknown action column", ["fit", *src(log("g.csv", good), "--data.source.action_columns=[liked]"), *TINY[6:]]),
         ("action column that is not 0/1, a list or names", ["fit", *src(log_with(work / "acts.csv", good, "liked", lambda r: 2 if r == 5 else 0), "--data.source.action_columns=[liked]"), *TINY[6:]]),
+        ("action type named in two action columns", ["fit", *src(str(two_columns), "--data.source.action_columns=[liked,kinds]"), *TINY[6:]]),
+        ("target group that is no action type", ["fit", *src(acted, "--data.source.action_columns=[kinds]"), "--data.target_groups=[loved]", *TINY[6:]]),
+        ("history filter that is no action type", ["fit", *src(acted, "--data.source.action_columns=[kinds]"), "--model.history_filter=loved", *TINY[6:]]),
+        ("shuffled actions of a log without actions", ["fit", *src(log("g.csv", good)), "--data.shuffle_history_actions=true", *TINY[6:]]),
+        ("retrieve --history with an action the model lacks", ["retrieve", f"--index={work / 'acted_index'}", "--history", "1:loved"]),
     ]
 
 
@@ -205,6 +213,15 @@ def main() -> None:
             done = subprocess.run([sys.executable, "-m", "rails_lightning", "fit", *(old_spelling(TINY) if args.old_keys else TINY),
                                    f"--run_dir={work / 'done'}"], cwd=repo, env=env, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr[-2000:]
+        if any(f"--index={work / 'acted_index'}" in case[1] for _, case in selected):  # a serving index of a model with action types
+            acted_log = ["--data.source=InteractionLogSource", f"--data.source.path={work / 'acted.csv'}", "--data.source.action_columns=[kinds]"]
+            fit = subprocess.run([sys.executable, "-m", "rails_lightning", "fit", *acted_log, *TINY[6:], f"--run_dir={work / 'acted_run'}"],
+                                 cwd=repo, env=env, capture_output=True, text=True)
+            assert fit.returncode == 0, fit.stderr[-2000:]
+            checkpoint = sorted((work / "acted_run" / "checkpoints").glob("*.ckpt"))[0]
+            index = subprocess.run([sys.executable, "-m", "rails_lightning", "index", f"--ckpt_path={checkpoint}", f"--out={work / 'acted_index'}"],
+                                   cwd=repo, env=env, capture_output=True, text=True)
+            assert index.returncode == 0, index.stderr[-2000:]
         for number, (name, argv, *pick) in selected:
             (repo / "PWNED").unlink(missing_ok=True)
             if argv[0] in ("fit", "validate", "test") and not any(a.startswith("--run_dir") for a in argv):

@@ -174,7 +174,10 @@ def _model_of(config: dict[str, Any], run_config: dict[str, Any]) -> str:
 
 
 def trial_name(index: int, config: dict[str, Any], run_config: dict[str, Any]) -> str:
+    """``03-actions_ids-MoL-seed1``: the index, a swept config file's stem, the model, the seed (those swept or known)."""
     parts = [f"{index:02d}"]
+    if "config" in run_config:  # one variant of an experiment per config file
+        parts.append(Path(str(run_config["config"]["value"])).stem)
     model = _model_of(config, run_config)
     if model != "?":
         parts.append(model)

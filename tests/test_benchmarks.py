@@ -103,6 +103,26 @@ def test_bad_inputs_tiny_tabulates_each_case_with_its_one_line_error():
 
 
 @pytest.mark.slow
+def test_bad_inputs_of_action_types_are_one_line_errors():
+    """The action-type rows of the table: each refused with exit 1 and one line that names the bad value."""
+    out = _run_script(["benchmarks/bad_inputs.py", "--cases", *map(str, range(49, 56))], timeout=900).stdout
+    rows = _table_rows(out)
+    expected = {
+        "49": ("unknown action column", "missing column(s) ['liked']"),
+        "50": ("action column that is not 0/1, a list or names", "action column 'liked' must hold 0/1 flags, found 2"),
+        "51": ("action type named in two action columns", "action type(s) ['liked'] come from more than one action column"),
+        "52": ("target group that is no action type", "--data.target_groups='loved' is not a group of"),
+        "53": ("history filter that is no action type", "--model.history_filter='loved' is not an action type of the data"),
+        "54": ("shuffled actions of a log without actions", "--data.shuffle_history_actions: <tmp>/g.csv has no action types"),
+        "55": ("retrieve --history with an action the model lacks", "unknown action type(s) ['loved']; this model knows ['like', 'skip']"),
+    }
+    assert set(rows) == set(expected)
+    for number, (name, message) in expected.items():
+        case, _, exit_code, last_line = rows[number]
+        assert (case, exit_code) == (name, "1") and last_line.startswith("rails_lightning: error:") and message in last_line, rows[number]
+
+
+@pytest.mark.slow
 def test_corpus_eval_tiny_compares_each_index_with_the_exact_search(tmp_path):
     out = _run_script(["benchmarks/corpus_eval.py", "--tiny", "--out", str(tmp_path / "corpus_eval.json")]).stdout
     table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 2,000 ")]

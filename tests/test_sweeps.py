@@ -96,6 +96,15 @@ def test_every_proposal_expands_and_parses_through_the_cli(path, tmp_path, monke
         for name, value in _expected(run_config):
             if name == "seed_everything":
                 assert cli.config.seed_everything == value
+            elif name == "config":  # a variant's config file, the other parameters applied over it
+                assert [str(path) for path in cli.config.config] == [value]
+                stated = yaml.safe_load((REPO / value).read_text())
+                for option in ("embed_actions", "history_filter"):
+                    assert hparams[option] == stated["model"].get(option, hparams[option]), (value, option)
+                data = cli.datamodule
+                assert (data.split_kind, list(data.target_groups)) == (stated["data"]["split"], stated["data"]["target_groups"])
+                for option in ("max_seq_len", "shuffle_history_actions"):
+                    assert getattr(data, option) == stated["data"].get(option, getattr(data, option)), (value, option)
             elif name == "model":  # a whole model section: its similarity and any module options
                 for key, option in value.items():
                     if key == "similarity":
@@ -390,3 +399,10 @@ def test_interrupting_a_parallel_sweep_stops_every_trial(tmp_path):
     assert (out / "summary.md").is_file()
     still_running = subprocess.run(["pgrep", "-f", f"run_dir={out}"], capture_output=True, text=True).stdout
     assert still_running == "", still_running
+
+
+def test_trial_names_carry_a_swept_config_files_stem():
+    config = sweep.load_sweep_config(REPO / "sweeps" / "actions_ablation_ml1m.yaml")
+    names = [sweep.trial_name(index, config, run_config) for index, run_config in enumerate(sweep.proposals(config))]
+    assert names[:4] == ["00-actions_ids-TwoTower-seed0", "01-actions_ids-TwoTower-seed1", "02-actions_ids-TwoTower-seed2", "03-actions_ids-MoL-seed0"]
+    assert len(set(names)) == 24 and names[-1] == "23-actions_liked_history-MoL-seed2"

@@ -10,6 +10,10 @@ representations are searched, the user's history excluded, and the top-K ids fee
 ``RetrievalMetrics`` whose sum states synchronise under DDP. Metrics are logged as
 ``val/hr@10``, ``test/ndcg@10``, ``val/mrr``, ...
 
+Groups of targets (the DataModule's ``target_groups``, e.g. the events a user liked or disliked) get the same
+metrics apart, from the same rankings, as ``val/<group>/hr@10``, ...: each query's targets restricted to the
+group, queries with no target in it left out.
+
 Distributed runs (DDP): the corpus index has each process encode its 1/W share of the corpus and
 all-gathers the shares, so every process holds the whole encoded corpus and searches it for its own queries
 (the DataModule gives each process its own slice of them); the metric states are summed across
@@ -112,6 +116,7 @@ class CorpusEvaluation(Callback):
         self.index_retriever = None
         self.index_search_seconds = 0.0
         self.last_metrics: dict[str, float] = {}  # the metrics of the latest validation or test
+        self.group_metrics: dict[str, RetrievalMetrics] = {}  # the DataModule's target groups', by name
 
     # -- the run's history and fit time, kept across resumes
     def on_fit_start(self, trainer, pl_module):
@@ -182,6 +187,11 @@ class CorpusEvaluation(Callback):
         self.index_search_seconds = 0.0
         self.metrics, self.index_metrics = self.metrics.to(pl_module.device), self.index_metrics.to(pl_module.device)
         self.index_recall = self.index_recall.to(pl_module.device)
+        groups = getattr(trainer.datamodule, "target_group_names", ()) if trainer.datamodule is not None else ()
+        reserved = [name for name in groups if name == "index" or "/" in name]
+        if reserved:
+            raise ConfigError(f"target group {reserved[0]!r} cannot name a metric group (it is reserved or has a '/')")
+        self.group_metrics = {name: RetrievalMetrics(self.ks).to(pl_module.device) for name in groups}
         for metric in (self.metrics, self.index_metrics, self.index_recall):
             metric.reset()
 
@@ -206,6 +216,11 @@ class CorpusEvaluation(Callback):
         _, ids = self.retriever.search(queries, k, exclude)
         self.search_seconds += time.perf_counter() - started
         self.metrics.update(ids.to(batch.targets.device), batch.targets)
+        for g, metric in enumerate(self.group_metrics.values()):
+            in_group = ((batch.target_groups >> g) & 1).bool()  # (B, T)
+            rows = in_group.any(1)  # (B,) queries with a target in the group
+            if rows.any():
+                metric.update(ids.to(batch.targets.device)[rows], batch.targets.where(in_group, 0)[rows])
         if self.index_retriever is not None:
             started = time.perf_counter()
             _, index_ids = self.index_retriever.search(queries, k, exclude)
@@ -224,6 +239,10 @@ class CorpusEvaluation(Callback):
     # -- epoch end: log
     def _end(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         values = {f"{stage}/{name}": value for name, value in self.metrics.compute().items()}
+        for group, metric in self.group_metrics.items():
+            group_values = metric.compute()  # summed over processes: NaN in every process when no query had such a target
+            if not torch.isnan(group_values["mrr"]):
+                values.update({f"{stage}/{group}/{name}": value for name, value in group_values.items()})
         values[f"{stage}/encode_seconds"] = torch.tensor(self.encode_seconds)
         values[f"{stage}/search_seconds"] = torch.tensor(self.search_seconds)
         if self.index_retriever is not None:

@@ -36,6 +36,9 @@ class QueryBatch:
     timestamps: Tensor | None = None  # (B, L) int64
     # Action-type bitmasks of the history events, aligned with input_ids (0 at padding); None without actions.
     actions: Tensor | None = None  # (B, L) int64
+    # Which of the DataModule's target groups (``target_group_names``) each target belongs to, as a bitmask
+    # aligned with targets (bit g: group g); None when no group is reported. Evaluation only: no model reads it.
+    target_groups: Tensor | None = None  # (B, T) int64
 
     @property
     def exclusion(self) -> Exclusion:

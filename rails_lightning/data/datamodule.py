@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from functools import cached_property
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -28,6 +28,7 @@ from rails_lightning.data.sequences import (
 )
 from rails_lightning.data.source import InteractionSource
 from rails_lightning.data.synthetic import SyntheticSource
+from rails_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,9 @@ log = logging.getLogger(__name__)
 class _TrainSequences(Dataset):
     """Indexed by a list of users (a whole batch at a time, built with array ops)."""
 
-    def __init__(self, store: SequenceStore, train_end: np.ndarray, max_seq_len: int) -> None:
+    def __init__(self, store: SequenceStore, train_end: np.ndarray, max_seq_len: int, history_actions: np.ndarray | None = None) -> None:
         self.items, self.starts, self.ends, self.length = store.items, store.offsets[:-1], train_end, max_seq_len
-        self.timestamps, self.actions = store.timestamps, store.actions
+        self.timestamps, self.actions = store.timestamps, history_actions  # the actions the query encoder is shown
         self.users = np.flatnonzero(train_end - self.starts >= 2)  # need one input and one target
 
     def __len__(self) -> int:
@@ -64,9 +65,14 @@ class _TrainSequences(Dataset):
 
 
 class _Queries(Dataset):
-    def __init__(self, store: SequenceStore, queries: QuerySet, max_seq_len: int) -> None:
+    def __init__(
+        self, store: SequenceStore, queries: QuerySet, max_seq_len: int, history_actions: np.ndarray | None = None,
+        group_bits: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None,
+    ) -> None:
         self.store, self.queries, self.length = store, queries, max_seq_len
+        self.history_actions = history_actions  # the actions the query encoder is shown (the store's: the logged ones)
         self.max_targets = queries.max_targets
+        self.group_bits = group_bits  # (targets (B, T), their actions (B, T) or None) -> (B, T) group bitmasks
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -84,8 +90,12 @@ class _Queries(Dataset):
         # The history's times and actions, aligned with inputs.
         timestamps, actions = (
             None if values is None else torch.from_numpy(last_window(values, starts, history_end, self.length))
-            for values in (self.store.timestamps, self.store.actions)
+            for values in (self.store.timestamps, self.history_actions)
         )
+        target_groups = None
+        if self.group_bits is not None:  # from the logged actions of the targets, whatever the history is shown
+            target_actions = None if self.store.actions is None else last_window(self.store.actions, history_end, target_end, self.max_targets)
+            target_groups = torch.from_numpy(self.group_bits(targets, target_actions))
         return QueryBatch(
             user_ids=torch.from_numpy(users),
             input_ids=torch.from_numpy(inputs),
@@ -94,6 +104,7 @@ class _Queries(Dataset):
             exclude_items=torch.from_numpy(exclude_items),
             timestamps=timestamps,
             actions=actions,
+            target_groups=target_groups,
         )
 
 
@@ -165,6 +176,15 @@ class InteractionDataModule(pl.LightningDataModule):
         val_fraction: temporal split only: share of events in the validation period.
         test_fraction: temporal split only: share of events in the test period.
         use_item_features: expose item genres (when the source has them) to the item tower.
+        target_groups: groups of evaluation targets whose metrics are also reported apart, as
+            ``val/<group>/hr@10``, ... (each query's targets restricted to the group; queries without a
+            target in it are left out): any of the events' action types (e.g. ``[liked, disliked]``: how well
+            the model finds the next liked item, and how often it puts a disliked one in its top K).
+        shuffle_history_actions: show the query encoder the events' action bitmasks permuted across all events
+            (a seeded draw, ``action_shuffle_seed``) instead of their own: a control with the same parameters and
+            the same distribution of action types, but no information in which event has which. Target groups
+            keep the logged actions, so the evaluation is the same as without it.
+        action_shuffle_seed: seed of that permutation.
         drop_consecutive_repeats: collapse a user's consecutive events on the same item into one
             (for logs where a repeat is a re-click rather than a new consumption). Exact duplicate
             rows (same user, item and order) are always dropped.
@@ -182,6 +202,9 @@ class InteractionDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         use_item_features: bool = False,
+        target_groups: Sequence[str] = (),
+        shuffle_history_actions: bool = False,
+        action_shuffle_seed: int = 0,
         drop_consecutive_repeats: bool = False,
         num_workers: int = 0,
     ) -> None:
@@ -193,6 +216,8 @@ class InteractionDataModule(pl.LightningDataModule):
         self.split_kind = split
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.use_item_features = use_item_features
+        self.target_groups = tuple(target_groups)
+        self.shuffle_history_actions, self.action_shuffle_seed = shuffle_history_actions, action_shuffle_seed
         self.drop_consecutive_repeats = drop_consecutive_repeats
         self.num_workers = num_workers
 
@@ -262,6 +287,35 @@ class InteractionDataModule(pl.LightningDataModule):
         return self.store.action_names
 
     @cached_property
+    def history_actions(self) -> np.ndarray | None:
+        """(M,) the action bitmasks the query encoder is shown, aligned with the store's events: the logged ones,
+        or with ``shuffle_history_actions`` the same masks permuted across all events; None without actions."""
+        actions = self.store.actions
+        if not self.shuffle_history_actions:
+            return actions
+        if actions is None:
+            raise ConfigError(f"--data.shuffle_history_actions: {self._raw_log().name} has no action types to shuffle")
+        return actions[np.random.default_rng(self.action_shuffle_seed).permutation(len(actions))]
+
+    @cached_property
+    def target_group_names(self) -> tuple[str, ...]:
+        """The groups of targets reported apart (``target_groups``), checked against what the data offers."""
+        unknown = [name for name in self.target_groups if name not in self.action_names]
+        if unknown:
+            offered = f"its action types {list(self.action_names)}" if self.action_names else "no action types"
+            raise ConfigError(f"--data.target_groups={unknown[0]!r} is not a group of {self._raw_log().name}, which has {offered}")
+        return self.target_groups
+
+    def target_group_bits(self, targets: np.ndarray, target_actions: np.ndarray | None) -> np.ndarray:
+        """(B, T) target ids (0: padding) and their events' action bitmasks -> (B, T) bitmasks over
+        ``target_group_names`` (bit g set: the target is in group g)."""
+        bits = np.zeros(targets.shape, dtype=np.int64)
+        for g, name in enumerate(self.target_group_names):
+            member = (target_actions >> self.action_names.index(name)) & 1  # an action type's events
+            bits |= member.astype(np.int64) << g
+        return np.where(targets > 0, bits, 0)
+
+    @cached_property
     def genre_names(self) -> list[str]:
         genres = self._raw_log().item_genres or {}
         return sorted({g for gs in genres.values() for g in gs})
@@ -309,7 +363,8 @@ class InteractionDataModule(pl.LightningDataModule):
         }
 
     def setup(self, stage: str | None = None) -> None:
-        """Builds the split once and refuses an empty one before any training or evaluation starts."""
+        """Builds the split once and refuses an empty one (or an unknown target group) before any training or evaluation starts."""
+        self.target_group_names, self.history_actions  # noqa: B018 - checks the groups and the shuffle
         split = self.split
         how = f"split={self.split_kind}" + (
             f", val_fraction={self.val_fraction}, test_fraction={self.test_fraction}" if self.split_kind == "temporal" else ""
@@ -336,7 +391,7 @@ class InteractionDataModule(pl.LightningDataModule):
         return np.bincount(items, minlength=self.num_items + 1)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = _TrainSequences(self.store, self.split.train_end, self.max_seq_len)
+        dataset = _TrainSequences(self.store, self.split.train_end, self.max_seq_len, self.history_actions)
         return _batched_loader(dataset, self.batch_size, shuffle=True, num_workers=self.num_workers, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:
@@ -351,6 +406,7 @@ class InteractionDataModule(pl.LightningDataModule):
     def query_loader(self, stage: str, sharded: bool = True) -> DataLoader:
         """The "val" or "test" queries; under DDP (``sharded``) only this process's slice of them."""
         queries = self.split.val if stage == "val" else self.split.test
-        dataset = _Queries(self.store, queries, self.max_seq_len)
+        dataset = _Queries(self.store, queries, self.max_seq_len, self.history_actions,
+                           self.target_group_bits if self.target_group_names else None)
         trainer = self.trainer if sharded else None
         return _batched_loader(dataset, self.eval_batch_size, shuffle=False, num_workers=self.num_workers, trainer=trainer)

@@ -66,6 +66,14 @@ class RetrievalModule(pl.LightningModule):
         action_names: the action types events carry (linked from the DataModule; () for none). Each
             history position's input then adds a learned map of its signed action vector (2 x - 1: +1 for
             an action the event has, -1 for one it has not) to its item vector, for every query encoder.
+        embed_actions: add that map of each history event's actions to its input (when the data has action
+            types). False reads item ids alone (the "ids only" row of an ablation): the action types then only
+            serve ``history_filter`` and the DataModule's target groups.
+        history_filter: an action type (e.g. ``liked``): only the history events of that type reach the query
+            encoder, in training, evaluation and serving; the others are removed from the history before it is
+            encoded, as if they had never happened (every event is still a training and evaluation target).
+            The history is the last ``max_seq_len`` events, of which the encoder sees those of the type; a query
+            with none of them gets the encoder's empty-history state. None: the whole history.
         item_dim: item embedding dimension D (also the query encoder's width).
         item_tower: what turns an item id into its D-vector, chosen with ``class_path``
             (``rails_lightning.models.item_towers``): ``IdEmbedding`` (the default), ``ContentTower`` (the item's
@@ -104,6 +112,8 @@ class RetrievalModule(pl.LightningModule):
         max_seq_len: int = 50,
         num_item_features: int = 0,
         action_names: Sequence[str] = (),
+        embed_actions: bool = True,
+        history_filter: str | None = None,
         item_dim: int = 64,
         item_tower: ItemTowerFactory = partial(IdEmbedding),
         query_encoder: QueryEncoderFactory = partial(SASRecEncoder),
@@ -127,11 +137,15 @@ class RetrievalModule(pl.LightningModule):
         if warmup_steps < 0 or (final_learning_rate is not None and not 0.0 <= final_learning_rate <= learning_rate):
             raise ConfigError(f"warmup_steps must be >= 0 and final_learning_rate between 0 and learning_rate ({learning_rate}), "
                               f"got {warmup_steps} and {final_learning_rate}")
+        if history_filter is not None and history_filter not in action_names:
+            offered = f"its action types {list(action_names)}" if action_names else "no action types"
+            raise ConfigError(f"--model.history_filter={history_filter!r} is not an action type of the data, which has {offered}")
         # The hyperparameters are the arguments, the factories as plain class_path specs.
         self.save_hyperparameters(
             {
                 "num_items": num_items, "num_users": num_users, "max_seq_len": max_seq_len,
-                "num_item_features": num_item_features, "action_names": list(action_names), "item_dim": item_dim,
+                "num_item_features": num_item_features, "action_names": list(action_names),
+                "embed_actions": embed_actions, "history_filter": history_filter, "item_dim": item_dim,
                 "item_tower": describe(item_tower),
                 "query_encoder": describe(query_encoder), "similarity": describe(similarity),
                 "objective": describe(objective), "target_fraction": target_fraction,
@@ -148,7 +162,8 @@ class RetrievalModule(pl.LightningModule):
         self.objective: TrainingObjective = build_factory(objective, TrainingObjective)(num_items)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self.action_names = tuple(action_names)
-        self.action_embedding = nn.Linear(len(action_names), item_dim, bias=False) if action_names else None
+        self.action_embedding = nn.Linear(len(action_names), item_dim, bias=False) if action_names and embed_actions else None
+        self.history_filter_bit = None if history_filter is None else self.action_names.index(history_filter)
         self._loaded_content = None  # the DataModule's item content the item tower holds, if any
         # The encoded corpus that evaluation and mining share; dropped whenever the weights change.
         self.corpus_index = CorpusIndex(self)
@@ -178,8 +193,26 @@ class RetrievalModule(pl.LightningModule):
     def encode_sequence(
         self, user_ids: Tensor, input_ids: Tensor, timestamps: Tensor | None = None, actions: Tensor | None = None
     ) -> Tensor:
-        """(B,), (B, L), (B, L) seconds or None, (B, L) action bitmasks or None -> (B, L, D) causal query states."""
-        return self.query_encoder(user_ids, self.history_inputs(input_ids, actions), input_ids > 0, timestamps)
+        """(B,), (B, L), (B, L) seconds or None, (B, L) action bitmasks or None -> (B, L, D) causal query states.
+
+        With ``history_filter``, the state at position t is the encoder's state after the latest shown event at
+        or before t, of the history with the hidden events taken out (so a hidden event changes no state)."""
+        if self.history_filter_bit is None:
+            return self.query_encoder(user_ids, self.history_inputs(input_ids, actions), input_ids > 0, timestamps)
+        if actions is None:
+            raise ConfigError(f"this model shows the query encoder only {self.hparams.history_filter!r} events, and the batch carries no actions")
+        L = input_ids.shape[1]
+        shown = (input_ids > 0) & ((actions >> self.history_filter_bit) & 1).bool()  # (B, L)
+        # The shown events moved to the right end in their order, the hidden ones to the left as padding.
+        order = torch.sort(shown.int(), dim=1, stable=True).indices  # (B, L)
+        kept = shown.gather(1, order)  # (B, L): False, ..., True
+        ids, acts = input_ids.gather(1, order) * kept, actions.gather(1, order) * kept  # (B, L)
+        times = None if timestamps is None else timestamps.gather(1, order) * kept  # (B, L)
+        states = self.query_encoder(user_ids, self.history_inputs(ids, acts), kept, times)  # (B, L, D)
+        # Position t's state is the one after its latest shown event: index L - (shown events) + (shown up to t) - 1
+        # of the compacted history, a padding position (the empty history's state) when none is shown yet.
+        latest = L - shown.sum(1, keepdim=True) + shown.cumsum(1) - 1  # (B, L), >= 0
+        return states.gather(1, latest[..., None].expand(-1, -1, states.shape[-1]))  # (B, L, D)
 
     def encode_queries(self, batch: QueryBatch) -> Any:
         """The query representation of each evaluation query (the last position of its history), in float32: under

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "config (its seeds together), test HR@1/10/50/200, NDCG@10, MRR as mean ± std, epochs, fit time, "
                       "hardware, split and selection, the published figure; then every published figure for the same data "
                       "with its own split, selection and source")
+    parser.add_argument("--metrics", nargs="+", default=[], metavar="KEY",
+                        help="with --table: these metric keys as its columns instead, each mean ± std over seeds (e.g. "
+                        "test/hr@10 test/liked/hr@10 test/disliked/recall@10 for an ablation with target groups; a key "
+                        "a run did not log shows as —)")
     parser.add_argument("--readme", default=None, help=f"with --table: also put the table between the {RESULTS_TABLE_START} "
                         f"and {RESULTS_TABLE_END} lines of this file (e.g. README.md)")
     return parser
@@ -42,11 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.readme and not args.table:
         raise UserError("--readme needs --table (it puts the reproduction table into the file)")
+    if args.metrics and not args.table:
+        raise UserError("--metrics needs --table (it chooses the table's columns)")
     results = collect_runs(args.runs)
     out = Path(args.out or f"sweeps_out/report-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.table:
-        command = shlex.join(["python", "-m", "rails_lightning", "report", "--table", *args.runs, *(["--readme", args.readme] if args.readme else [])])
-        print(write_results_table(results, out, args.readme, command))
+        command = shlex.join(["python", "-m", "rails_lightning", "report", "--table", *args.runs, *(["--readme", args.readme] if args.readme else []),
+                              *(["--metrics", *args.metrics] if args.metrics else [])])
+        print(write_results_table(results, out, args.readme, command, args.metrics))
         print(f"[rails_lightning] results table: {out / RESULTS_TABLE_FILE}" + (f", {args.readme}" if args.readme else ""), flush=True)
         return 0
     if args.leaderboard:

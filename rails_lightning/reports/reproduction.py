@@ -280,17 +280,19 @@ def _published_cell(figure: PublishedFigure | None) -> str:
     return f"{figure.metrics['test/hr@10']:.4f} / {'—' if ndcg is None else f'{ndcg:.4f}'} ({figure.figure}, {figure.source})"
 
 
-def results_table(runs: Sequence[ReportedRun], command: str | None = None, all_figures: bool = False) -> str:
-    """The reproduction table: per config, test HR@1/10/50/200, NDCG@10 and MRR of the selected checkpoint as
-    mean ± std over its seeds, epochs, mean fit time, hardware, split, selection and the published figure;
-    ``all_figures``: also the list of every published figure of the table's datasets (``figures_table``)."""
-    header = ["config", "seeds", *(f"test {name}" for name in TABLE_TEST_METRICS), "epochs", "fit time", "hardware",
-              "split", "selection", "published test HR@10 / NDCG@10"]
+def results_table(runs: Sequence[ReportedRun], command: str | None = None, metrics: Sequence[str] = (),
+                  all_figures: bool = False) -> str:
+    """The reproduction table: per config, test HR@1/10/50/200, NDCG@10 and MRR (or the metric keys ``metrics``,
+    e.g. ``test/liked/hr@10``) of the selected checkpoint as mean ± std over its seeds, epochs, mean fit time,
+    hardware, split, selection and the published figure; ``all_figures``: also the list of every published figure
+    of the table's datasets (``figures_table``)."""
+    columns = {key: key for key in metrics} or {f"test {name}": key for name, key in TABLE_TEST_METRICS.items()}
+    header = ["config", "seeds", *columns, "epochs", "fit time", "hardware", "split", "selection", "published test HR@10 / NDCG@10"]
     rows = []
     config_rows = group_by_config(runs)
     for row in config_rows:
         metrics = [mean_pm_std([r.record.metrics[key] for r in row.runs if r.record.metrics.get(key) is not None])
-                   for key in TABLE_TEST_METRICS.values()]
+                   for key in columns.values()]
         seconds = [float(r.record.fit_seconds) for r in row.runs if r.record.fit_seconds is not None]
         hardware = "; ".join(sorted({r.record.hardware for r in row.runs}))
         rows.append([row.label, len(row.runs), *metrics, _epochs(row.runs), _duration(statistics.fmean(seconds)) if seconds else "?",
@@ -343,9 +345,9 @@ def replace_marked_region(path: str | Path, content: str) -> Path:
 
 
 def write_results_table(runs: Sequence[ReportedRun], out_dir: str | Path, readme: str | Path | None = None,
-                        command: str | None = None) -> str:
+                        command: str | None = None, metrics: Sequence[str] = ()) -> str:
     """``results_table.md`` in ``out_dir`` and, with ``readme``, the same table between that file's markers."""
-    markdown = results_table(runs, command, all_figures=True)
+    markdown = results_table(runs, command, metrics, all_figures=True)
     if readme is not None:
         replace_marked_region(readme, markdown)  # before anything is written: a README without markers changes nothing
     out_dir = Path(out_dir)
