@@ -31,7 +31,7 @@ def main_() -> None:
     model, _, datamodule, step_context = build(options)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    optimiser = model.configure_optimizers()  # over the parameters as they now are, on the device
+    optimiser = model.build_optimizer()  # over the parameters as they now are, on the device
     started = time.perf_counter()
     batches = []
     for batch in datamodule.train_dataloader():

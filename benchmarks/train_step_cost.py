@@ -44,7 +44,7 @@ def build(options: list[str]):
     datamodule.prepare_data()
     datamodule.setup("fit")
     model.train()
-    optimiser = model.configure_optimizers()
+    optimiser = model.build_optimizer()  # AdamW alone: a step is timed, whatever the schedule
     # The trainer's precision (e.g. --trainer.precision=bf16-mixed) wraps the forward as `fit` would: autocast.
     return model, optimiser, datamodule, cli.trainer.precision_plugin.train_step_context
 

@@ -63,7 +63,7 @@ def framework_rate(data, negatives: int, steps: int, warmup: int) -> float:
 def plain_rate(data, negatives: int, steps: int, warmup: int) -> float:
     """The same model, batches and loss, with a hand-written loop."""
     model = build(data, negatives)
-    optimizer = model.configure_optimizers()
+    optimizer = model.build_optimizer()
     inv_temperature = torch.exp(-model.log_temperature)
     times, sequences = [], 0
     for step, batch in enumerate(data.train_dataloader()):

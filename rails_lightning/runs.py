@@ -49,7 +49,8 @@ class RunRecord:
         config: the full resolved config (as ``config.yaml``).
         val, test: ``val/...`` and ``test/...`` metrics of the best checkpoint (fit) or of the evaluated one.
         baseline: the most-popular-items baseline on the same split, same keys.
-        history: per validation epoch, ``{"epoch": e, "val/hr@10": ..., ...}``.
+        history: per validation epoch, ``{"epoch": e, "fit_seconds": s, "val/hr@10": ..., ...}`` (``fit_seconds``: the
+            fit's wall time when that evaluation ended; absent in records written before it was kept).
         epochs: epochs trained.
         fit_seconds: wall time of ``fit`` (training and per-epoch evaluation).
         data: facts of the data (users, items, interactions, ...).

@@ -237,3 +237,84 @@ def matplotlib_rgb(colour) -> tuple[float, float, float]:
     from matplotlib.colors import to_rgb
 
     return to_rgb(colour)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.py: the one command for a lent GPU, at its tiny CPU size.
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_help_explains_every_option_and_the_device_command():
+    parser = _gpu_check().build_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help) > 20, action.option_strings
+    text = parser.format_help()
+    assert "--data_dir .gpu_data/ml-1m --out OUT/gpu_check.json" in text and "--tiny" in text
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_writes_every_part_with_numbers(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    _run_script(["benchmarks/gpu_check.py", "--tiny", "--out", str(out), "--work_dir", str(tmp_path / "work")], timeout=900)
+    result = json.loads(out.read_text())
+    assert result["tiny"] is True and result["torch"] and result["device"] and result["date"] and "faiss" in result
+    assert result["command"].startswith("python benchmarks/gpu_check.py --tiny")
+
+    (row,) = result["step_ratio"]["rows"]  # a. the RAILS config's MoL against its dot-product twin
+    assert result["step_ratio"]["status"] == "done" and row["config"] == "configs/ml-1m/hstu_mol.yaml" and row["counted_steps"] == 2
+    for name in ("MoL", "two-tower"):
+        phases = row[name]
+        assert phases["step_ms"] > 0 and phases["forward_ms"] > 0 and phases["backward_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["MoL"]["step_ms"] / row["two-tower"]["step_ms"])
+
+    topk = result["topk"]  # b. exact torch top-k against FAISS's flat index
+    assert topk["status"] == "done" and topk["items"] == 5000 and topk["k"] == 100
+    torch_row = topk["rows"][0]
+    assert torch_row["search"].startswith("torch on cpu") and torch_row["median_s"] > 0 and torch_row["timed_searches"] == 2
+    if result["faiss"]:
+        assert topk["faiss"] == "FAISS-CPU"
+        (faiss_row,) = topk["rows"][1:]
+        assert faiss_row["median_s"] > 0 and faiss_row["build_s"] >= 0 and faiss_row["recall_vs_torch"] == pytest.approx(1.0)
+
+    fits = result["fits"]  # c. three seeds side by side through the sweep (or fit processes)
+    assert fits["status"] == "done" and fits["runner"] in ("sweep", "fit") and [run["seed"] for run in fits["runs"]] == [0, 1, 2]
+    for run in fits["runs"]:
+        assert run["read_from"] == "run.json" and run["epochs"] == 2 and [point["epoch"] for point in run["curve"]] == [0, 1]
+        assert 0 < run["first_epoch_s"] and 0 < run["later_epoch_s"] and 0 <= run["test_hr@10"] <= 1 and 0 <= run["best_val_hr@10"] <= 1
+    extrapolation = fits["extrapolation"]
+    assert extrapolation["full_epochs"] == 101 and extrapolation["side_by_side_s"] == pytest.approx(
+        max(run["first_epoch_s"] + 100 * run["later_epoch_s"] for run in fits["runs"]))
+
+    text = out.with_suffix(".md").read_text()
+    for heading in ("### a. Training step", "### b. Exact top-100 over 5,000 items", "### c. configs/ml-1m/hstu_mol.yaml", "Extrapolation: 101 epochs x 3 seeds"):
+        assert heading in text
+    assert result["command"] in text and result["device"] in text
+
+
+@pytest.mark.slow
+def test_gpu_check_reads_a_stopped_fit_from_its_last_checkpoint(tmp_path):
+    """A fit stopped at the part's deadline leaves no run record: its epochs come from checkpoints/last.ckpt."""
+    import time
+
+    gpu_check = _gpu_check()
+    run_dir = tmp_path / "run"
+    fit = subprocess.Popen([sys.executable, "-m", "rails_lightning", "fit", *TINY_CLI_ARGS, "--trainer.max_epochs=1000",
+                            "--trainer.logger=false", f"--run_dir={run_dir}"], cwd=REPO, start_new_session=True,
+                           env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    waited = time.monotonic() + 600
+    try:
+        while not (run_dir / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < waited and fit.poll() is None:
+            time.sleep(0.5)
+    finally:
+        assert gpu_check.wait_or_stop([fit], time.monotonic()) is True  # still running: interrupted, then killed
+    assert fit.returncode is not None and not (run_dir / "run.json").exists()
+    progress = gpu_check.run_progress(0, run_dir)
+    assert progress["read_from"] == "checkpoints/last.ckpt" and progress["status"] == "missing" and progress["epochs"] >= 1
+    assert progress["first_epoch_s"] > 0 and 0 <= progress["best_val_hr@10"] <= 1 and progress["test_hr@10"] is None

@@ -328,6 +328,9 @@ def test_11_fit_seconds_and_history_add_up_over_a_resume(tmp_path):
     resumed, _ = fit(2, trainer.checkpoint_callback.best_model_path)
     assert [row["epoch"] for row in resumed.history] == [0, 1]
     assert resumed.fit_seconds > first.fit_seconds > 0
+    # Each epoch's row holds the run's fit time when it was evaluated, counted on over the resume.
+    assert resumed.history[0]["fit_seconds"] == first.history[0]["fit_seconds"]
+    assert 0 < resumed.history[0]["fit_seconds"] <= first.fit_seconds < resumed.history[1]["fit_seconds"] <= resumed.fit_seconds
 
 
 def test_11_a_rewritten_log_is_never_read_from_a_stale_cache(tmp_path, hf_cache):

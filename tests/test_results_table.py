@@ -70,7 +70,7 @@ def test_seeds_and_paths_make_one_row_other_settings_another():
     assert "Left out, not finished: e (failed)" in markdown
     cells = _table_rows(markdown)
     assert cells[0][:4] == ["ml-1m SASRec TwoTower (model.learning_rate=0.001)", "2", "—", "0.3000 ± 0.0000"]
-    assert cells[1][3] == "0.3000 ±—" and cells[1][-4:-1] == ["3", "3.3 min", "NVIDIA H100"]
+    assert cells[1][3] == "0.3000 ±—" and cells[1][-6:-3] == ["3", "3.3 min", "NVIDIA H100"]
 
 
 def test_a_piece_of_another_class_is_one_label_entry_with_its_own_options():
@@ -103,10 +103,64 @@ def test_published_figure_only_for_its_dataset_encoder_and_model(encoder, layers
 
 def test_every_published_figure_says_where_it_comes_from_and_how_it_was_measured():
     figures = published_figures()
-    assert len(figures) == 5
+    assert len(figures) == 11
     for figure in figures:
         assert figure.url.startswith("https://") and figure.source and figure.split and figure.selection, figure
         assert set(figure.metrics) <= {"test/hr@10", "test/ndcg@10"} and 0 < figure.metrics["test/hr@10"] < 1, figure
+
+
+def test_rows_say_their_split_and_selection_and_every_figure_of_their_data_is_listed_with_its_own():
+    """Ours from the runs' config; each published or recomputed figure of ml-1m with its split, selection, source and
+    the rows it stands beside (a model this project lacks, e.g. eSASRec, beside none)."""
+    loo, temporal = _config(encoder="HSTUEncoder"), _config(encoder="HSTUEncoder", run_dir="/runs/t")
+    loo["data"].update(split="leave_one_out", val_fraction=0.1, test_fraction=0.2)
+    temporal["data"].update(split="temporal", val_fraction=0.1, test_fraction=0.2)
+    unmonitored = _config(similarity="MixtureOfLogits", run_dir="/runs/u")
+    unmonitored["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": None}}]
+    runs = [_run("a", loo), _run("t", temporal), _run("u", unmonitored),
+            _run("s", _config(dataset="synthetic"))]
+    markdown = results_table(runs, all_figures=True)
+    ours, figures = markdown.split("Published and recomputed figures")
+    labels = {row[0]: row[11:13] for row in _table_rows(ours)}
+    assert labels == {
+        "ml-1m HSTU TwoTower (data.split=leave_one_out)": ["leave-one-out + validation item; the data's fixed order", "best val/hr@10"],
+        "ml-1m HSTU TwoTower (data.split=temporal)":
+            ["temporal: last 20% of events test, 10% before validate", "best val/hr@10"],
+        "ml-1m SASRec MoL": ["leave-one-out + validation item; the data's fixed order", "last epoch"],
+        "synthetic SASRec TwoTower": ["leave-one-out + validation item; the data's fixed order", "best val/hr@10"],
+    }
+    listed = {row[0]: row[1:] for row in _table_rows(figures)}
+    ml1m = [figure for figure in published_figures() if figure.dataset == "ml-1m"]
+    assert list(listed) == [f"{figure.figure} (ml-1m)" for figure in ml1m]  # every ml-1m figure, in the file's order
+    for figure in ml1m:
+        hr10, ndcg10, split, selection, source, beside = listed[f"{figure.figure} (ml-1m)"]
+        assert (float(hr10), split, selection, source) == (figure.metrics["test/hr@10"], figure.split, figure.selection,
+                                                           f"[{figure.source}]({figure.url})")
+    two_blocks = "ml-1m HSTU TwoTower (data.split=leave_one_out); ml-1m HSTU TwoTower (data.split=temporal)"
+    assert listed["HSTU (ml-1m)"][-1] == listed["HSTU, recomputed (ml-1m)"][-1] == listed["HSTU, RecTools (ml-1m)"][-1] == two_blocks
+    assert listed["HSTU (ml-1m)"][2:4] == ["leave-one-out, no validation item; unstable time sort (generative-recommenders preprocessing)",
+                                           "best checkpoint on test"]
+    assert listed["HSTU, recomputed (ml-1m)"][2:4] == ["leave-one-out + validation item; stable time sort", "best on validation"]
+    assert listed["eSASRec (ml-1m)"][-1] == listed["FuXi-α, recomputed (ml-1m)"][-1] == listed["HSTU-large (ml-1m)"][-1] == "—"
+    assert listed["SASRec + MoL (ml-1m)"][-1] == "ml-1m SASRec MoL"
+    assert "Published and recomputed figures" not in results_table(runs)  # the list comes with all_figures
+
+
+def test_every_published_figure_of_the_issue_is_there_with_its_split_and_selection():
+    figures = {(figure.figure, figure.source): figure for figure in published_figures()}
+    expected = {  # (figure, source): (test HR@10, test NDCG@10 or None, selected on)
+        ("SASRec", "generative-recommenders README"): (0.2853, 0.1603, "test"),
+        ("HSTU", "generative-recommenders README"): (0.3097, 0.1720, "test"),
+        ("HSTU, recomputed", "eSASRec benchmark (RecSys'25)"): (0.3037, 0.1719, "validation"),
+        ("eSASRec", "eSASRec benchmark (RecSys'25)"): (0.3133, 0.1772, "validation"),
+        ("FuXi-α, recomputed", "eSASRec benchmark (RecSys'25)"): (0.3164, 0.1813, "validation"),
+        ("HSTU, RecTools", "RecTools HSTU tutorial"): (0.3226, 0.1880, "validation"),
+    }
+    for key, (hr10, ndcg10, selected_on) in expected.items():
+        figure = figures[key]
+        assert figure.metrics == {"test/hr@10": hr10, "test/ndcg@10": ndcg10} and selected_on in figure.selection, key
+        assert ("unstable" in figure.split) == (selected_on == "test"), key  # the on-test figures are the unstable-sort ones
+        assert len(figure.split) <= 100 and len(figure.selection) <= 50, key  # short enough for a table cell
 
 
 def test_a_published_figure_without_hr10_is_refused(tmp_path):
@@ -166,7 +220,9 @@ def test_table_over_real_runs_has_a_row_per_config_with_mean_and_std(three_runs,
         assert dot[column] == f"{mean:.4f} ± {std:.4f}", key
         assert mol[column] == f"{records[2].test[key]:.4f} ±—", key
     assert dot[8] == mol[8] == "2"  # epochs
-    assert dot[10] == records[0].hardware and dot[11] == mol[11] == "—"  # synthetic data: no published figure
+    assert dot[10] == records[0].hardware and dot[13] == mol[13] == "—"  # synthetic data: no published figure
+    assert dot[11:13] == mol[11:13] == ["leave-one-out + validation item; the data's fixed order", "best val/hr@10"]
+    assert "Published and recomputed figures" not in markdown  # none for synthetic data
     # The folder of the three runs gives the same table.
     assert command_main(["report", "--table", str(three_runs), "--out", str(tmp_path / "again")]) == 0
     assert _table_rows((tmp_path / "again" / "results_table.md").read_text()) == [dot, mol]

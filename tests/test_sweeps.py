@@ -123,12 +123,19 @@ def test_every_proposal_expands_and_parses_through_the_cli(path, tmp_path, monke
             elif ".init_args." in name:  # an option of a piece chosen by class_path: model.<piece>.init_args.<option>
                 piece, option = name.split(".")[1], name.rsplit(".", 1)[-1]
                 assert hparams[piece]["init_args"][option] == pytest.approx(value), name
+            elif name.startswith("model.") and isinstance(value, dict) and "class_path" in value:  # a piece chosen by class
+                piece = name.split(".", 1)[1]
+                assert hparams[piece]["class_path"].rsplit(".", 1)[-1] == value["class_path"].rsplit(".", 1)[-1], name
+                for option, option_value in value.get("init_args", {}).items():
+                    assert hparams[piece]["init_args"][option] == option_value, (name, option)
             elif name.startswith("model."):
                 assert hparams[name.split(".", 1)[1]] == pytest.approx(value), name
             elif name.startswith("data."):
                 assert getattr(cli.datamodule, name.split(".", 1)[1]) == value, name
             elif name == "trainer.max_epochs":
                 assert cli.trainer.max_epochs == value
+            elif name == "trainer.precision":
+                assert cli.trainer.precision == value
             else:
                 raise AssertionError(f"test does not know how to check parameter {name}")
         if "--model=MoL" in args:

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -178,6 +179,51 @@ def test_optimiser_does_not_decay_biases_norms_and_scalars():
     assert len(decayed["params"]) + len(kept["params"]) == sum(1 for p in module.parameters() if p.requires_grad)
     (everything,) = RetrievalModule(num_items=20, decay_all_parameters=True, weight_decay=0.1).configure_optimizers().param_groups
     assert everything["weight_decay"] == 0.1
+
+
+def test_learning_rate_factor_warms_up_linearly_then_follows_a_half_cosine_to_the_final_fraction():
+    from rails_lightning.models.retrieval_module import learning_rate_factor
+
+    warm = [learning_rate_factor(step, 4, 20, 0.1) for step in range(4)]
+    assert warm == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    decay = [learning_rate_factor(step, 4, 20, 0.1) for step in range(4, 21)]
+    assert decay[0] == 1.0 and decay[8] == pytest.approx(0.1 + 0.9 * 0.5) and decay[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert learning_rate_factor(30, 4, 20, 0.1) == pytest.approx(0.1)  # past the last step: the final rate
+    assert [learning_rate_factor(step, 2, 20, None) for step in (0, 1, 2, 19)] == [0.5, 1.0, 1.0, 1.0]  # no decay
+
+
+class _LearningRates(pl.Callback):
+    """The optimizer's learning rate at every training step."""
+
+    def __init__(self):
+        self.rates = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_a_fit_follows_the_warmup_and_cosine_schedule_and_the_default_rate_stays_constant(tmp_path):
+    torch.manual_seed(0)
+    data = make_tiny_data()
+    steps_per_epoch = len(data.train_dataloader())
+    scheduled = make_tiny_model(data, learning_rate=4e-3, warmup_steps=4, final_learning_rate=4e-4)
+    rates = _LearningRates()
+    cpu_trainer(tmp_path / "scheduled", 2, [rates], enable_checkpointing=False, limit_val_batches=0).fit(scheduled, datamodule=data)
+    total = 2 * steps_per_epoch
+    assert len(rates.rates) == total and rates.rates[:4] == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3])
+    after = rates.rates[4:]
+    assert all(a > b for a, b in zip(after, after[1:])) and 4e-4 < after[-1] < 4e-4 + 3.6e-3 * 0.05
+    constant = _LearningRates()
+    default = make_tiny_model(data, learning_rate=4e-3)
+    assert isinstance(default.configure_optimizers(), torch.optim.AdamW)  # no schedule object: the rate runs as before
+    cpu_trainer(tmp_path / "constant", 1, [constant], enable_checkpointing=False, limit_val_batches=0).fit(default, datamodule=data)
+    assert constant.rates == [4e-3] * steps_per_epoch
+
+
+def test_a_final_learning_rate_above_the_rate_is_refused():
+    with pytest.raises(ConfigError, match="final_learning_rate between 0 and learning_rate"):
+        RetrievalModule(num_items=20, learning_rate=1e-3, final_learning_rate=1e-2)
 
 
 def test_dot_product_is_the_default_similarity():

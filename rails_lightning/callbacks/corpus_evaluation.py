@@ -34,8 +34,9 @@ already held the encoding of these weights), ``val/search_seconds``
 (building the exact index and searching every query), ``val/index_build_seconds`` and
 ``val/index_search_seconds`` (the approximate index).
 
-``history`` keeps every validation epoch's metrics and ``fit_seconds`` the time spent in ``fit``; both
-travel in checkpoints, so a resumed run's record holds the whole run (the run record stores them).
+``history`` keeps every validation epoch's metrics, each with the run's ``fit_seconds`` when it ended (quality
+against wall time), and ``fit_seconds`` the time spent in ``fit``; both travel in checkpoints, so a resumed run's
+record holds the whole run (the run record stores them).
 """
 
 from __future__ import annotations
@@ -258,7 +259,9 @@ class CorpusEvaluation(Callback):
         pl_module.log_dict(headline, prog_bar=True, sync_dist=True)
         pl_module.log_dict(values, sync_dist=True)
         if stage == "val" and trainer.state.fn == TrainerFn.FITTING:  # the epochs of training, not a later validate
-            self.history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in {**headline, **values}.items()}})
+            # fit_seconds: the run's fit time when this evaluation ended, so that quality can be read against wall time.
+            self.history.append({"epoch": trainer.current_epoch, "fit_seconds": round(self.fit_seconds, 3),
+                                 **{k: float(v) for k, v in {**headline, **values}.items()}})
         self.retriever = self.index_retriever = None  # the corpus index holds them while the weights stay the same
 
     # -- predict: write every query's top-K recommendations next to the run

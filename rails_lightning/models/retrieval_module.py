@@ -99,6 +99,11 @@ class RetrievalModule(pl.LightningModule):
         decay_all_parameters: also decay biases, norm weights and scalars (by default they are not
             decayed, as transformer recipes do).
         betas: AdamW betas.
+        warmup_steps: optimizer steps over which the learning rate rises linearly from ``learning_rate / warmup_steps``
+            to ``learning_rate`` (0: none).
+        final_learning_rate: None keeps ``learning_rate`` after the warm-up (a constant rate, the default); a value
+            decays it along a half cosine to this rate at the trainer's last step (``max_epochs`` or ``max_steps``
+            decide where that is).
     """
 
     def __init__(
@@ -122,12 +127,17 @@ class RetrievalModule(pl.LightningModule):
         weight_decay: float = 1e-3,
         decay_all_parameters: bool = False,
         betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 0,
+        final_learning_rate: float | None = None,
     ) -> None:
         super().__init__()
         # (The factory defaults are partials, not bare classes: jsonargparse 4.53 drops a class_path that
         # equals a bare-class default when it comes from a config file.)
         if not 0.0 < target_fraction <= 1.0:
             raise ConfigError(f"target_fraction must be in (0, 1], got {target_fraction}")
+        if warmup_steps < 0 or (final_learning_rate is not None and not 0.0 <= final_learning_rate <= learning_rate):
+            raise ConfigError(f"warmup_steps must be >= 0 and final_learning_rate between 0 and learning_rate ({learning_rate}), "
+                              f"got {warmup_steps} and {final_learning_rate}")
         if history_filter is not None and history_filter not in action_names:
             offered = f"its action types {list(action_names)}" if action_names else "no action types"
             raise ConfigError(f"--model.history_filter={history_filter!r} is not an action type of the data, which has {offered}")
@@ -143,6 +153,7 @@ class RetrievalModule(pl.LightningModule):
                 "temperature": temperature, "learn_temperature": learn_temperature,
                 "learning_rate": learning_rate, "weight_decay": weight_decay,
                 "decay_all_parameters": decay_all_parameters, "betas": list(betas),
+                "warmup_steps": warmup_steps, "final_learning_rate": final_learning_rate,
             }
         )
         self.num_items = num_items
@@ -390,7 +401,8 @@ class RetrievalModule(pl.LightningModule):
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters as they are now (their device included), at ``learning_rate``."""
         hp = self.hparams
         trainable = [p for p in self.parameters() if p.requires_grad]
         # Matrices and embeddings are decayed; biases, norm weights and scalars (ndim < 2) are not.
@@ -398,3 +410,30 @@ class RetrievalModule(pl.LightningModule):
         kept = [p for p in trainable if not (hp.decay_all_parameters or p.ndim >= 2)]
         groups = [{"params": decayed, "weight_decay": hp.weight_decay}, {"params": kept, "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate, betas=tuple(hp.betas))
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer alone at a constant rate; with a warm-up or a decay, also its per-step schedule."""
+        optimizer = self.build_optimizer()
+        hp = self.hparams
+        warmup_steps, final_learning_rate = hp.warmup_steps, hp.final_learning_rate
+        if not warmup_steps and final_learning_rate is None:
+            return optimizer
+        total_steps = self.trainer.estimated_stepping_batches
+        if final_learning_rate is not None and not math.isfinite(total_steps):
+            raise ConfigError("final_learning_rate decays the rate until the last step: give the trainer max_epochs or max_steps")
+        factor = partial(learning_rate_factor, warmup_steps=warmup_steps, total_steps=int(min(total_steps, 2**62)),
+                         final_fraction=None if final_learning_rate is None else final_learning_rate / hp.learning_rate)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, final_fraction: float | None) -> float:
+    """The learning rate at optimizer step ``step`` (0-based) as a fraction of the base rate: linear warm-up to 1 over
+    ``warmup_steps`` steps, then 1 (``final_fraction`` None) or a half cosine from 1 down to ``final_fraction`` at step
+    ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if final_fraction is None:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))

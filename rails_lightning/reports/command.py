@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--leaderboard", action="store_true", help=f"rank every run by --metric instead ({LEADERBOARD_FILE})")
     kind.add_argument("--table", action="store_true", help=f"the reproduction table instead ({RESULTS_TABLE_FILE}): one row per "
                       "config (its seeds together), test HR@1/10/50/200, NDCG@10, MRR as mean ± std, epochs, fit time, "
-                      "hardware, the published figure")
+                      "hardware, split and selection, the published figure; then every published figure for the same data "
+                      "with its own split, selection and source")
     parser.add_argument("--metrics", nargs="+", default=[], metavar="KEY",
                         help="with --table: these metric keys as its columns instead, each mean ± std over seeds (e.g. "
                         "test/hr@10 test/liked/hr@10 test/disliked/recall@10 for an ablation with target groups; a key "

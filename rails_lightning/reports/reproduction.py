@@ -1,10 +1,12 @@
 """The reproduction table (``results_table.md``): one row per config, that is the finished runs that differ
 only by seed and by their own paths, labelled by dataset, query encoder and similarity model
 (``ml-1m SASRec TwoTower``); test HR@1/10/50/200, NDCG@10 and MRR as mean ± std over the seeds, epochs,
-mean fit time, the hardware of the run records, and the published figure for that dataset and model
-where one is known (``published.yaml`` beside this module: each figure with its split, checkpoint
-selection and source). ``write_results_table(..., readme=...)`` also puts the table between a README's
-``<!-- results-table:start -->`` and ``<!-- results-table:end -->`` lines.
+mean fit time, the hardware of the run records, the split and checkpoint selection of the runs (read from
+their config), and the published figure for that dataset and model where one is known. Below it, every
+published or recomputed figure of the table's datasets (``published.yaml`` beside this module), each with its
+split, checkpoint selection and source, and the rows it stands beside. ``write_results_table(...,
+readme=...)`` also puts both between a README's ``<!-- results-table:start -->`` and
+``<!-- results-table:end -->`` lines.
 
 Runs recorded before an option existed (the option absent) and after (stated at its default) are one
 config: options equal to their class's ``__init__`` default are dropped before configs are compared.
@@ -178,11 +180,15 @@ class ConfigRow:
     def model(self) -> str:
         return self.runs[0].model
 
-    def published(self) -> PublishedFigure | None:
-        """The published figure for this config's dataset, encoder (and its depth) and model, if one is known."""
+    def matching_figures(self) -> list[PublishedFigure]:
+        """The published figures for this config's dataset, encoder (and its depth) and model, in published.yaml's order."""
         dataset, encoder, layers = dataset_name(self.config), encoder_name(self.config), _encoder_layers(self.config)
-        return next((figure for figure in published_figures() if (figure.dataset, figure.encoder, figure.model) == (dataset, encoder, self.model)
-                     and figure.encoder_layers in (None, layers)), None)
+        return [figure for figure in published_figures() if (figure.dataset, figure.encoder, figure.model) == (dataset, encoder, self.model)
+                and figure.encoder_layers in (None, layers)]
+
+    def published(self) -> PublishedFigure | None:
+        """The first of ``matching_figures``, if one is known: the figure the table's row shows."""
+        return next(iter(self.matching_figures()), None)
 
 
 def _differing_settings(differing: list[str], flat: dict[str, Any]) -> list[str]:
@@ -247,6 +253,26 @@ def _epochs(runs: Sequence[ReportedRun]) -> str:
     return "?" if not epochs else str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}"
 
 
+def split_label(config: dict[str, Any]) -> str:
+    """How a run's config splits the data, for a table cell: each user's events in the data's own (fixed) order."""
+    data = config.get("data") or {}
+    if data.get("split", "leave_one_out") == "leave_one_out":
+        return "leave-one-out + validation item; the data's fixed order"
+    return f"temporal: last {data.get('test_fraction', 0.1):.0%} of events test, {data.get('val_fraction', 0.1):.0%} before validate"
+
+
+def selection_label(config: dict[str, Any]) -> str:
+    """Which checkpoint a run's test metrics come from: the best one on the monitored metric of its ModelCheckpoint,
+    else the last epoch's weights."""
+    callbacks = ((config.get("trainer") or {}).get("callbacks")) or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+            options = callback.get("init_args") or {}
+            if options.get("monitor"):
+                return f"best {options['monitor']}" + (" (lowest)" if options.get("mode") == "min" else "")
+    return "last epoch"
+
+
 def _published_cell(figure: PublishedFigure | None) -> str:
     if figure is None:
         return "—"
@@ -254,29 +280,54 @@ def _published_cell(figure: PublishedFigure | None) -> str:
     return f"{figure.metrics['test/hr@10']:.4f} / {'—' if ndcg is None else f'{ndcg:.4f}'} ({figure.figure}, {figure.source})"
 
 
-def results_table(runs: Sequence[ReportedRun], command: str | None = None, metrics: Sequence[str] = ()) -> str:
+def results_table(runs: Sequence[ReportedRun], command: str | None = None, metrics: Sequence[str] = (),
+                  all_figures: bool = False) -> str:
     """The reproduction table: per config, test HR@1/10/50/200, NDCG@10 and MRR (or the metric keys ``metrics``,
-    e.g. ``test/liked/hr@10``) of the best-on-validation checkpoint as mean ± std over its seeds, epochs, mean fit
-    time, hardware and the published figure."""
+    e.g. ``test/liked/hr@10``) of the selected checkpoint as mean ± std over its seeds, epochs, mean fit time,
+    hardware, split, selection and the published figure; ``all_figures``: also the list of every published figure
+    of the table's datasets (``figures_table``)."""
     columns = {key: key for key in metrics} or {f"test {name}": key for name, key in TABLE_TEST_METRICS.items()}
-    header = ["config", "seeds", *columns, "epochs", "fit time", "hardware", "published test HR@10 / NDCG@10"]
+    header = ["config", "seeds", *columns, "epochs", "fit time", "hardware", "split", "selection", "published test HR@10 / NDCG@10"]
     rows = []
-    for row in group_by_config(runs):
+    config_rows = group_by_config(runs)
+    for row in config_rows:
         metrics = [mean_pm_std([r.record.metrics[key] for r in row.runs if r.record.metrics.get(key) is not None])
                    for key in columns.values()]
         seconds = [float(r.record.fit_seconds) for r in row.runs if r.record.fit_seconds is not None]
         hardware = "; ".join(sorted({r.record.hardware for r in row.runs}))
         rows.append([row.label, len(row.runs), *metrics, _epochs(row.runs), _duration(statistics.fmean(seconds)) if seconds else "?",
-                     hardware, _published_cell(row.published())])
-    explanation = ("Test metrics of the best-on-validation checkpoint, full corpus; mean ± sample std over seeds (±— for one run). "
-                   "Fit time: mean wall time of `fit` (training and per-epoch evaluation).")
+                     hardware, split_label(row.config), selection_label(row.config), _published_cell(row.published())])
+    explanation = ("Test metrics of the selected checkpoint, full corpus; mean ± sample std over seeds (±— for one run). "
+                   "Fit time: mean wall time of `fit` (training and per-epoch evaluation). Split and selection: ours, read "
+                   "from the runs' config; a published figure's are in the list below the table (`report --table`).")
     lines = [explanation, "", markdown_table(header, rows)]
+    if all_figures:
+        figures = figures_table(config_rows)
+        if figures:
+            lines += ["", figures]
     left_out = [r for r in runs if not r.ok]
     if left_out:
         lines += ["", f"Left out, not finished: {', '.join(f'{r.name} ({r.shown_status})' for r in left_out)}."]
     if command:
         lines += ["", f"Regenerate: `{command}`"]
     return "\n".join(lines) + "\n"
+
+
+def figures_table(rows: Sequence[ConfigRow]) -> str:
+    """Every published or recomputed figure of the rows' datasets, with its split, checkpoint selection and source,
+    and the labels of the rows it stands beside ("" when the rows' datasets have none)."""
+    datasets = {dataset_name(row.config) for row in rows}
+    figures = [figure for figure in published_figures() if figure.dataset in datasets]
+    if not figures:
+        return ""
+    table = []
+    for figure in figures:
+        beside = [row.label for row in rows if figure in row.matching_figures()]
+        ndcg = figure.metrics.get("test/ndcg@10")
+        table.append([f"{figure.figure} ({figure.dataset})", figure.metrics["test/hr@10"], "—" if ndcg is None else ndcg,
+                      figure.split, figure.selection, f"[{figure.source}]({figure.url})", "; ".join(beside) or "—"])
+    header = ["published figure", "test HR@10", "test NDCG@10", "split", "selection", "source", "beside our row"]
+    return "Published and recomputed figures on these data, each with its split and checkpoint selection:\n\n" + markdown_table(header, table)
 
 
 def replace_marked_region(path: str | Path, content: str) -> Path:
@@ -296,7 +347,7 @@ def replace_marked_region(path: str | Path, content: str) -> Path:
 def write_results_table(runs: Sequence[ReportedRun], out_dir: str | Path, readme: str | Path | None = None,
                         command: str | None = None, metrics: Sequence[str] = ()) -> str:
     """``results_table.md`` in ``out_dir`` and, with ``readme``, the same table between that file's markers."""
-    markdown = results_table(runs, command, metrics)
+    markdown = results_table(runs, command, metrics, all_figures=True)
     if readme is not None:
         replace_marked_region(readme, markdown)  # before anything is written: a README without markers changes nothing
     out_dir = Path(out_dir)
