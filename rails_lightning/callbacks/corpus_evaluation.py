@@ -58,7 +58,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
 from rails_lightning.errors import ConfigError
-from rails_lightning.metrics import RetrievalMetrics
+from rails_lightning.metrics import RetrievalMetrics, update_in_group
 from rails_lightning.models.retrieval_module import RetrievalModule
 from rails_lightning.retrieval import SearchOptions
 from rails_lightning.retrieval.backend import Backend
@@ -239,17 +239,12 @@ class CorpusEvaluation(Callback):
         self.search_seconds += time.perf_counter() - started
         self.metrics.update(ids.to(batch.targets.device), batch.targets)
         for g, metric in enumerate(self.group_metrics.values()):
-            in_group = ((batch.target_groups >> g) & 1).bool()  # (B, T)
-            rows = in_group.any(1)  # (B,) queries with a target in the group
-            if rows.any():
-                metric.update(ids.to(batch.targets.device)[rows], batch.targets.where(in_group, 0)[rows])
+            update_in_group(metric, ids, batch.targets, ((batch.target_groups >> g) & 1).bool())
         if self.cold_retriever is not None:
-            # Every query is searched among the cold items (a tenth of the corpus or so); those with a cold target count.
             is_cold = self.cold_items[batch.targets]  # (B, T), padding is not cold
-            rows = is_cold.any(1)  # (B,)
-            if rows.any():
+            if is_cold.any():  # every query is searched among the cold items; those with a cold target count
                 _, cold_ids = self.cold_retriever.search(queries, max(self.ks), exclude)
-                self.cold_only_metrics.update(cold_ids.to(batch.targets.device)[rows], batch.targets.where(is_cold, 0)[rows])
+                update_in_group(self.cold_only_metrics, cold_ids, batch.targets, is_cold)
         if self.index_retriever is not None:
             started = time.perf_counter()
             _, index_ids = self.index_retriever.search(queries, k, exclude)
