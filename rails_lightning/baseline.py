@@ -35,7 +35,7 @@ from torch import Tensor
 
 from rails_lightning.data.batches import QueryBatch
 from rails_lightning.metrics import RetrievalMetrics, update_in_group
-from rails_lightning.retrieval.topk import NEG_INF, BruteForceTopK, TopKRetriever
+from rails_lightning.retrieval.topk import NEG_INF, BruteForceTopK, Exclusion, TopKRetriever, keep_allowed
 
 ItemScores = Callable[[QueryBatch], Tensor]  # a batch of B queries -> (B, N) scores of items 1..N
 
@@ -68,16 +68,26 @@ class PopularityTopK(TopKRetriever):
 
 class RankedScores(TopKRetriever):
     """Ranks the items by given scores: the queries are a (B, N) matrix of item scores (column i - 1: item i),
-    best first, ties in a seeded random order (the same scores always rank alike; no item wins by its id)."""
+    best first, ties in a seeded random order (no item wins a tie by its id)."""
 
     def __init__(self, num_items: int, seed: int = 0) -> None:
         self.num_items = num_items
         self.generator = torch.Generator().manual_seed(seed)
 
-    def fetch(self, scores: Tensor, k: int, exclude=None) -> tuple[Tensor, Tensor]:
-        shuffle = torch.rand(scores.shape, generator=self.generator).argsort(dim=1)  # (B, N) a random order of the items
-        ranked, order = scores.gather(1, shuffle).sort(dim=1, descending=True, stable=True)  # ties keep the random order
-        return ranked[:, :k], shuffle.gather(1, order[:, :k]) + 1
+    def fetch(self, scores: Tensor, k: int, exclude: Exclusion | None = None) -> tuple[Tensor, Tensor]:
+        if exclude is not None:  # the excluded items score -inf, so that no over-fetch is needed
+            rows, items = exclude.pairs()
+            scores = scores.index_put((rows, items - 1), torch.tensor(NEG_INF, dtype=scores.dtype))
+        # The columns in a random order: whichever of equal scores top-k picks first is then a random one.
+        order = torch.randperm(self.num_items, generator=self.generator)  # (N,)
+        top, where = scores.index_select(1, order).topk(k, dim=1)  # (B, k)
+        return top, order[where] + 1
+
+    def search(self, scores: Tensor, k: int, exclude: Exclusion | None = None) -> tuple[Tensor, Tensor]:
+        """As every retriever's ``search``, with the exclusion applied to the scores: k items are fetched, and the
+        excluded (-inf) ones among them dropped."""
+        top, ids = self.fetch(scores, min(k, self.num_items), exclude)
+        return keep_allowed(top, ids, k, None, self.num_items)
 
 
 def evaluate_scores(datamodule, stage: str, score: ItemScores, ks: Iterable[int] = (1, 10, 50, 200),
