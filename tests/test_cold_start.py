@@ -205,3 +205,146 @@ def test_cold_metrics_equal_a_brute_force_ranking(tmp_path, model):
         for name, value in expected.items():
             assert logged[f"val/{group}/{name}"] == pytest.approx(value, abs=1e-6), (group, name)
     assert logged["val/cold_only/hr@20"] > logged["val/cold/hr@20"]  # fewer items to rank among
+
+
+# ---------------------------------------------------------------------------------------------------- baselines
+def _genre_log(folder, drama_users=30, comedy_users=10, length=5, per_genre=6):
+    """Items 1..G are dramas, G+1..2G comedies (their titles and genres say so); drama fans watch dramas only,
+    comedy fans comedies only, so that with more drama fans dramas are more popular."""
+    rng = random.Random(0)
+    log, table = ["user_id,item_id,timestamp"], ["item_id,title,genres"]
+    dramas, comedies = range(1, per_genre + 1), range(per_genre + 1, 2 * per_genre + 1)
+    table += [f"{i},drama film {i},Drama" for i in dramas] + [f"{i},comedy film {i},Comedy" for i in comedies]
+    for user in range(drama_users + comedy_users):
+        items = dramas if user < drama_users else comedies
+        log += [f"{user},{item},{t}" for t, item in enumerate(rng.sample(items, length))]
+    (folder / "log.csv").write_text("\n".join(log) + "\n")
+    (folder / "items.csv").write_text("\n".join(table) + "\n")
+    items = ItemTable(str(folder / "items.csv"), text_columns=["title"], categorical_columns=["genres"])
+    return InteractionLogSource(str(folder / "log.csv"), items=items)
+
+
+def _is_drama(data) -> np.ndarray:
+    """(N + 1,) whether each item id is a drama."""
+    return np.array([False] + [genres == ("Drama",) for genres in data.item_content.categorical["genres"][1:]])
+
+
+def test_category_popularity_averages_the_popularity_of_an_items_values():
+    counts = np.array([0, 3, 1, 2])  # padding, three items
+    scores = category_popularity(counts, [(), ("a",), ("a", "b"), ("b",)])  # a: 3 + 1 events, b: 1 + 2
+    np.testing.assert_allclose(scores, [0.0, 4.0, 3.5, 3.0])
+
+
+def test_ranked_scores_break_ties_at_random_with_a_seed():
+    ties = torch.zeros(1, 12)  # every item scores the same
+    ranker = RankedScores(12, seed=1)
+    first = [int(ranker.search(ties, 3)[1][0, 0]) for _ in range(100)]  # one batch after another
+    assert len(set(first)) > 6  # not the lowest id each time
+    again = RankedScores(12, seed=1)
+    assert first == [int(again.search(ties, 3)[1][0, 0]) for _ in range(100)]
+    _, ids = RankedScores(12).search(torch.arange(12.0).expand(2, -1), 4, Exclusion(torch.tensor([0, 1, 1]), torch.tensor([12])))
+    assert ids.tolist() == [[11, 10, 9, 8], [12, 11, 10, 9]]  # best first, the excluded item skipped
+
+
+def test_baselines_on_a_known_case(tmp_path):
+    """Genre popularity puts every (more popular) drama above every comedy: a drama target is in the top 6, a
+    comedy one never. Content kNN with one vector per genre finds every target in the top 6 of its own genre;
+    a random ranking does not."""
+    data = InteractionDataModule(_genre_log(tmp_path), min_interactions=3, max_seq_len=8)
+    data.setup("fit")
+    drama = _is_drama(data)
+    targets = np.array([int(b) for batch in data.query_loader("val", sharded=False) for b in batch.targets[:, 0]])
+    genre = category_popularity_baseline(data, "val", ks=(1, 6))
+    assert genre["val/hr@6"] == pytest.approx(drama[targets].mean())
+    vectors = torch.from_numpy(np.stack([~drama, drama], axis=1).astype(np.float32))  # (N + 1, 2); padding (1, 0) is never read
+    knn = content_knn_baseline(data, vectors, "val", ks=(1, 6))
+    assert knn["val/hr@6"] == 1.0
+    chance = random_baseline(data, "val", ks=(1, 6))
+    assert chance["val/hr@6"] < 1.0 and chance == random_baseline(data, "val", ks=(1, 6))
+
+
+@pytest.mark.parametrize("stage", ["val", "test"])
+def test_baselines_cold_metrics_equal_a_brute_force_ranking(tmp_path, stage):
+    """Under a cold split, content kNN with distinct random vectors (no ties): its whole-corpus, cold and cold-only
+    metrics equal each target's rank computed here, by the cosine to the history's mean vector."""
+    data = InteractionDataModule(_genre_log(tmp_path, length=8, per_genre=10), min_interactions=3, max_seq_len=8,
+                                 cold_item_fraction=0.25, cold_item_strata=1, cold_item_seed=2)
+    data.setup("fit")
+    vectors = torch.randn(data.num_items + 1, 4, generator=torch.Generator().manual_seed(0))
+    got = content_knn_baseline(data, vectors, stage, ks=(1, 3))
+    cold = data.cold_items
+    unit = torch.nn.functional.normalize(vectors, dim=-1)
+    ranks = {"": [], "cold": [], "warm": [], "cold_only": []}
+    for batch in data.query_loader(stage, sharded=False):
+        for row in range(len(batch.user_ids)):
+            history = batch.input_ids[row][batch.input_ids[row] > 0]
+            assert len(history), "5 cold items cannot fill a history of 6"
+            scores = unit[1:] @ torch.nn.functional.normalize(unit[history].mean(0), dim=0)  # (N,)
+            target = int(batch.targets[row, 0])
+            allowed = torch.ones(data.num_items, dtype=torch.bool)
+            allowed[batch.exclude_items[batch.exclude_offsets[row] : batch.exclude_offsets[row + 1]] - 1] = False
+            above = (scores > scores[target - 1]) & allowed
+            ranks[""].append(int(above.sum()))
+            ranks["cold" if cold[target] else "warm"].append(int(above.sum()))
+            if cold[target]:
+                ranks["cold_only"].append(int((above & torch.from_numpy(cold[1:])).sum()))
+    assert ranks["cold"] and ranks["warm"]
+    for group, group_ranks in ranks.items():
+        prefix = f"{stage}/{group}/" if group else f"{stage}/"
+        assert got[prefix + "hr@3"] == pytest.approx(np.mean([r < 3 for r in group_ranks])), group
+        assert got[prefix + "mrr"] == pytest.approx(np.mean([1 / (r + 1) if r < 3 else 0 for r in group_ranks])), group
+    assert evaluate_scores(data, stage, lambda batch: torch.zeros(len(batch.targets), data.num_items), (1, 3)).keys() == got.keys()
+
+
+# ---------------------------------------------------------------------------------------------------- a real fit
+def test_a_content_tower_fit_reports_cold_metrics_and_baselines(tmp_path, monkeypatch):
+    """A tiny fit through the CLI with a content tower on a cold split: the run reports val/cold/hr@10 and
+    val/cold_only/hr@10, records the cold items and their seed (the run's), and the baselines beside it; no cold
+    item had a training event."""
+    from rails_lightning.cli import main
+    from rails_lightning.runs import RunRecord
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    _genre_log(tmp_path, drama_users=40, comedy_users=40, length=5)
+    config = tmp_path / "cold.yaml"
+    config.write_text(f"""
+seed_everything: 3
+data:
+  min_interactions: 3
+  max_seq_len: 8
+  cold_item_fraction: 0.34
+  cold_item_strata: 1
+  source:
+    class_path: rails_lightning.data.InteractionLogSource
+    init_args:
+      path: {tmp_path / 'log.csv'}
+      items:
+        class_path: rails_lightning.data.ItemTable
+        init_args: {{path: {tmp_path / 'items.csv'}, text_columns: [title], categorical_columns: [genres]}}
+model:
+  item_dim: 16
+  item_tower:
+    class_path: rails_lightning.models.item_towers.ContentTower
+    init_args: {{text_columns: [title], categorical_columns: [genres], text_cache_dir: null, hidden_dim: 32}}
+  objective:
+    class_path: rails_lightning.objectives.SharedNegatives
+    init_args: {{num_negatives: 8}}
+trainer:
+  max_epochs: 4
+  enable_progress_bar: false
+  logger: false
+""")
+    cli = main(["fit", "--config", str(config), f"--run_dir={tmp_path / 'run'}"])
+    assert isinstance(cli.model.item_tower, ContentTower)
+    record = RunRecord.read(tmp_path / "run")
+    assert record.ok and record.data["cold_items"] == 4 and record.data["cold_item_seed"] == 3
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["cold_item_seed"] == 3
+    for key in ("val/cold/hr@10", "val/cold_only/hr@10", "val/warm/hr@10", "test/cold/ndcg@10", "test/cold_only/ndcg@10"):
+        assert 0.0 <= record.metrics[key] <= 1.0, key
+    assert set(record.baselines) == {"random", "category_popularity", "content_knn"}
+    for values in record.baselines.values():
+        assert {"val/cold/hr@10", "test/cold_only/hr@10"} <= set(values)
+    assert record.baseline["test/cold/hr@10"] >= 0.0  # popularity, cold targets too
+    # The title and genre place a cold item with its genre: better than chance among the cold items.
+    assert record.test["test/cold_only/mrr"] > record.baselines["random"]["test/cold_only/mrr"]
+    assert cli.datamodule.train_item_counts[cli.datamodule.cold_items].sum() == 0
