@@ -348,3 +348,15 @@ trainer:
     # The title and genre place a cold item with its genre: better than chance among the cold items.
     assert record.test["test/cold_only/mrr"] > record.baselines["random"]["test/cold_only/mrr"]
     assert cli.datamodule.train_item_counts[cli.datamodule.cold_items].sum() == 0
+
+
+def test_the_seeds_of_a_cold_split_experiment_are_one_row_of_the_results_table():
+    """A cold split drawn with the run's seed differs between seeds like the seed itself; one drawn with another
+    seed is a setting of its own."""
+    from rails_lightning.reports.reproduction import experiment_config
+
+    def config(seed, cold_seed):
+        return {"seed_everything": seed, "data": {"cold_item_fraction": 0.1, "cold_item_seed": cold_seed}}
+
+    assert experiment_config(config(0, 0)) == experiment_config(config(1, 1)) == {"data": {"cold_item_fraction": 0.1}}
+    assert experiment_config(config(0, 7)) == {"data": {"cold_item_fraction": 0.1, "cold_item_seed": 7}}
