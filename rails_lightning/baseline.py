@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rails_lightning.data.batches import QueryBatch
+from rails_lightning.errors import ConfigError
 from rails_lightning.metrics import RetrievalMetrics, update_in_group
 from rails_lightning.retrieval.topk import NEG_INF, BruteForceTopK, Exclusion, TopKRetriever, keep_allowed
 
@@ -149,7 +150,10 @@ def category_popularity_baseline(datamodule, stage: str = "val", ks: Iterable[in
     """Items ranked by the popularity of their categorical values (``columns`` of the DataModule's item content,
     all of them by default; a value is named by its column, so two columns' equal values stay apart)."""
     content = datamodule.item_content
-    columns = list(content.categorical) if columns is None else list(columns)
+    offered = [] if content is None else list(content.categorical)
+    columns = offered if columns is None else list(columns)
+    if not columns or any(c not in offered for c in columns):
+        raise ConfigError(f"category popularity needs categorical item content: asked for {columns or 'any column'}, the data has {offered}")
     categories = [tuple(f"{c}={v}" for c in columns for v in content.categorical[c][row]) for row in range(len(content))]
     datamodule.setup("validate" if stage == "val" else "test")
     scores = torch.from_numpy(category_popularity(datamodule.visible_item_counts(stage), categories)[1:])  # (N,)

@@ -261,6 +261,8 @@ def test_baselines_on_a_known_case(tmp_path):
     assert knn["val/hr@6"] == 1.0
     chance = random_baseline(data, "val", ks=(1, 6))
     assert chance["val/hr@6"] < 1.0 and chance == random_baseline(data, "val", ks=(1, 6))
+    with pytest.raises(ConfigError, match=r"asked for \['year'\], the data has \['genres'\]"):
+        category_popularity_baseline(data, "val", columns=["year"])
 
 
 @pytest.mark.parametrize("stage", ["val", "test"])
