@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from rails_lightning.baseline import popularity_baseline
+from rails_lightning.baseline import category_popularity_baseline, content_knn_baseline, popularity_baseline, random_baseline
 from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.commands import PROG, help_description
 from rails_lightning.data.datamodule import InteractionDataModule
@@ -183,6 +183,9 @@ class RailsCLI(LightningCLI):
             root = Path(config.trainer.default_root_dir or ".")
             model_name = build_factory({"class_path": str(config.model.similarity.class_path)}, Similarity).func.model_name
             run_dir = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}-{os.getpid()}"
+        data = config.get("data")
+        if data is not None and data.get("cold_item_fraction") and data.get("cold_item_seed") is None and type(config.get("seed_everything")) is int:
+            data.cold_item_seed = config.seed_everything  # the cold items are the run seed's draw; config.yaml names it
         if config.get("float32_matmul_precision"):
             torch.set_float32_matmul_precision(config.float32_matmul_precision)
         self.run_dir = Path(run_dir).resolve()
@@ -345,11 +348,13 @@ class RailsCLI(LightningCLI):
         evaluation = self._corpus_evaluation()
         ks = evaluation.ks if evaluation is not None else (1, 10, 50, 200)
         baseline = {**popularity_baseline(self.datamodule, "val", ks), **popularity_baseline(self.datamodule, "test", ks)}
+        baselines = self._cold_start_baselines(ks) if self.datamodule.cold_items is not None else {}
         record = self._record(
             status="finished",
             val={k: float(v) for k, v in val.items()},
             test={k: float(v) for k, v in test.items()},
             baseline=baseline,
+            baselines=baselines,
             history=history,
             epochs=self.trainer.current_epoch,
             fit_seconds=round(fit_seconds, 1),
@@ -360,9 +365,24 @@ class RailsCLI(LightningCLI):
         for logger in self.trainer.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in record.metrics.items()})
             logger.log_metrics({f"baseline_popularity/{k}": v for k, v in baseline.items()})
+            for name, values in baselines.items():
+                logger.log_metrics({f"baseline_{name}/{k}": v for k, v in values.items()})
         print("\n" + final_table(record), flush=True)
         self._print(f"best checkpoint: {best}")
         self._print(f"run record: {path}")
+
+
+    def _cold_start_baselines(self, ks) -> dict[str, dict[str, float]]:
+        """The baselines of a cold split on val and test, by name: random; category popularity when the items have
+        categorical content; content kNN when the model's item tower featurises text (with its own featuriser)."""
+        data = self.datamodule
+        runs = {"random": lambda stage: random_baseline(data, stage, ks)}
+        if data.item_content is not None and data.item_content.categorical:
+            runs["category_popularity"] = lambda stage: category_popularity_baseline(data, stage, ks)
+        text = self.model.item_tower.text_vectors
+        if text is not None:
+            runs["content_knn"] = lambda stage: content_knn_baseline(data, text.cpu(), stage, ks)
+        return {name: {**run("val"), **run("test")} for name, run in runs.items()}
 
 
 CHECKPOINT_CACHE = Path(os.environ.get("RAILS_LIGHTNING_CACHE", "~/.cache/rails_lightning")).expanduser() / "checkpoints"

@@ -133,3 +133,11 @@ class RetrievalMetrics(torchmetrics.Metric):
             out[f"ndcg@{k}"] = ndcg[i]
         out["mrr"] = self.rr_sum / n
         return out
+
+
+def update_in_group(metric: RetrievalMetrics, topk_ids: Tensor, targets: Tensor, in_group: Tensor) -> None:
+    """Update ``metric`` with the queries that have a target in a group (``in_group`` (B, T), aligned with
+    ``targets``), each with its targets of the group only: the group's metrics from the same rankings."""
+    rows = in_group.any(1)  # (B,)
+    if rows.any():
+        metric.update(topk_ids.to(targets.device)[rows], targets.where(in_group, 0)[rows])

@@ -23,7 +23,11 @@ hits") and takes the cross-entropy. Chosen with ``class_path`` under ``model.obj
   from the model's own top items over the corpus, as encoded at the start of every epoch.
 
 Objectives see the model through ``ObjectiveModel`` (what they need of it: its epoch, its similarity's query
-head, its corpus index), not through ``RetrievalModule``, which builds them.
+head, its corpus index, the items training may see), not through ``RetrievalModule``, which builds them.
+
+Negatives come only from the items training may see (``ObjectiveModel.training_item_ids``): every corpus
+item, or under a cold split every item but the held-out cold ones. Uniform draws, the full softmax and mining
+all keep to them; in-batch negatives are training positives, so they do too.
 
 Shape legend: B sequences in the batch, L positions, M training queries (positions with a target),
 R_S shared negatives, R_Q per-query negatives, R_B per-sequence negatives, N corpus size (item ids 1..N),
@@ -60,6 +64,11 @@ class ObjectiveModel(Protocol):
     def corpus_index(self) -> CorpusIndex:
         """The corpus encoded with the current weights and the retrievers over it, shared with evaluation."""
 
+    @property
+    def training_item_ids(self) -> Tensor | None:
+        """(W,) the ids of the items training may see, on the model's device, the only ones drawn as negatives;
+        None: every corpus item (1..N)."""
+
 
 class Negatives(NamedTuple):
     """A step's negatives: ids and their logQ (same shape) of each kind; None for a kind not drawn."""
@@ -83,10 +92,14 @@ class TrainingStep:
     positive_ids: Tensor  # (M,)
 
 
-def _uniform(count: int, num_items: int, shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """``shape`` ids drawn uniformly from 1..N, and the log expected count of each among ``count`` draws."""
-    ids = torch.randint(1, num_items + 1, shape, device=device)
-    return ids, torch.full(shape, math.log(count / num_items), device=device)
+def _uniform(count: int, num_items: int, shape: tuple[int, ...], device: torch.device, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``shape`` ids drawn uniformly from 1..N (or from the ``allowed`` ids, (W,)), and the log expected count of
+    each among ``count`` draws."""
+    if allowed is None:
+        ids = torch.randint(1, num_items + 1, shape, device=device)
+        return ids, torch.full(shape, math.log(count / num_items), device=device)
+    ids = allowed[torch.randint(0, len(allowed), shape, device=device)]
+    return ids, torch.full(shape, math.log(count / len(allowed)), device=device)
 
 
 class TrainingObjective(ABC):
@@ -132,7 +145,7 @@ class SharedNegatives(TrainingObjective):
         positive_ids = step.positive_ids
         ids, log_counts = [], []
         if self.num_negatives:
-            uniform = _uniform(self.num_negatives, self.num_items, (self.num_negatives,), positive_ids.device)
+            uniform = _uniform(self.num_negatives, self.num_items, (self.num_negatives,), positive_ids.device, step.module.training_item_ids)
             ids.append(uniform[0])
             log_counts.append(uniform[1])
         if self.num_in_batch_negatives:
@@ -166,12 +179,14 @@ class PerQueryNegatives(TrainingObjective):
 
     def negatives(self, step: TrainingStep) -> Negatives:
         device = step.positive_ids.device
-        ids, log_q = _uniform(self.num_negatives, self.num_items, (step.positive_ids.numel(), self.num_negatives), device)
+        shape = (step.positive_ids.numel(), self.num_negatives)
+        ids, log_q = _uniform(self.num_negatives, self.num_items, shape, device, step.module.training_item_ids)
         return Negatives(per_query=ids, per_query_log_q=log_q if self.logq_correction else torch.zeros_like(log_q))
 
 
 class FullSoftmax(TrainingObjective):
-    """The exact softmax over the whole corpus: every item but the positive is a negative of every query.
+    """The exact softmax over the whole corpus: every item training may see but the positive is a negative of
+    every query.
 
     Costs M x N scores a step: cheap with the dot product for catalogues of a few thousand items; for
     MoL it is MoL's per-pair cost over the whole corpus.
@@ -179,8 +194,9 @@ class FullSoftmax(TrainingObjective):
 
     def negatives(self, step: TrainingStep) -> Negatives:
         device = step.positive_ids.device
-        ids = torch.arange(1, self.num_items + 1, device=device)  # (N,)
-        return Negatives(ids, torch.zeros(self.num_items, device=device))
+        ids = step.module.training_item_ids
+        ids = torch.arange(1, self.num_items + 1, device=device) if ids is None else ids  # (N,) or (W,)
+        return Negatives(ids, torch.zeros(len(ids), device=device))
 
 
 class MinedNegatives(TrainingObjective):
@@ -218,7 +234,12 @@ class MinedNegatives(TrainingObjective):
         self.retriever: TopKRetriever | None = None
 
     def on_train_epoch_start(self, module: ObjectiveModel) -> None:
-        self.retriever = None if module.current_epoch < self.start_epoch else module.corpus_index.exact_retriever()
+        if module.current_epoch < self.start_epoch:
+            self.retriever = None
+        elif module.training_item_ids is None:
+            self.retriever = module.corpus_index.exact_retriever()
+        else:  # only the items training may see are mined
+            self.retriever = module.corpus_index.subset_retriever(module.training_item_ids)
 
     def mine(self, step: TrainingStep) -> Tensor:
         """(B, num_mined) hard negatives of each training sequence; 0 where its ranking ran out."""
@@ -234,8 +255,9 @@ class MinedNegatives(TrainingObjective):
 
     def negatives(self, step: TrainingStep) -> Negatives:
         device = step.positive_ids.device
-        shared, shared_log_q = _uniform(self.num_negatives, self.num_items, (self.num_negatives,), device) if self.num_negatives else (None, None)
-        uniform = torch.randint(1, self.num_items + 1, (step.batch.input_ids.shape[0], self.num_mined), device=device)  # (B, num_mined)
+        allowed = step.module.training_item_ids
+        shared, shared_log_q = _uniform(self.num_negatives, self.num_items, (self.num_negatives,), device, allowed) if self.num_negatives else (None, None)
+        uniform, _ = _uniform(self.num_mined, self.num_items, (step.batch.input_ids.shape[0], self.num_mined), device, allowed)  # (B, num_mined)
         if self.retriever is None:
             mined = uniform
         else:

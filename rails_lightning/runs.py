@@ -49,6 +49,8 @@ class RunRecord:
         config: the full resolved config (as ``config.yaml``).
         val, test: ``val/...`` and ``test/...`` metrics of the best checkpoint (fit) or of the evaluated one.
         baseline: the most-popular-items baseline on the same split, same keys.
+        baselines: the other baselines on the same split, by name, same keys: under a cold split ``random``,
+            ``category_popularity`` and ``content_knn`` (``rails_lightning.baseline``); empty otherwise.
         history: per validation epoch, ``{"epoch": e, "fit_seconds": s, "val/hr@10": ..., ...}`` (``fit_seconds``: the
             fit's wall time when that evaluation ended; absent in records written before it was kept).
         epochs: epochs trained.
@@ -66,6 +68,7 @@ class RunRecord:
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     epochs: int | None = None
     fit_seconds: float | None = None

@@ -329,7 +329,7 @@ def check_metric_is_logged(config: dict[str, Any], metric: str, extra_args: Sequ
     args = argv[argv.index("fit") + 1 :] if "fit" in argv else []
     with tempfile.TemporaryDirectory() as run_dir:
         cli = cli_main([*args, *extra_args, "--trainer.logger=false", f"--run_dir={run_dir}/trial"], run=False)
-    keys = {key for c in cli.trainer.callbacks if isinstance(c, CorpusEvaluation) for key in c.metric_keys(cli.model)}
+    keys = {key for c in cli.trainer.callbacks if isinstance(c, CorpusEvaluation) for key in c.metric_keys(cli.model, datamodule=cli.datamodule)}
     if metric not in keys:
         shown = ", ".join(sorted(k for k in keys if k.startswith("val/"))[:12])
         raise SweepError(f"metric.name {metric!r} is not logged by these runs; they log e.g. {shown}")

@@ -31,8 +31,8 @@ from rails_lightning.cli import main  # noqa: E402
 from rails_lightning.errors import SweepError  # noqa: E402
 from rails_lightning.runs import RunRecord  # noqa: E402
 SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
-# Keys the CorpusEvaluation callback logs on validation (default ks 1, 10, 50, 200).
-LOGGED_VAL_KEYS = re.compile(r"val/(hr|ndcg|recall)@(1|10|50|200)|val/mrr")
+# Keys the CorpusEvaluation callback logs on validation (default ks 1, 10, 50, 200), also of a cold split's targets.
+LOGGED_VAL_KEYS = re.compile(r"val/((cold|warm|cold_only)/)?((hr|ndcg|recall)@(1|10|50|200)|mrr)")
 
 
 def _ids(path):
@@ -63,6 +63,17 @@ def test_schema_check_catches_a_broken_file():
     assert sweep.schema_violations(broken)
     with_bad_distribution = {"method": "random", "parameters": {"x": {"distribution": "log_uniform_values", "min": 1}}}
     assert sweep.schema_violations(with_bad_distribution)
+
+
+def _assert_same_piece(described, given):
+    """A piece chosen by class_path (``describe``'s plain data) has the given class and every given option, nested
+    pieces too."""
+    assert described["class_path"].rsplit(".", 1)[-1] == given["class_path"].rsplit(".", 1)[-1]  # modules may differ
+    for key, value in given.get("init_args", {}).items():
+        if isinstance(value, dict) and "class_path" in value:
+            _assert_same_piece(described["init_args"][key], value)
+        else:
+            assert described["init_args"][key] == value, key
 
 
 def _expected(run_config):
@@ -123,11 +134,8 @@ def test_every_proposal_expands_and_parses_through_the_cli(path, tmp_path, monke
             elif ".init_args." in name:  # an option of a piece chosen by class_path: model.<piece>.init_args.<option>
                 piece, option = name.split(".")[1], name.rsplit(".", 1)[-1]
                 assert hparams[piece]["init_args"][option] == pytest.approx(value), name
-            elif name.startswith("model.") and isinstance(value, dict) and "class_path" in value:  # a piece chosen by class
-                piece = name.split(".", 1)[1]
-                assert hparams[piece]["class_path"].rsplit(".", 1)[-1] == value["class_path"].rsplit(".", 1)[-1], name
-                for option, option_value in value.get("init_args", {}).items():
-                    assert hparams[piece]["init_args"][option] == option_value, (name, option)
+            elif name.startswith("model.") and isinstance(value, dict) and "class_path" in value:  # a whole piece
+                _assert_same_piece(hparams[name.split(".", 1)[1]], value)
             elif name.startswith("model."):
                 assert hparams[name.split(".", 1)[1]] == pytest.approx(value), name
             elif name.startswith("data."):

@@ -14,6 +14,11 @@ Groups of targets (the DataModule's ``target_groups``, e.g. the events a user li
 metrics apart, from the same rankings, as ``val/<group>/hr@10``, ...: each query's targets restricted to the
 group, queries with no target in it left out.
 
+Cold-start items (the DataModule's ``cold_item_fraction``, never seen in training): their targets are the
+group ``cold`` (``val/cold/hr@10``: ranked against the whole corpus), the others ``warm``; and the cold targets
+ranked among the cold items alone, by the similarity's exact top-k over the cold items' rows of the encoded
+corpus, give ``val/cold_only/hr@10``, ... (each query with a cold target, its warm targets dropped).
+
 Distributed runs (DDP): the corpus index has each process encode its 1/W share of the corpus and
 all-gathers the shares, so every process holds the whole encoded corpus and searches it for its own queries
 (the DataModule gives each process its own slice of them); the metric states are summed across
@@ -54,7 +59,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
 from rails_lightning.errors import ConfigError
-from rails_lightning.metrics import RetrievalMetrics
+from rails_lightning.metrics import RetrievalMetrics, update_in_group
 from rails_lightning.models.retrieval_module import RetrievalModule
 from rails_lightning.retrieval import SearchOptions
 from rails_lightning.retrieval.backend import Backend
@@ -117,6 +122,10 @@ class CorpusEvaluation(Callback):
         self.index_search_seconds = 0.0
         self.last_metrics: dict[str, float] = {}  # the metrics of the latest validation or test
         self.group_metrics: dict[str, RetrievalMetrics] = {}  # the DataModule's target groups', by name
+        # Under a cold split: the exact top-k among the cold items alone, which items are cold, and their metrics.
+        self.cold_retriever = None
+        self.cold_items: torch.Tensor | None = None  # (N + 1,) bool
+        self.cold_only_metrics = RetrievalMetrics(self.ks)
 
     # -- the run's history and fit time, kept across resumes
     def on_fit_start(self, trainer, pl_module):
@@ -138,10 +147,15 @@ class CorpusEvaluation(Callback):
         self.history = list(state_dict.get("history", []))
         self._fit_seconds_before = float(state_dict.get("fit_seconds", 0.0))
 
-    def metric_keys(self, pl_module: RetrievalModule, stages: Sequence[str] = ("val", "test")) -> set[str]:
-        """Every metric key this callback logs for ``pl_module`` (what a sweep or a checkpoint may monitor)."""
+    def metric_keys(self, pl_module: RetrievalModule, stages: Sequence[str] = ("val", "test"), datamodule: Any = None) -> set[str]:
+        """Every metric key this callback logs for ``pl_module`` (what a sweep or a checkpoint may monitor), with
+        ``datamodule`` its target groups' and cold items' too (logged when some query has such a target)."""
         names = [f"{m}@{k}" for k in self.ks for m in ("hr", "recall", "ndcg")] + ["mrr"]
         keys = {f"{stage}/{name}" for stage in stages for name in [*names, "encode_seconds", "search_seconds"]}
+        groups = list(getattr(datamodule, "target_group_names", ()))
+        if getattr(datamodule, "cold_item_ids", None) is not None:
+            groups.append("cold_only")
+        keys |= {f"{stage}/{group}/{name}" for stage in stages for group in groups for name in names}
         if pl_module.similarity.offers_approximate_retriever(self.options):
             extra = [f"index/{n}" for n in names] + [f"index_recall@{RECALL_VS_EXACT_K}", "index_build_seconds", "index_search_seconds"]
             keys |= {f"{stage}/{name}" for stage in stages for name in extra}
@@ -188,11 +202,20 @@ class CorpusEvaluation(Callback):
         self.metrics, self.index_metrics = self.metrics.to(pl_module.device), self.index_metrics.to(pl_module.device)
         self.index_recall = self.index_recall.to(pl_module.device)
         groups = getattr(trainer.datamodule, "target_group_names", ()) if trainer.datamodule is not None else ()
-        reserved = [name for name in groups if name == "index" or "/" in name]
+        reserved = [name for name in groups if name in ("index", "cold_only") or "/" in name]
         if reserved:
             raise ConfigError(f"target group {reserved[0]!r} cannot name a metric group (it is reserved or has a '/')")
         self.group_metrics = {name: RetrievalMetrics(self.ks).to(pl_module.device) for name in groups}
-        for metric in (self.metrics, self.index_metrics, self.index_recall):
+        cold_ids = getattr(trainer.datamodule, "cold_item_ids", None) if trainer.datamodule is not None else None
+        self.cold_retriever = self.cold_items = None
+        if cold_ids is not None:
+            cold_ids = torch.as_tensor(cold_ids, device=pl_module.device)
+            with torch.no_grad():
+                self.cold_retriever = corpus.subset_retriever(cold_ids, self.options)
+            self.cold_items = torch.zeros(pl_module.num_items + 1, dtype=torch.bool, device=pl_module.device)
+            self.cold_items[cold_ids] = True
+        self.cold_only_metrics = self.cold_only_metrics.to(pl_module.device)
+        for metric in (self.metrics, self.index_metrics, self.index_recall, self.cold_only_metrics):
             metric.reset()
 
     def _index_due(self, trainer: pl.Trainer) -> bool:
@@ -217,10 +240,12 @@ class CorpusEvaluation(Callback):
         self.search_seconds += time.perf_counter() - started
         self.metrics.update(ids.to(batch.targets.device), batch.targets)
         for g, metric in enumerate(self.group_metrics.values()):
-            in_group = ((batch.target_groups >> g) & 1).bool()  # (B, T)
-            rows = in_group.any(1)  # (B,) queries with a target in the group
-            if rows.any():
-                metric.update(ids.to(batch.targets.device)[rows], batch.targets.where(in_group, 0)[rows])
+            update_in_group(metric, ids, batch.targets, ((batch.target_groups >> g) & 1).bool())
+        if self.cold_retriever is not None:
+            is_cold = self.cold_items[batch.targets]  # (B, T), padding is not cold
+            if is_cold.any():  # every query is searched among the cold items; those with a cold target count
+                _, cold_ids = self.cold_retriever.search(queries, max(self.ks), exclude)
+                update_in_group(self.cold_only_metrics, cold_ids, batch.targets, is_cold)
         if self.index_retriever is not None:
             started = time.perf_counter()
             _, index_ids = self.index_retriever.search(queries, k, exclude)
@@ -243,6 +268,10 @@ class CorpusEvaluation(Callback):
             group_values = metric.compute()  # summed over processes: NaN in every process when no query had such a target
             if not torch.isnan(group_values["mrr"]):
                 values.update({f"{stage}/{group}/{name}": value for name, value in group_values.items()})
+        if self.cold_retriever is not None:
+            cold_values = self.cold_only_metrics.compute()  # NaN when no query had a cold target
+            if not torch.isnan(cold_values["mrr"]):
+                values.update({f"{stage}/cold_only/{name}": value for name, value in cold_values.items()})
         values[f"{stage}/encode_seconds"] = torch.tensor(self.encode_seconds)
         values[f"{stage}/search_seconds"] = torch.tensor(self.search_seconds)
         if self.index_retriever is not None:
@@ -263,6 +292,7 @@ class CorpusEvaluation(Callback):
             self.history.append({"epoch": trainer.current_epoch, "fit_seconds": round(self.fit_seconds, 3),
                                  **{k: float(v) for k, v in {**headline, **values}.items()}})
         self.retriever = self.index_retriever = None  # the corpus index holds them while the weights stay the same
+        self.cold_retriever = None
 
     # -- predict: write every query's top-K recommendations next to the run
     def on_predict_epoch_start(self, trainer, pl_module):

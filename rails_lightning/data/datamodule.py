@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from functools import cached_property
@@ -20,10 +21,12 @@ from rails_lightning.data.sequences import (
     SequenceStore,
     Split,
     build_sequences,
+    draw_cold_items,
     gather_ranges,
     last_window,
     leave_one_out_split,
     temporal_split,
+    without_items,
     without_targets,
 )
 from rails_lightning.data.source import InteractionSource
@@ -32,13 +35,16 @@ from rails_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: The target groups a cold split adds: the targets that are cold-start items, and the others.
+COLD_GROUPS = ("cold", "warm")
+
 
 class _TrainSequences(Dataset):
     """Indexed by a list of users (a whole batch at a time, built with array ops)."""
 
-    def __init__(self, store: SequenceStore, train_end: np.ndarray, max_seq_len: int, history_actions: np.ndarray | None = None) -> None:
+    def __init__(self, store: SequenceStore, train_end: np.ndarray, max_seq_len: int) -> None:
         self.items, self.starts, self.ends, self.length = store.items, store.offsets[:-1], train_end, max_seq_len
-        self.timestamps, self.actions = store.timestamps, history_actions  # the actions the query encoder is shown
+        self.timestamps, self.actions = store.timestamps, store.actions
         self.users = np.flatnonzero(train_end - self.starts >= 2)  # need one input and one target
 
     def __len__(self) -> int:
@@ -65,12 +71,16 @@ class _TrainSequences(Dataset):
 
 
 class _Queries(Dataset):
+    """Evaluation queries, a whole batch at a time: each query's targets come from ``store``; its history (the
+    model's input, its times and actions, and the items it excludes) from ``history_store``, where it ends at
+    ``history_end`` (the same store, or one without the held-out cold items' events)."""
+
     def __init__(
-        self, store: SequenceStore, queries: QuerySet, max_seq_len: int, history_actions: np.ndarray | None = None,
+        self, store: SequenceStore, queries: QuerySet, max_seq_len: int, history_store: SequenceStore, history_end: np.ndarray,
         group_bits: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None,
     ) -> None:
         self.store, self.queries, self.length = store, queries, max_seq_len
-        self.history_actions = history_actions  # the actions the query encoder is shown (the store's: the logged ones)
+        self.history_store, self.history_end = history_store, history_end  # (Q,) ends in history_store
         self.max_targets = queries.max_targets
         self.group_bits = group_bits  # (targets (B, T), their actions (B, T) or None) -> (B, T) group bitmasks
 
@@ -79,22 +89,23 @@ class _Queries(Dataset):
 
     def __getitem__(self, index: list[int]) -> QueryBatch:
         q, index = self.queries, np.asarray(index)
-        users, history_end, target_end = q.users[index], q.history_end[index], q.target_end[index]
-        starts = self.store.offsets[users]
-        inputs = last_window(self.store.items, starts, history_end, self.length)  # (B, L)
+        users, target_start, target_end = q.users[index], q.history_end[index], q.target_end[index]
+        history, history_end = self.history_store, self.history_end[index]
+        starts = history.offsets[users]
+        inputs = last_window(history.items, starts, history_end, self.length)  # (B, L)
         # Targets right after the history, padded to T columns.
-        targets = last_window(self.store.items, history_end, target_end, self.max_targets)  # (B, T)
-        exclude_offsets, exclude_items = gather_ranges(self.store.items, starts, history_end)
+        targets = last_window(self.store.items, target_start, target_end, self.max_targets)  # (B, T)
+        exclude_offsets, exclude_items = gather_ranges(history.items, starts, history_end)
         # The history is excluded from the ranking, but never the query's own target(s).
         exclude_offsets, exclude_items = without_targets(exclude_offsets, exclude_items, targets, self.store.num_items)
         # The history's times and actions, aligned with inputs.
         timestamps, actions = (
             None if values is None else torch.from_numpy(last_window(values, starts, history_end, self.length))
-            for values in (self.store.timestamps, self.history_actions)
+            for values in (history.timestamps, history.actions)
         )
         target_groups = None
-        if self.group_bits is not None:  # from the logged actions of the targets, whatever the history is shown
-            target_actions = None if self.store.actions is None else last_window(self.store.actions, history_end, target_end, self.max_targets)
+        if self.group_bits is not None:
+            target_actions = None if self.store.actions is None else last_window(self.store.actions, target_start, target_end, self.max_targets)
             target_groups = torch.from_numpy(self.group_bits(targets, target_actions))
         return QueryBatch(
             user_ids=torch.from_numpy(users),
@@ -185,6 +196,18 @@ class InteractionDataModule(pl.LightningDataModule):
             the same distribution of action types, but no information in which event has which. Target groups
             keep the logged actions, so the evaluation is the same as without it.
         action_shuffle_seed: seed of that permutation.
+        cold_item_fraction: share of the items held out as cold-start items (0: none), drawn at random within
+            ``cold_item_strata`` popularity strata so that they are popular and rare alike. Training never sees
+            them: every event of theirs leaves the training sequences (as input and as target) and no objective
+            draws them as negatives. Evaluation keeps the usual queries and their targets, but a cold item in a
+            query's history is dropped from it (the history the model reads, and the one excluded from its
+            ranking, hold warm items only). Reported beside the usual metrics: the cold targets ranked against
+            the whole corpus (``val/cold/hr@10``, ...), the warm ones (``val/warm/...``), and the cold targets
+            ranked among the cold items alone (``val/cold_only/...``).
+        cold_item_seed: seed of the draw of the cold items; None: the run's ``seed_everything`` (the CLI writes
+            it into the run's config), 0 outside the CLI.
+        cold_item_strata: popularity strata the cold items are drawn within (the items ranked by their number
+            of events, cut into this many equal parts).
         drop_consecutive_repeats: collapse a user's consecutive events on the same item into one
             (for logs where a repeat is a re-click rather than a new consumption). Exact duplicate
             rows (same user, item and order) are always dropped.
@@ -205,10 +228,17 @@ class InteractionDataModule(pl.LightningDataModule):
         target_groups: Sequence[str] = (),
         shuffle_history_actions: bool = False,
         action_shuffle_seed: int = 0,
+        cold_item_fraction: float = 0.0,
+        cold_item_seed: int | None = None,
+        cold_item_strata: int = 10,
         drop_consecutive_repeats: bool = False,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= cold_item_fraction < 1.0 or cold_item_strata < 1:
+            raise ConfigError(
+                f"--data.cold_item_fraction must be in [0, 1) and --data.cold_item_strata >= 1, got {cold_item_fraction} and {cold_item_strata}"
+            )
         self.source = source if source is not None else SyntheticSource()
         self.max_seq_len = max_seq_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -218,6 +248,7 @@ class InteractionDataModule(pl.LightningDataModule):
         self.use_item_features = use_item_features
         self.target_groups = tuple(target_groups)
         self.shuffle_history_actions, self.action_shuffle_seed = shuffle_history_actions, action_shuffle_seed
+        self.cold_item_fraction, self.cold_item_seed, self.cold_item_strata = cold_item_fraction, cold_item_seed, cold_item_strata
         self.drop_consecutive_repeats = drop_consecutive_repeats
         self.num_workers = num_workers
 
@@ -240,6 +271,47 @@ class InteractionDataModule(pl.LightningDataModule):
         if self.split_kind == "leave_one_out":
             return leave_one_out_split(self.store)
         return temporal_split(self.store, self.val_fraction, self.test_fraction)
+
+    @cached_property
+    def cold_items(self) -> np.ndarray | None:
+        """(N + 1,) mask of the cold-start items held out of training ([0], padding, is not one); None without
+        ``cold_item_fraction``. Drawn within popularity strata of the items' event counts over the whole log."""
+        if not self.cold_item_fraction:
+            return None
+        counts = np.bincount(self.store.items, minlength=self.num_items + 1)
+        cold = draw_cold_items(counts, self.cold_item_fraction, self.cold_item_strata, self.cold_item_seed or 0)
+        if not cold.any():
+            raise ConfigError(
+                f"--data.cold_item_fraction={self.cold_item_fraction} holds out no item of {self.num_items} in "
+                f"{self.cold_item_strata} strata; raise it or lower --data.cold_item_strata"
+            )
+        return cold
+
+    @property
+    def cold_item_ids(self) -> np.ndarray | None:
+        """(C,) ids of the cold-start items, ascending; None without a cold split."""
+        return None if self.cold_items is None else np.flatnonzero(self.cold_items)
+
+    @property
+    def training_item_ids(self) -> np.ndarray | None:
+        """(W,) ids of the items training may see (inputs, targets, negatives), ascending: every item but the
+        cold ones; None (every item) without a cold split."""
+        return None if self.cold_items is None else np.flatnonzero(~self.cold_items[1:]) + 1
+
+    @cached_property
+    def _warm_events(self) -> tuple[SequenceStore, np.ndarray | None]:
+        """The events training and query histories read (the store, or without every cold item's event; with the
+        actions the query encoder is shown, ``history_actions``), and for each position of the store its position
+        there (None: the same positions)."""
+        shown = self.store if self.history_actions is self.store.actions else dataclasses.replace(self.store, actions=self.history_actions)
+        if self.cold_items is None:
+            return shown, None
+        return without_items(shown, self.cold_items)
+
+    def _warm_ends(self, ends: np.ndarray) -> np.ndarray:
+        """Ends of prefixes of the users' sequences in the store -> the same prefixes' ends in ``_warm_events``."""
+        _, position = self._warm_events
+        return ends if position is None else position[ends]
 
     @property
     def num_items(self) -> int:
@@ -299,19 +371,28 @@ class InteractionDataModule(pl.LightningDataModule):
 
     @cached_property
     def target_group_names(self) -> tuple[str, ...]:
-        """The groups of targets reported apart (``target_groups``), checked against what the data offers."""
+        """The groups of targets reported apart: the ``target_groups`` (checked against what the data offers),
+        then, under a cold split, ``cold`` and ``warm`` (the targets that are, or are not, cold-start items)."""
         unknown = [name for name in self.target_groups if name not in self.action_names]
         if unknown:
             offered = f"its action types {list(self.action_names)}" if self.action_names else "no action types"
             raise ConfigError(f"--data.target_groups={unknown[0]!r} is not a group of {self._raw_log().name}, which has {offered}")
-        return self.target_groups
+        if self.cold_items is None:
+            return self.target_groups
+        taken = [name for name in self.target_groups if name in COLD_GROUPS + ("cold_only",)]
+        if taken:
+            raise ConfigError(f"--data.target_groups={taken[0]!r} names a group of the cold split's metrics; a cold split reports it itself")
+        return self.target_groups + COLD_GROUPS
 
     def target_group_bits(self, targets: np.ndarray, target_actions: np.ndarray | None) -> np.ndarray:
         """(B, T) target ids (0: padding) and their events' action bitmasks -> (B, T) bitmasks over
         ``target_group_names`` (bit g set: the target is in group g)."""
         bits = np.zeros(targets.shape, dtype=np.int64)
         for g, name in enumerate(self.target_group_names):
-            member = (target_actions >> self.action_names.index(name)) & 1  # an action type's events
+            if name in COLD_GROUPS:
+                member = self.cold_items[targets] == (name == "cold")  # (B, T)
+            else:
+                member = (target_actions >> self.action_names.index(name)) & 1  # an action type's events
             bits |= member.astype(np.int64) << g
         return np.where(targets > 0, bits, 0)
 
@@ -344,14 +425,14 @@ class InteractionDataModule(pl.LightningDataModule):
 
     @cached_property
     def train_item_counts(self) -> np.ndarray:
-        """(N + 1,) how often each item occurs in the training part (popularity)."""
-        starts = self.store.offsets[:-1]
-        _, train_items = gather_ranges(self.store.items, starts, self.split.train_end)
+        """(N + 1,) how often each item occurs in the training part (popularity; 0 for a cold item)."""
+        events, _ = self._warm_events
+        _, train_items = gather_ranges(events.items, events.offsets[:-1], self._warm_ends(self.split.train_end))
         return np.bincount(train_items, minlength=self.num_items + 1)
 
     def summary(self) -> dict[str, float | int | str]:
         lengths = self.store.lengths
-        return {
+        facts = {
             "dataset": self._raw_log().name,
             "users": self.num_users,
             "items": self.num_items,
@@ -361,6 +442,19 @@ class InteractionDataModule(pl.LightningDataModule):
             "val_queries": len(self.split.val),
             "test_queries": len(self.split.test),
         }
+        if self.cold_items is not None:
+            facts |= {
+                "cold_items": int(self.cold_items.sum()),
+                "cold_item_seed": self.cold_item_seed or 0,
+                "cold_item_fraction": self.cold_item_fraction,
+                "cold_item_strata": self.cold_item_strata,
+                "cold_events_left_out_of_training": int(self.store.num_interactions - self._warm_events[0].num_interactions),
+            }
+            for stage, queries in (("val", self.split.val), ("test", self.split.test)):
+                _, targets = gather_ranges(self.store.items, queries.history_end, queries.target_end)
+                rows = np.repeat(np.arange(len(queries)), queries.target_end - queries.history_end)
+                facts[f"{stage}_queries_with_a_cold_target"] = len(np.unique(rows[self.cold_items[targets]]))
+        return facts
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the split once and refuses an empty one (or an unknown target group) before any training or evaluation starts."""
@@ -369,7 +463,7 @@ class InteractionDataModule(pl.LightningDataModule):
         how = f"split={self.split_kind}" + (
             f", val_fraction={self.val_fraction}, test_fraction={self.test_fraction}" if self.split_kind == "temporal" else ""
         )
-        if stage in (None, "fit") and len(_TrainSequences(self.store, split.train_end, self.max_seq_len)) == 0:
+        if stage in (None, "fit") and len(self._train_sequences()) == 0:
             raise DataError(
                 f"{self._raw_log().name}: the training split is empty ({how}): no user has 2 training interactions; "
                 "use more data, a larger --data.min_interactions, or a smaller validation/test period"
@@ -383,15 +477,20 @@ class InteractionDataModule(pl.LightningDataModule):
     def visible_item_counts(self, stage: str) -> np.ndarray:
         """(N + 1,) item counts over what the model sees at ``stage`` ("val" or "test"): every training
         item, plus, for the users queried at that stage, their history up to the query (at test time
-        in leave-one-out, the validation item too)."""
+        in leave-one-out, the validation item too); under a cold split, the warm items' events only."""
         queries = self.split.val if stage == "val" else self.split.test
         ends = self.split.train_end.copy()
         ends[queries.users] = np.maximum(ends[queries.users], queries.history_end)
-        _, items = gather_ranges(self.store.items, self.store.offsets[:-1], ends)
+        events, _ = self._warm_events
+        _, items = gather_ranges(events.items, events.offsets[:-1], self._warm_ends(ends))
         return np.bincount(items, minlength=self.num_items + 1)
 
+    def _train_sequences(self) -> _TrainSequences:
+        events, _ = self._warm_events
+        return _TrainSequences(events, self._warm_ends(self.split.train_end), self.max_seq_len)
+
     def train_dataloader(self) -> DataLoader:
-        dataset = _TrainSequences(self.store, self.split.train_end, self.max_seq_len, self.history_actions)
+        dataset = self._train_sequences()
         return _batched_loader(dataset, self.batch_size, shuffle=True, num_workers=self.num_workers, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:
@@ -406,7 +505,10 @@ class InteractionDataModule(pl.LightningDataModule):
     def query_loader(self, stage: str, sharded: bool = True) -> DataLoader:
         """The "val" or "test" queries; under DDP (``sharded``) only this process's slice of them."""
         queries = self.split.val if stage == "val" else self.split.test
-        dataset = _Queries(self.store, queries, self.max_seq_len, self.history_actions,
-                           self.target_group_bits if self.target_group_names else None)
+        events, _ = self._warm_events
+        dataset = _Queries(
+            self.store, queries, self.max_seq_len, events, self._warm_ends(queries.history_end),
+            self.target_group_bits if self.target_group_names else None,
+        )
         trainer = self.trainer if sharded else None
         return _batched_loader(dataset, self.eval_batch_size, shuffle=False, num_workers=self.num_workers, trainer=trainer)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -228,6 +228,39 @@ def temporal_split(store: SequenceStore, val_fraction: float = 0.1, test_fractio
         return QuerySet(users, history_end[ok], target_end[ok])
 
     return Split(train_end=val_cut, val=queries(val_cut, test_cut), test=queries(test_cut, end))
+
+
+def draw_cold_items(item_counts: np.ndarray, fraction: float, strata: int, seed: int) -> np.ndarray:
+    """(N + 1,) event counts of the items ([0]: padding) -> (N + 1,) mask of the items held out as cold-start items.
+
+    The items are ranked by count (ties in a random order) and cut into ``strata`` equal parts; from each part
+    round(fraction x its size) items are drawn at random, so that the held-out items are popular and rare alike
+    rather than mostly rare, as a uniform draw over a long-tailed catalogue would make them."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(1, len(item_counts))
+    ranked = ids[np.lexsort((rng.random(len(ids)), item_counts[1:]))]  # least popular first
+    cold = np.zeros(len(item_counts), dtype=bool)
+    for stratum in np.array_split(ranked, strata):
+        cold[rng.choice(stratum, size=round(fraction * len(stratum)), replace=False)] = True
+    return cold
+
+
+def without_items(store: SequenceStore, dropped: np.ndarray) -> tuple[SequenceStore, np.ndarray]:
+    """The store without any event of the ``dropped`` items ((N + 1,) mask; the users and item ids stay), and
+    (M + 1,) the number of kept events before each position of ``store.items`` (and before its end): a prefix of a
+    user's sequence that ends at position p of ``store`` ends at ``kept_before[p]`` in the new store, without the
+    dropped events."""
+    keep = ~dropped[store.items]  # (M,)
+    kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(keep, out=kept_before[1:])
+    kept = replace(
+        store,
+        offsets=kept_before[store.offsets],
+        items=store.items[keep],
+        timestamps=None if store.timestamps is None else store.timestamps[keep],
+        actions=None if store.actions is None else store.actions[keep],
+    )
+    return kept, kept_before
 
 
 def gather_ranges(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -50,6 +50,12 @@ class ItemTower(nn.Module):
         super().__init__()
         self.num_items, self.dim = num_items, dim
 
+    @property
+    def text_vectors(self) -> Tensor | None:
+        """(N + 1, T) the frozen text vectors of the corpus's items (row 0: padding) the tower reads; None for a
+        tower that reads no text."""
+        return None
+
     def load_item_features(self, features: Tensor) -> None:
         """Keep fixed (N + 1, F) item features (e.g. genre flags) where the tower maps them; others ignore them."""
 
@@ -201,6 +207,10 @@ class ContentTower(ItemTower):
         text, categories, numbers = self._features(content)
         for buffer, value in ((self.text, text), (self.categories, categories), (self.numbers, numbers)):
             buffer.copy_(value.to(buffer.device))
+
+    @property
+    def text_vectors(self) -> Tensor | None:
+        return self.text if self.featurizer is not None else None
 
     # ------------------------------------------------------------------ features -> vectors
     def _vectors(self, text: Tensor, categories: Tensor, numbers: Tensor) -> Tensor:

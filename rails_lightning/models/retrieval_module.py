@@ -166,6 +166,9 @@ class RetrievalModule(pl.LightningModule):
         self.action_embedding = nn.Linear(len(action_names), item_dim, bias=False) if action_names and embed_actions else None
         self.history_filter_bit = None if history_filter is None else self.action_names.index(history_filter)
         self._loaded_content = None  # the DataModule's item content the item tower holds, if any
+        # (W,) the items training may see, the only negatives objectives draw (ObjectiveModel.training_item_ids):
+        # set from the DataModule in `setup` (None: every item), never saved (a checkpoint serves every item).
+        self.register_buffer("training_item_ids", None, persistent=False)
         # The encoded corpus that evaluation and mining share; dropped whenever the weights change.
         self.corpus_index = CorpusIndex(self)
 
@@ -271,6 +274,8 @@ class RetrievalModule(pl.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if not isinstance(datamodule, InteractionDataModule):
             return
+        allowed = datamodule.training_item_ids  # a cold split holds some items out of training
+        self.training_item_ids = None if allowed is None else torch.as_tensor(allowed, device=self.device)
         if datamodule.item_features is not None:
             self.item_tower.load_item_features(datamodule.item_features)
             self.corpus_index.invalidate()

@@ -142,9 +142,13 @@ def _is_default(item: Any, default: Any) -> bool:
 
 
 def experiment_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config less what differs between the seeds of one experiment: the seed and the run's own
-    paths (run directory, default root, logger save_dir, checkpoint dirpath, ckpt_path)."""
+    """A run's config less what differs between the seeds of one experiment: the seed (and a cold split's seed
+    that is the run's, ``data.cold_item_seed``) and the run's own paths (run directory, default root, logger
+    save_dir, checkpoint dirpath, ckpt_path)."""
     config = copy.deepcopy(config)
+    data = config.get("data") or {}
+    if "cold_item_seed" in data and data["cold_item_seed"] == config.get("seed_everything"):
+        data.pop("cold_item_seed")
     for key in ("seed_everything", "run_dir", "ckpt_path"):
         config.pop(key, None)
     trainer = config.get("trainer") or {}

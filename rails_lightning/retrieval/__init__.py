@@ -10,9 +10,9 @@ from rails_lightning.retrieval.backend import (
     uses_faiss,
 )
 from rails_lightning.retrieval.corpus_index import CorpusIndex, CorpusSource, Shards
-from rails_lightning.retrieval.topk import BruteForceTopK, Exclusion, FaissInnerProductTopK, TopKRetriever
+from rails_lightning.retrieval.topk import BruteForceTopK, Exclusion, FaissInnerProductTopK, SubsetTopK, TopKRetriever
 
 __all__ = [
     "SearchOptions", "inner_product_retriever", "approximate_inner_product_retriever", "build_faiss_index", "uses_faiss",
-    "TopKRetriever", "BruteForceTopK", "FaissInnerProductTopK", "Exclusion", "CorpusIndex", "CorpusSource", "Shards",
+    "TopKRetriever", "BruteForceTopK", "SubsetTopK", "FaissInnerProductTopK", "Exclusion", "CorpusIndex", "CorpusSource", "Shards",
 ]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from rails_lightning.retrieval.backend import SearchOptions
-from rails_lightning.retrieval.topk import TopKRetriever
+from rails_lightning.retrieval.topk import SubsetTopK, TopKRetriever
 
 #: Items encoded at once unless the caller asks otherwise (bounds the encoding's memory, not its result).
 ENCODE_BATCH_SIZE = 65536
@@ -118,3 +118,11 @@ class CorpusIndex:
         if key not in self._retrievers:
             self._retrievers[key] = self.source.approximate_retriever(self.items(), options)
         return self._retrievers[key]
+
+    def subset_retriever(self, item_ids: Tensor, options: SearchOptions = SearchOptions()) -> TopKRetriever:
+        """The similarity's exact top-k among the corpus items ``item_ids`` ((S,) ids, on the model's device) alone,
+        over their rows of ``items()`` (no encoding of its own); built anew on every call."""
+        rows = item_ids - 1
+        items = self.items()
+        subset = items[rows] if isinstance(items, Tensor) else type(items)(*(field[rows] for field in items))
+        return SubsetTopK(self.source.exact_retriever(subset, options.exact()), item_ids, self.source.num_items)

@@ -112,6 +112,36 @@ class TopKRetriever(ABC):
         return keep_allowed(scores, ids, k, exclude, self.num_items)
 
 
+class SubsetTopK(TopKRetriever):
+    """Top-k among some corpus items only: ``inner`` searches their representations alone (its ids 1..S are the
+    positions of ``item_ids``) and its results are mapped back to corpus ids; exclusions are mapped the other way
+    (an excluded item outside the subset cannot come back anyway). Cold-start evaluation ranks the cold items
+    among themselves with it, and mining draws hard negatives from the items training may see.
+
+    Args:
+        inner: a retriever over the S items' representations, in the order of ``item_ids``.
+        item_ids: (S,) the corpus ids of those items.
+        num_items: N, the corpus size (ids 1..N).
+    """
+
+    def __init__(self, inner: TopKRetriever, item_ids: Tensor, num_items: int) -> None:
+        self.inner, self.num_items = inner, num_items
+        self.corpus_id = torch.cat([item_ids.new_zeros(1), item_ids])  # (S + 1,) subset id -> corpus id, 0 -> 0
+        self.subset_id = item_ids.new_zeros(num_items + 1)  # (N + 1,) corpus id -> subset id, 0 outside it
+        self.subset_id[item_ids] = torch.arange(1, len(item_ids) + 1, device=item_ids.device)
+
+    def fetch(self, queries, k, exclude=None):
+        inner_exclude = None
+        if exclude is not None:
+            rows, items = exclude.to(self.subset_id.device).pairs()
+            mapped = self.subset_id[items]  # (E,)
+            kept = mapped > 0
+            counts = torch.bincount(rows[kept], minlength=len(exclude.offsets) - 1)
+            inner_exclude = Exclusion(torch.cat([counts.new_zeros(1), counts.cumsum(0)]), mapped[kept])
+        scores, ids = self.inner.search(queries, min(k, self.inner.num_items), inner_exclude)
+        return scores, self.corpus_id.to(ids.device)[ids]
+
+
 ScoreBlock = Callable[[Any, int, int], Tensor]
 
 
