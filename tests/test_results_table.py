@@ -136,7 +136,7 @@ def test_rows_say_their_split_and_selection_and_every_figure_of_their_data_is_li
         hr10, ndcg10, split, selection, source, beside = listed[f"{figure.figure} (ml-1m)"]
         assert (float(hr10), split, selection, source) == (figure.metrics["test/hr@10"], figure.split, figure.selection,
                                                            f"[{figure.source}]({figure.url})")
-    two_blocks = "ml-1m HSTU TwoTower (data.split=leave_one_out); ml-1m HSTU TwoTower (data.split=temporal)"
+    two_blocks = "ml-1m HSTU TwoTower (data.split=leave_one_out)"  # not the temporal row: every figure is leave-one-out
     assert listed["HSTU (ml-1m)"][-1] == listed["HSTU, recomputed (ml-1m)"][-1] == listed["HSTU, RecTools (ml-1m)"][-1] == two_blocks
     assert listed["HSTU (ml-1m)"][2:4] == ["leave-one-out, no validation item; unstable time sort (generative-recommenders preprocessing)",
                                            "best checkpoint on test"]
@@ -273,3 +273,20 @@ def test_a_label_shows_the_class_default_of_an_option_a_run_does_not_state():
         "ml-1m HSTU TwoTower (model.query_encoder.init_args.time_bias_buckets=0)",
         "ml-1m HSTU TwoTower (model.query_encoder.init_args.time_bias_buckets=64)",
     ]
+
+
+def test_no_published_figure_stands_beside_a_run_on_another_split():
+    """Every published figure is a leave-one-out one: a temporal-split row gets none, and no figure list follows."""
+    from rails_lightning.reports.reproduction import ConfigRow, figures_table
+
+    config = {"model": {"query_encoder": {"class_path": "rails_lightning.models.SASRecEncoder", "init_args": {"num_layers": 2}},
+                        "similarity": {"class_path": "rails_lightning.similarity.DotProduct"}},
+              "data": {"source": {"class_path": "rails_lightning.data.MovieLensSource", "init_args": {"variant": "ml-1m"}}}}
+
+    class Run:
+        model = "TwoTower"
+
+    leave_one_out = ConfigRow("a", config, [Run()])
+    temporal = ConfigRow("b", {**config, "data": {**config["data"], "split": "temporal"}}, [Run()])
+    assert leave_one_out.published() is not None and temporal.published() is None
+    assert figures_table([temporal]) == "" and "SASRec (ml-1m)" in figures_table([leave_one_out])

@@ -185,7 +185,10 @@ class ConfigRow:
         return self.runs[0].model
 
     def matching_figures(self) -> list[PublishedFigure]:
-        """The published figures for this config's dataset, encoder (and its depth) and model, in published.yaml's order."""
+        """The published figures for this config's dataset, encoder (and its depth) and model, in published.yaml's order;
+        none for a run on another protocol than leave-one-out (every published figure is a leave-one-out one)."""
+        if self.config.get("data", {}).get("split", "leave_one_out") != "leave_one_out":
+            return []
         dataset, encoder, layers = dataset_name(self.config), encoder_name(self.config), _encoder_layers(self.config)
         return [figure for figure in published_figures() if (figure.dataset, figure.encoder, figure.model) == (dataset, encoder, self.model)
                 and figure.encoder_layers in (None, layers)]
@@ -319,7 +322,9 @@ def results_table(runs: Sequence[ReportedRun], command: str | None = None, metri
 
 def figures_table(rows: Sequence[ConfigRow]) -> str:
     """Every published or recomputed figure of the rows' datasets, with its split, checkpoint selection and source,
-    and the labels of the rows it stands beside ("" when the rows' datasets have none)."""
+    and the labels of the rows it stands beside ("" when the rows' datasets have none, or no row is on their protocol)."""
+    if not any(row.matching_figures() for row in rows):
+        return ""
     datasets = {dataset_name(row.config) for row in rows}
     figures = [figure for figure in published_figures() if figure.dataset in datasets]
     if not figures:
