@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from rails_lightning.baseline import popularity_baseline
+from rails_lightning.baseline import popularity_baseline, text_retrieval_baselines
 from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.commands import PROG, help_description
 from rails_lightning.data.datamodule import InteractionDataModule
@@ -338,11 +338,14 @@ class RailsCLI(LightningCLI):
         evaluation = self._corpus_evaluation()
         ks = evaluation.ks if evaluation is not None else (1, 10, 50, 200)
         baseline = {**popularity_baseline(self.datamodule, "val", ks), **popularity_baseline(self.datamodule, "test", ks)}
+        # Text queries: BM25 and the zero-shot sentence encoder on the same split, beside the model.
+        text_baselines = text_retrieval_baselines(self.datamodule, ks, evaluation.mrr_cutoffs if evaluation is not None else ())
         record = self._record(
             status="finished",
             val={k: float(v) for k, v in val.items()},
             test={k: float(v) for k, v in test.items()},
             baseline=baseline,
+            text_baselines=text_baselines,
             history=history,
             epochs=self.trainer.current_epoch,
             fit_seconds=round(fit_seconds, 1),
@@ -353,6 +356,8 @@ class RailsCLI(LightningCLI):
         for logger in self.trainer.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in record.metrics.items()})
             logger.log_metrics({f"baseline_popularity/{k}": v for k, v in baseline.items()})
+            for name, metrics in text_baselines.items():
+                logger.log_metrics({f"baseline_{name}/{k}": v for k, v in metrics.items()})
         print("\n" + final_table(record), flush=True)
         self._print(f"best checkpoint: {best}")
         self._print(f"run record: {path}")

@@ -49,6 +49,8 @@ class RunRecord:
         config: the full resolved config (as ``config.yaml``).
         val, test: ``val/...`` and ``test/...`` metrics of the best checkpoint (fit) or of the evaluated one.
         baseline: the most-popular-items baseline on the same split, same keys.
+        text_baselines: for data whose queries are texts (``BeirSource``), the text-retrieval baselines on the
+            same split, same keys, by name (``bm25``, ``zero_shot_minilm``); empty otherwise.
         history: per validation epoch, ``{"epoch": e, "val/hr@10": ..., ...}``.
         epochs: epochs trained.
         fit_seconds: wall time of ``fit`` (training and per-epoch evaluation).
@@ -65,6 +67,7 @@ class RunRecord:
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, float] = field(default_factory=dict)
+    text_baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     epochs: int | None = None
     fit_seconds: float | None = None

@@ -11,7 +11,8 @@ from rails_lightning.retrieval.topk import Exclusion
 
 @dataclass
 class TrainBatch:
-    """Autoregressive training: at every position the next item is the target."""
+    """Autoregressive training: at every position the next item is the target. (A source of text queries
+    trains one (query, relevant item) pair per row: ``input_ids`` (B, 1) zeros, ``target_ids`` (B, 1) the item.)"""
 
     user_ids: Tensor  # (B,) int64
     input_ids: Tensor  # (B, L) int64, left-padded with 0
@@ -36,6 +37,8 @@ class QueryBatch:
     timestamps: Tensor | None = None  # (B, L) int64
     # Action-type bitmasks of the history events, aligned with input_ids (0 at padding); None without actions.
     actions: Tensor | None = None  # (B, L) int64
+    # Graded relevance of each target, aligned with targets (0 at padding); None when every target counts the same.
+    target_gains: Tensor | None = None  # (B, T) float32
 
     @property
     def exclusion(self) -> Exclusion:

@@ -139,6 +139,7 @@ class RetrievalModule(pl.LightningModule):
         self.action_names = tuple(action_names)
         self.action_embedding = nn.Linear(len(action_names), item_dim, bias=False) if action_names else None
         self._loaded_content = None  # the DataModule's item content the item tower holds, if any
+        self._loaded_query_texts = None  # the DataModule's query texts the query encoder holds, if any
         # The encoded corpus that evaluation and mining share; dropped whenever the weights change.
         self.corpus_index = CorpusIndex(self)
 
@@ -239,6 +240,15 @@ class RetrievalModule(pl.LightningModule):
                 self.item_tower.load_content(datamodule.item_content)
                 self._loaded_content = datamodule.item_content
                 self.corpus_index.invalidate()
+        if self.query_encoder.reads_query_text:
+            if datamodule.query_texts is None:
+                raise ConfigError(
+                    f"{type(self.query_encoder).__name__} reads query texts and {datamodule.source.description} has none: "
+                    "use a source whose queries are texts (BeirSource) or a query encoder of histories (SASRecEncoder)"
+                )
+            if datamodule.query_texts is not self._loaded_query_texts:  # fit, then test: tokenised once
+                self.query_encoder.load_query_texts(datamodule.query_texts)
+                self._loaded_query_texts = datamodule.query_texts
 
     def teardown(self, stage: str) -> None:
         self.corpus_index.invalidate()  # the stage is over: hold no encoded corpus (the module may also change device)
