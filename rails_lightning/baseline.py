@@ -59,11 +59,13 @@ class PopularityTopK(TopKRetriever):
         return self.exact.fetch(queries, k)
 
 
-def popularity_baseline(datamodule, stage: str = "val", ks: Iterable[int] = (1, 10, 50, 200), exclude_history: bool = True) -> dict[str, float]:
+def popularity_baseline(
+    datamodule, stage: str = "val", ks: Iterable[int] = (1, 10, 50, 200), exclude_history: bool = True, mrr_cutoffs: Sequence[int] = (),
+) -> dict[str, float]:
     """Full-corpus metrics of the popularity baseline on the DataModule's val or test queries."""
     datamodule.setup("validate" if stage == "val" else "test")
     retriever = PopularityTopK(datamodule.visible_item_counts(stage))
-    metric = RetrievalMetrics(ks, sync_on_compute=False)  # every query, in this process
+    metric = RetrievalMetrics(ks, mrr_cutoffs, sync_on_compute=False)  # every query, in this process
     for batch in datamodule.query_loader(stage, sharded=False):
         _, ids = retriever.search(batch.targets, max(ks), batch.exclusion if exclude_history else None)
         metric.update(ids, batch.targets, batch.target_gains)

@@ -337,9 +337,13 @@ class RailsCLI(LightningCLI):
     def _report(self, val: dict, test: dict, best: str | None, fit_seconds: float, history: list[dict]) -> None:
         evaluation = self._corpus_evaluation()
         ks = evaluation.ks if evaluation is not None else (1, 10, 50, 200)
-        baseline = {**popularity_baseline(self.datamodule, "val", ks), **popularity_baseline(self.datamodule, "test", ks)}
+        cutoffs = evaluation.mrr_cutoffs if evaluation is not None else ()
+        baseline = {
+            **popularity_baseline(self.datamodule, "val", ks, mrr_cutoffs=cutoffs),
+            **popularity_baseline(self.datamodule, "test", ks, mrr_cutoffs=cutoffs),
+        }
         # Text queries: BM25 and the zero-shot sentence encoder on the same split, beside the model.
-        text_baselines = text_retrieval_baselines(self.datamodule, ks, evaluation.mrr_cutoffs if evaluation is not None else ())
+        text_baselines = text_retrieval_baselines(self.datamodule, ks, cutoffs)
         record = self._record(
             status="finished",
             val={k: float(v) for k, v in val.items()},
