@@ -82,14 +82,15 @@ def _ranked_metrics(datamodule, stage: str, ks: Sequence[int], mrr_cutoffs: Sequ
 
 
 def _documents_and_queries(datamodule, text_column: str) -> tuple[list[str], list[str]]:
-    """The text of items 1..N and of every query (user index)."""
+    """The text of items 0..N (0: padding, empty: the rows a content tower reads, so that both share the cached
+    vectors) and of every query (user index)."""
     content = datamodule.item_content
     if datamodule.query_texts is None or content is None or text_column not in content.text:
         raise ConfigError(
             f"text-retrieval baselines need query texts and the item-content text column {text_column!r} "
             f"({datamodule.source.description} has {'no query texts' if datamodule.query_texts is None else 'no such column'})"
         )
-    return content.text[text_column][1:], datamodule.query_texts
+    return content.text[text_column], datamodule.query_texts
 
 
 def _padded(ids: Tensor, k: int) -> Tensor:
@@ -108,6 +109,7 @@ def bm25_baseline(
     except ImportError as error:
         raise ConfigError('the BM25 baseline needs the packages bm25s and PyStemmer: pip install -e ".[text]"') from error
     documents, queries = _documents_and_queries(datamodule, text_column)
+    documents = documents[1:]  # items 1..N
     stemmer = Stemmer.Stemmer("english")
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(documents, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
@@ -128,12 +130,12 @@ def zero_shot_baseline(
     """all-MiniLM-L6-v2, zero-shot: the cosine of the query's and the document's normalised sentence vectors."""
     documents, queries = _documents_and_queries(datamodule, text_column)
     encoder = PretrainedSentenceEncoder()
-    document_vectors = torch.from_numpy(embed_texts(encoder, documents, text_cache_dir))  # (N, 384)
+    document_vectors = torch.from_numpy(embed_texts(encoder, documents, text_cache_dir))[1:]  # (N, 384), items 1..N
     query_vectors = torch.from_numpy(embed_texts(encoder, queries, text_cache_dir))  # (U, 384)
 
     def rank(user_ids: Tensor, k: int) -> Tensor:
         scores = query_vectors[user_ids] @ document_vectors.T  # (B, N)
-        return _padded(scores.topk(min(k, len(documents)), dim=1).indices + 1, k)
+        return _padded(scores.topk(min(k, len(document_vectors)), dim=1).indices + 1, k)
 
     ks = tuple(ks)
     return {key: value for stage in stages for key, value in _ranked_metrics(datamodule, stage, ks, mrr_cutoffs, rank).items()}
