@@ -177,6 +177,13 @@ class RetrievalModule(pl.LightningModule):
         states = self.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps, batch.actions)[:, -1]  # (B, D)
         return _map_fields(self.similarity.query_representation(states, batch.user_ids), Tensor.float)
 
+    def encode_texts(self, texts: list[str]) -> Any:
+        """The query representations of texts typed at serving time (a text query tower's ``encode_texts``; no user:
+        user index 0 stands in for a user-id component), in float32 as ``encode_queries``'."""
+        states = self.query_encoder.encode_texts(list(texts))  # (n, D)
+        user_ids = torch.zeros(len(states), dtype=torch.long, device=states.device)
+        return _map_fields(self.similarity.query_representation(states, user_ids), Tensor.float)
+
     def encode_items(self, item_ids: Tensor) -> Any:
         """Item ids (...,) -> the similarity's item representations."""
         return self.similarity.item_representation(self.item_vectors(item_ids))

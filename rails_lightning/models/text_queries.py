@@ -202,6 +202,7 @@ class PretrainedSentenceQueries(TextQueryEncoder):
             )
         self.residual = residual
         self.text_cache_dir = text_cache_dir
+        self.sentence_encoder = PretrainedSentenceEncoder()  # loads MiniLM on first use, once
         self.register_buffer("query_vectors", torch.zeros(num_users, MINILM_DIM))  # (U, E), filled by load_query_texts
         self.dropout = nn.Dropout(dropout)
         self.head = (
@@ -216,7 +217,7 @@ class PretrainedSentenceQueries(TextQueryEncoder):
     def load_query_texts(self, texts: list[str]) -> None:
         if len(texts) != self.num_users:
             raise ConfigError(f"{type(self).__name__}: {len(texts)} query texts for a model of {self.num_users} queries")
-        vectors = embed_texts(PretrainedSentenceEncoder(), texts, self.text_cache_dir)  # (U, E)
+        vectors = embed_texts(self.sentence_encoder, texts, self.text_cache_dir)  # (U, E)
         self.query_vectors.copy_(torch.from_numpy(vectors))
 
     def states(self, vectors: Tensor) -> Tensor:
@@ -228,5 +229,5 @@ class PretrainedSentenceQueries(TextQueryEncoder):
         return self.states(self.query_vectors[user_ids])  # (B, D)
 
     def encode_texts(self, texts: list[str]) -> Tensor:
-        vectors = torch.from_numpy(PretrainedSentenceEncoder().encode(texts)).to(self.query_vectors.device)  # (n, E)
+        vectors = torch.from_numpy(self.sentence_encoder.encode(texts)).to(self.query_vectors.device)  # (n, E)
         return self.states(vectors)  # (n, D)
