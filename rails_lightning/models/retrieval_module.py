@@ -179,7 +179,7 @@ class RetrievalModule(pl.LightningModule):
 
     def encode_texts(self, texts: list[str]) -> Any:
         """The query representations of texts typed at serving time (a text query tower's ``encode_texts``; no user:
-        user index 0 stands in for a user-id component), in float32 as ``encode_queries``'."""
+        user index 0 stands in for a user-id component), in float32, as ``encode_queries`` gives them."""
         states = self.query_encoder.encode_texts(list(texts))  # (n, D)
         user_ids = torch.zeros(len(states), dtype=torch.long, device=states.device)
         return _map_fields(self.similarity.query_representation(states, user_ids), Tensor.float)
