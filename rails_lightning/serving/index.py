@@ -295,9 +295,7 @@ class ServingIndex:
         self.delta = None
         if (directory / DELTA_TENSORS).is_file():
             self.delta = self._retriever(directory, self._items(load_file(str(directory / DELTA_TENSORS))), approximate, None)
-        if self.reads_query_text:  # load the text encoder now, so that a query's time is its encoding and search
-            with torch.no_grad():
-                self.model.encode_texts(["warm-up"])
+        self._text_encoder_loaded = False
 
     def _items(self, tensors: dict[str, Tensor]) -> Any:
         fields = [tensors[f"items.{name}"] for name in self.manifest["item_fields"]]
@@ -415,6 +413,9 @@ class ServingIndex:
         self.check_query_kind(text)
         if text and not query.strip():
             raise UserError("the query text is empty")
+        if text and not self._text_encoder_loaded:  # the first text query loads the encoder before its timer starts
+            self.model.encode_texts(["warm-up"])
+            self._text_encoder_loaded = True
         started = time.perf_counter()
         if text:
             queries, main_exclusion, delta_exclusion = self.model.encode_texts([query]), None, None
