@@ -72,6 +72,18 @@ def serve(folder: Path) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
+def beir_folder(folder: Path, corpus: str | None = None, extra_qrels: str = "") -> str:
+    """A tiny BEIR-format folder (3 documents, 2 queries; train and test qrels), ``corpus`` replacing corpus.jsonl's
+    text and ``extra_qrels`` appended to qrels/train.tsv."""
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    documents = "".join(f'{{"_id": "d{i}", "title": "title {i}", "text": "text {i}"}}\n' for i in range(3))
+    (folder / "corpus.jsonl").write_text(documents if corpus is None else corpus)
+    (folder / "queries.jsonl").write_text('{"_id": "q0", "text": "first"}\n{"_id": "q1", "text": "second"}\n')
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n" + extra_qrels)
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    return str(folder)
+
+
 def cases(work: Path, url: str) -> list[tuple]:
     """(case, arguments after `python -m rails_lightning`[, the text of the line to show]); files go into ``work``."""
     log = lambda name, rows: str(_log(rows, work / name))  # noqa: E731
@@ -110,6 +122,12 @@ def cases(work: Path, url: str) -> list[tuple]:
     acted = log_with(work / "acted.csv", good, "kinds", lambda r: "like" if r % 2 else "skip")  # a log with action types
     two_columns = work / "two_columns.csv"
     two_columns.write_text("user_id,item_id,timestamp,liked,kinds\n" + "".join(f"{u},{i},{t},1,liked\n" for u, i, t in good))
+    beir = lambda folder, *extra: ["--data.source=BeirSource", f"--data.source.data_dir={folder}", "--data.max_seq_len=1", *extra]  # noqa: E731
+    (Path(beir_folder(work / "beir_missing")) / "corpus.jsonl").unlink()
+    beir_folder(work / "beir_unknown", extra_qrels="q0\td7\t1\n")
+    beir_folder(work / "beir_empty", corpus="")
+    beir_folder(work / "beir_malformed", corpus='{"_id": "d0", "title": "t", "text": "x"}\n{"_id": "d1", "title": \n')
+    beir_folder(work / "beir_good")
     sweep_no_cap = work / "no_cap.yaml"
     sweep_no_cap.write_text(
         "method: random\nmetric: {name: val/hr@10, goal: maximize}\n"
@@ -179,6 +197,13 @@ def cases(work: Path, url: str) -> list[tuple]:
         ("history filter that is no action type", ["fit", *src(acted, "--data.source.action_columns=[kinds]"), "--model.history_filter=loved", *TINY[6:]]),
         ("shuffled actions of a log without actions", ["fit", *src(log("g.csv", good)), "--data.shuffle_history_actions=true", *TINY[6:]]),
         ("retrieve --history with an action the model lacks", ["retrieve", f"--index={work / 'acted_index'}", "--history", "1:loved"]),
+        # Document search: BEIR-format folders and text query towers.
+        ("BEIR folder without corpus.jsonl", ["fit", *beir(work / "beir_missing", "--data.split=by_query")]),
+        ("BEIR qrels naming an unknown document", ["fit", *beir(work / "beir_unknown", "--data.split=by_query")]),
+        ("BEIR corpus that is empty", ["fit", *beir(work / "beir_empty", "--data.split=by_query")]),
+        ("BEIR corpus with a malformed json line", ["fit", *beir(work / "beir_malformed", "--data.split=by_query")]),
+        ("BEIR folder without split=by_query", ["fit", *beir(work / "beir_good")]),
+        ("text query tower on data without query texts", ["fit", *TINY, "--model.query_encoder=MeanPooledTokens"]),
     ]
 
 

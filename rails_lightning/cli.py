@@ -23,7 +23,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from rails_lightning.baseline import category_popularity_baseline, content_knn_baseline, popularity_baseline, random_baseline
+from rails_lightning.baseline import (
+    category_popularity_baseline, content_knn_baseline, popularity_baseline, random_baseline, text_retrieval_baselines,
+)
 from rails_lightning.callbacks import CorpusEvaluation
 from rails_lightning.commands import PROG, help_description
 from rails_lightning.data.datamodule import InteractionDataModule
@@ -347,8 +349,14 @@ class RailsCLI(LightningCLI):
     def _report(self, val: dict, test: dict, best: str | None, fit_seconds: float, history: list[dict]) -> None:
         evaluation = self._corpus_evaluation()
         ks = evaluation.ks if evaluation is not None else (1, 10, 50, 200)
-        baseline = {**popularity_baseline(self.datamodule, "val", ks), **popularity_baseline(self.datamodule, "test", ks)}
+        cutoffs = evaluation.mrr_cutoffs if evaluation is not None else ()
+        baseline = {
+            **popularity_baseline(self.datamodule, "val", ks, mrr_cutoffs=cutoffs),
+            **popularity_baseline(self.datamodule, "test", ks, mrr_cutoffs=cutoffs),
+        }
         baselines = self._cold_start_baselines(ks) if self.datamodule.cold_items is not None else {}
+        # Text queries: BM25 and the zero-shot sentence encoder on the same split, beside the model.
+        baselines.update(text_retrieval_baselines(self.datamodule, ks, cutoffs))
         record = self._record(
             status="finished",
             val={k: float(v) for k, v in val.items()},

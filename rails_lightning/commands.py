@@ -48,7 +48,7 @@ COMMANDS = {
         f"{PROG} index --ckpt_path RUN_DIR/checkpoints/last.ckpt --out my_index",
     ),
     "retrieve": Command(
-        "show what an exported model retrieves for a user or a list of items",
+        "show what an exported model retrieves for a user, a list of items or a query text",
         f"{PROG} retrieve --index my_index --user 42",
     ),
 }

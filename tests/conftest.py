@@ -113,3 +113,54 @@ def cpu_trainer(root, epochs: int, callbacks=(), **kwargs) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=root, callbacks=list(callbacks), **options
     )
+
+
+#: The topics of the tiny BEIR folder: each document and query is about one of them.
+TINY_BEIR_TOPICS = {
+    "cardiology": ["heart", "artery", "blood", "pressure", "cardiac", "stroke"],
+    "oncology": ["tumor", "cancer", "chemotherapy", "metastasis", "biopsy", "radiation"],
+    "genetics": ["gene", "mutation", "genome", "dna", "inheritance", "sequencing"],
+    "neuroscience": ["brain", "neuron", "synapse", "memory", "cortex", "dopamine"],
+    "immunology": ["antibody", "vaccine", "immune", "infection", "virus", "inflammation"],
+    "nutrition": ["diet", "vitamin", "protein", "obesity", "calories", "fiber"],
+}
+
+
+def write_tiny_beir(folder: Path, dev: bool = False, graded: bool = False, seed: int = 0) -> Path:
+    """A small BEIR-format folder: 60 documents on 6 topics (12 relevant to no query), 48 training queries and 12 test
+    queries (each about one document, some with a second relevant one), text ids; with ``dev`` 8 of the training
+    queries go to qrels/dev.tsv instead; with ``graded`` the second relevant document scores 1 and the first 2."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "qrels").mkdir(exist_ok=True)
+    documents = []
+    for topic, words in TINY_BEIR_TOPICS.items():
+        for k in range(10):
+            text = " ".join(rng.choice(words) for _ in range(12))
+            documents.append({"_id": f"d{len(documents):03d}", "title": f"{topic} study {k}", "text": text, "topic": topic})
+    queries, rows = [], {"train": [], "dev": [], "test": []}
+    relevant_documents = documents[: 8 * len(TINY_BEIR_TOPICS)]
+    for q in range(60):
+        document = relevant_documents[q % len(relevant_documents)]
+        words = TINY_BEIR_TOPICS[document["topic"]]
+        queries.append({"_id": f"q{q:02d}", "text": f"{document['title']}: " + " ".join(rng.sample(words, 3))})
+        role = "test" if q >= 48 else "dev" if dev and q < 8 else "train"
+        rows[role].append((queries[-1]["_id"], document["_id"], 2 if graded else 1))
+        if q % 5 == 0:  # a second relevant document on the same topic
+            second = next(d for d in relevant_documents if d["topic"] == document["topic"] and d is not document)
+            rows[role].append((queries[-1]["_id"], second["_id"], 1))
+    with open(folder / "corpus.jsonl", "w") as out:
+        for document in documents:
+            out.write(json.dumps({k: document[k] for k in ("_id", "title", "text")}) + "\n")
+    with open(folder / "queries.jsonl", "w") as out:
+        for query in queries + [{"_id": "q_unjudged", "text": "a query no qrels file names"}]:
+            out.write(json.dumps(query) + "\n")
+    for role, role_rows in rows.items():
+        if role_rows:
+            (folder / "qrels" / f"{role}.tsv").write_text(
+                "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in role_rows)
+            )
+    return folder

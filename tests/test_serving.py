@@ -87,6 +87,18 @@ def test_interactive_retrieve_survives_bad_queries(exported, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_text_query_to_a_model_of_histories_is_one_line_error(exported, tmp_path):
+    _, index_dir = exported
+    result = subprocess.run([sys.executable, "-m", "rails_lightning", "retrieve", f"--index={index_dir}", "--query", "space adventure"],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "rails_lightning: error: this index's model encodes histories (SASRecEncoder), not texts: query it with --user or "
+        "--history; --query needs a model trained with a text query tower (configs/scifact/*.yaml)"
+    ]
+
+
+@pytest.mark.slow
 def test_answers_equal_the_models_exact_top_k(exported):
     """The exported index answers as the checkpoint's own model does (same query, same corpus, exact search)."""
     run_dir, index_dir = exported

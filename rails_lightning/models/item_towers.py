@@ -11,7 +11,8 @@ V categorical values kept per item (hashed buckets, 0 = none), K numeric columns
   ``category_buckets`` rows of an embedding table (a value never seen in training still has a row) and
   averaged; its numbers are standardised with the corpus's mean and spread (missing: 0, with a flag). The
   concatenation goes through a two-layer MLP to D. An item that arrives after training is encoded from its
-  metadata alone (``encode_content``).
+  metadata alone (``encode_content``). With ``residual`` the item vector is the text vector plus the MLP's
+  output, whose last layer starts at zero: training starts from the featuriser's own vectors.
 * ``IdAndContent``: the sum of the two; during training the id part of each item occurrence is dropped
   with probability ``id_dropout``, so that the content path alone learns to place an item, as it must for
   a new one.
@@ -121,6 +122,10 @@ class ContentTower(ItemTower):
         category_dim: width of the categorical embeddings.
         hidden_dim: the MLP's hidden width.
         dropout: dropout after the MLP's hidden layer while training.
+        residual: the item vector is the text vector + the MLP's output, the MLP's last layer initialised to
+            zero, so that at initialisation an item's vector is its featuriser's vector (with a pretrained
+            sentence encoder on both sides, a ``DotProduct`` model starts as that encoder's zero-shot cosine).
+            Needs text columns and D equal to the featuriser's width (384 for ``PretrainedSentenceEncoder``).
     """
 
     reads_content = True
@@ -140,10 +145,13 @@ class ContentTower(ItemTower):
         category_dim: int = 32,
         hidden_dim: int = 256,
         dropout: float = 0.1,
+        residual: bool = False,
     ) -> None:
         super().__init__(num_items, dim, num_item_features)
         if not (text_columns or categorical_columns or numeric_columns):
             raise ConfigError("ContentTower needs at least one of text_columns, categorical_columns, numeric_columns")
+        if residual and not text_columns:
+            raise ConfigError("ContentTower(residual=True) adds the text vector to the MLP's output: give text_columns")
         self.text_columns, self.categorical_columns = list(text_columns), list(categorical_columns)
         self.numeric_columns = list(numeric_columns)
         self.featurizer = build_factory(text_featurizer, TextFeaturizer)() if self.text_columns else None
@@ -161,6 +169,15 @@ class ContentTower(ItemTower):
         self.category_embedding = nn.EmbeddingBag(category_buckets + 1, category_dim, mode="mean", padding_idx=0) if V else None
         in_dim = T + (category_dim if V else 0) + 2 * K
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, dim))
+        self.residual = residual
+        if residual:
+            if T != dim:
+                raise ConfigError(
+                    f"ContentTower(residual=True) adds the {T}-d text vector to the MLP's output: the model's item_dim "
+                    f"must be {T} (the text featuriser's width), got {dim}"
+                )
+            nn.init.zeros_(self.mlp[-1].weight)  # the correction starts at zero: the item starts as its text vector
+            nn.init.zeros_(self.mlp[-1].bias)
 
     # ------------------------------------------------------------------ content -> features
     def _check_columns(self, content: ItemContent) -> None:
@@ -219,7 +236,8 @@ class ContentTower(ItemTower):
         if self.category_embedding is not None:
             flat = categories.reshape(-1, categories.shape[-1])  # (n, V)
             parts.insert(1, self.category_embedding(flat).view(*categories.shape[:-1], -1))  # (..., category_dim)
-        return self.mlp(torch.cat(parts, dim=-1))
+        mapped = self.mlp(torch.cat(parts, dim=-1))  # (..., D)
+        return text + mapped if self.residual else mapped
 
     def forward(self, item_ids: Tensor) -> Tensor:
         vectors = self._vectors(self.text[item_ids], self.categories[item_ids], self.numbers[item_ids])  # (..., D)

@@ -169,6 +169,7 @@ class RetrievalModule(pl.LightningModule):
         # (W,) the items training may see, the only negatives objectives draw (ObjectiveModel.training_item_ids):
         # set from the DataModule in `setup` (None: every item), never saved (a checkpoint serves every item).
         self.register_buffer("training_item_ids", None, persistent=False)
+        self._loaded_query_texts = None  # the DataModule's query texts the query encoder holds, if any
         # The encoded corpus that evaluation and mining share; dropped whenever the weights change.
         self.corpus_index = CorpusIndex(self)
 
@@ -223,6 +224,13 @@ class RetrievalModule(pl.LightningModule):
         mixed precision the forward runs in autocast, the corpus is encoded outside it, and they must search together."""
         states = self.encode_sequence(batch.user_ids, batch.input_ids, batch.timestamps, batch.actions)[:, -1]  # (B, D)
         return _map_fields(self.similarity.query_representation(states, batch.user_ids), Tensor.float)
+
+    def encode_texts(self, texts: list[str]) -> Any:
+        """The query representations of texts typed at serving time (a text query tower's ``encode_texts``; no user:
+        user index 0 stands in for a user-id component), in float32, as ``encode_queries`` gives them."""
+        states = self.query_encoder.encode_texts(list(texts))  # (n, D)
+        user_ids = torch.zeros(len(states), dtype=torch.long, device=states.device)
+        return _map_fields(self.similarity.query_representation(states, user_ids), Tensor.float)
 
     def encode_items(self, item_ids: Tensor) -> Any:
         """Item ids (...,) -> the similarity's item representations."""
@@ -289,6 +297,15 @@ class RetrievalModule(pl.LightningModule):
                 self.item_tower.load_content(datamodule.item_content)
                 self._loaded_content = datamodule.item_content
                 self.corpus_index.invalidate()
+        if self.query_encoder.reads_query_text:
+            if datamodule.query_texts is None:
+                raise ConfigError(
+                    f"{type(self.query_encoder).__name__} reads query texts and {datamodule.source.description} has none: "
+                    "use a source whose queries are texts (BeirSource) or a query encoder of histories (SASRecEncoder)"
+                )
+            if datamodule.query_texts is not self._loaded_query_texts:  # fit, then test: tokenised once
+                self.query_encoder.load_query_texts(datamodule.query_texts)
+                self._loaded_query_texts = datamodule.query_texts
 
     def teardown(self, stage: str) -> None:
         self.corpus_index.invalidate()  # the stage is over: hold no encoded corpus (the module may also change device)

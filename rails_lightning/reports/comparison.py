@@ -20,6 +20,13 @@ from rails_lightning.runs import RunRecord
 TABLE_KEYS = ("val/hr@10", "val/ndcg@10", "test/hr@10", "test/ndcg@10", "test/mrr")
 FINAL_KEYS = tuple(f"{stage}/{name}" for stage in ("val", "test") for name in ("hr@10", "ndcg@10", "mrr"))
 BASELINE_LABEL = "most popular items (baseline)"
+# The other baselines a run record may hold (RunRecord.baselines), by name.
+BASELINE_LABELS = {
+    "bm25": "BM25 (baseline)", "zero_shot_minilm": "zero-shot MiniLM (baseline)", "random": "random (baseline)",
+    "category_popularity": "category popularity (baseline)", "content_knn": "content kNN (baseline)",
+}
+# Shown by `fit` too when the run has them: what text retrieval (BEIR) reports.
+TEXT_RETRIEVAL_KEYS = ("test/recall@100", "test/mrr@10")
 
 
 def comparison_markdown(results: Sequence[ReportedRun], metric: str = DEFAULT_METRIC, title: str | None = None) -> str:
@@ -45,6 +52,11 @@ def comparison_markdown(results: Sequence[ReportedRun], metric: str = DEFAULT_ME
     if baselines:
         cells = [mean_pm_std([b[key] for b in baselines if key in b]) for key in keys]
         rows.append([BASELINE_LABEL, f"{len(baselines)} / {len(baselines)}", *cells])
+    names = dict.fromkeys(name for r in results if r.ok for name in r.record.baselines)  # in first-seen order
+    for name in names:
+        others = [r.record.baselines[name] for r in results if r.ok and name in r.record.baselines]
+        cells = [mean_pm_std([b[key] for b in others if key in b]) for key in keys]
+        rows.append([BASELINE_LABELS.get(name, name), f"{len(others)} / {len(others)}", *cells])
     parts += ["## Per model: mean ± std over runs (seeds)", "", markdown_table(header, rows), ""]
     failed = [r for r in results if not r.ok]
     if failed:
@@ -53,10 +65,13 @@ def comparison_markdown(results: Sequence[ReportedRun], metric: str = DEFAULT_ME
 
 
 def final_table(record: RunRecord) -> str:
-    """What ``fit`` prints at its end: the run's val and test HR@10, NDCG@10 and MRR beside the baseline's."""
-    rows = [[record.model, *(record.metrics.get(k, math.nan) for k in FINAL_KEYS)],
-            [BASELINE_LABEL, *(record.baseline.get(k, math.nan) for k in FINAL_KEYS)]]
-    return markdown_table(["model", *FINAL_KEYS], rows)
+    """What ``fit`` prints at its end: the run's val and test HR@10, NDCG@10 and MRR beside the baselines' (with
+    Recall@100 and MRR@10 when the run logged them, and its other baselines, text retrieval's or a cold split's)."""
+    keys = [*FINAL_KEYS, *(k for k in TEXT_RETRIEVAL_KEYS if k in record.metrics)]
+    rows = [[record.model, *(record.metrics.get(k, math.nan) for k in keys)],
+            [BASELINE_LABEL, *(record.baseline.get(k, math.nan) for k in keys)]]
+    rows += [[BASELINE_LABELS.get(name, name), *(metrics.get(k, math.nan) for k in keys)] for name, metrics in record.baselines.items()]
+    return markdown_table(["model", *keys], rows)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -5,6 +5,7 @@
     python -m rails_lightning index --compact --out INDEX_DIR                                          # fold the delta in
     python -m rails_lightning retrieve --index INDEX_DIR --user 42 [-k 10] [--exclude-history] [--json]
     python -m rails_lightning retrieve --index INDEX_DIR --history 1196,260,1210
+    python -m rails_lightning retrieve --index INDEX_DIR --query "some text"   # a model with a text query tower
     python -m rails_lightning retrieve --index INDEX_DIR --interactive     # one query per line
 """
 
@@ -85,7 +86,10 @@ def _table(answer: Answer, color: bool) -> str:
     return "\n".join(lines)
 
 
-def _answer(index: ServingIndex, user: str | None, history: str | None, k: int, exclude: bool) -> Answer:
+def _answer(index: ServingIndex, user: str | None, history: str | None, k: int, exclude: bool, text: str | None = None) -> Answer:
+    if text is not None:
+        return index.retrieve(text, k)
+    index.check_query_kind(text=False)
     if user is not None:
         return index.retrieve(index.query(index.user_history(user), user, index.user_actions(user)), k, exclude)
     items, actions = index.parse_history(history.split(","))
@@ -103,19 +107,24 @@ def _show(answer: Answer, as_json: bool) -> None:
 def build_retrieve_parser() -> argparse.ArgumentParser:
     parser = argument_parser(
         "retrieve",
-        "Show what a model retrieves for a user (from their stored history) or for a list of items, "
-        "from an index written by `python -m rails_lightning index`, with the query's latency.",
-        epilog="--interactive reads one query per line after a prompt: `user RAW_ID` or comma-separated raw item ids; a bad "
-        "query prints its error and the prompt returns; an empty line or the end of input ends it.",
+        "Show what a model retrieves for a user (from their stored history), for a list of items or, for a model "
+        "with a text query tower (document search, configs/scifact/*.yaml), for a text, from an index written by "
+        "`python -m rails_lightning index`, with the query's latency.",
+        epilog="--interactive reads one query per line after a prompt: `user RAW_ID` or comma-separated raw item ids (for a "
+        "model with a text query tower: the query text); a bad query prints its error and the prompt returns; an empty "
+        "line or the end of input ends it.",
     )
     parser.add_argument("--index", required=True, help="the index folder")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--user", help="a raw user id: the query is their whole stored history")
     query.add_argument("--history", help="comma-separated raw item ids, oldest first; for a model with action types, "
                        "each may say what the user did: `1196:liked,260:disliked+rated,1210`")
+    query.add_argument("--query", metavar="TEXT", help="a query text, for a model with a text query tower (document search): "
+                       "encoded by the model's query tower; the answer lists document ids and titles")
     query.add_argument("--interactive", action="store_true", help="read queries from standard input, one per line")
     parser.add_argument("-k", type=int, default=10, help="how many items (default 10)")
-    parser.add_argument("--exclude-history", action="store_true", help="never return an item of the query's history")
+    parser.add_argument("--exclude-history", action="store_true", help="never return an item of the query's history "
+                        "(--user, --history)")
     parser.add_argument("--approximate", action="store_true", help="MoL: the RAILS approximate top-k instead of exact scoring")
     parser.add_argument("--json", action="store_true", help="one JSON object per query instead of a table")
     return parser
@@ -124,21 +133,26 @@ def build_retrieve_parser() -> argparse.ArgumentParser:
 def retrieve_main(argv: Sequence[str]) -> int:
     args = build_retrieve_parser().parse_args(argv)
     index = ServingIndex(args.index, approximate=args.approximate)
+    if args.exclude_history and (args.query is not None or (args.interactive and index.reads_query_text)):
+        raise UserError("--exclude-history is for --user and --history queries; a text query has no history")
     if not args.interactive:
-        _show(_answer(index, args.user, args.history, args.k, args.exclude_history), args.json)
+        _show(_answer(index, args.user, args.history, args.k, args.exclude_history, args.query), args.json)
         return 0
     return _interactive(index, args.k, args.exclude_history, args.json)
 
 
 INTERACTIVE_PROMPT = "query (`user ID` or item ids `a,b,c`; empty line ends)> "
+TEXT_PROMPT = "query text (empty line ends)> "
 
 
 def _interactive(index: ServingIndex, k: int, exclude: bool, as_json: bool) -> int:
     """One query per line until an empty line or the end of input. A bad query (an unknown user or item, a
     malformed line) prints its one-line error and the prompt returns: one typo does not end the session.
-    The prompt goes to stderr, so that stdout holds only answers (tables or JSON lines)."""
+    The prompt goes to stderr, so that stdout holds only answers (tables or JSON lines). For a model with a text
+    query tower each line is a query text."""
+    texts = index.reads_query_text
     while True:
-        print(INTERACTIVE_PROMPT, end="", file=sys.stderr, flush=True)
+        print(TEXT_PROMPT if texts else INTERACTIVE_PROMPT, end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line.strip():
             print(file=sys.stderr, flush=True)
@@ -146,8 +160,12 @@ def _interactive(index: ServingIndex, k: int, exclude: bool, as_json: bool) -> i
         line = line.strip()
         user = line.split(None, 1)[1].strip() if line.startswith("user ") and len(line.split(None, 1)) > 1 else None
         try:
-            if line == "user" or (user is None and line.startswith("user ")):
+            if texts:
+                answer = _answer(index, None, None, k, exclude, text=line)
+            elif line == "user" or (user is None and line.startswith("user ")):
                 raise UserError("`user` needs an id, e.g. `user 42`")
-            _show(_answer(index, user, None if user else line, k, exclude), as_json)
+            else:
+                answer = _answer(index, user, None if user else line, k, exclude)
+            _show(answer, as_json)
         except UserError as error:
             print(f"rails_lightning: error: {error}", file=sys.stderr, flush=True)

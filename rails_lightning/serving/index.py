@@ -18,6 +18,11 @@ main and delta and merges the two top-k lists by score (exact: each list holds i
 allowed items). ``compact(out_dir)`` folds the delta into the main index (FAISS rebuilt from the stored
 vectors).
 
+A model whose queries are texts (a text query tower, ``rails_lightning.models.text_queries``: document search on
+a ``BeirSource``) exports the same way, its documents as the items; ``ServingIndex.retrieve`` takes a text typed
+at serving time, encodes it with the model's query tower (``RetrievalModule.encode_texts``) and answers it from the
+same index (FAISS for the dot product, exact or RAILS top-k for MoL).
+
 Shape legend: B queries, L history length, N corpus rows, K results.
 """
 
@@ -293,6 +298,7 @@ class ServingIndex:
         self.delta = None
         if (directory / DELTA_TENSORS).is_file():
             self.delta = self._retriever(directory, self._items(load_file(str(directory / DELTA_TENSORS))), approximate, None)
+        self._text_encoder_loaded = False
 
     def _items(self, tensors: dict[str, Tensor]) -> Any:
         fields = [tensors[f"items.{name}"] for name in self.manifest["item_fields"]]
@@ -316,6 +322,22 @@ class ServingIndex:
         return self.model.exact_retriever(items, SearchOptions())
 
     # ------------------------------------------------------------------ queries
+    @property
+    def reads_query_text(self) -> bool:
+        """The model's queries are texts (``text_query``), not histories (``query``)."""
+        return self.model.query_encoder.reads_query_text
+
+    def check_query_kind(self, text: bool) -> None:
+        """A one-line error when a query of the other kind is asked of this model."""
+        encoder = type(self.model.query_encoder).__name__
+        if text and not self.reads_query_text:
+            raise UserError(
+                f"this index's model encodes histories ({encoder}), not texts: query it with --user or --history; "
+                "--query needs a model trained with a text query tower (configs/scifact/*.yaml)"
+            )
+        if not text and self.reads_query_text:
+            raise UserError(f"this index's model reads query texts ({encoder}), not histories: query it with --query \"some text\"")
+
     def _user_range(self, raw_user: str) -> slice:
         user = _lookup(str(raw_user), self.user_index)
         if user is None:
@@ -387,10 +409,22 @@ class ServingIndex:
         return Exclusion(torch.tensor([0, len(main)]), main), Exclusion(torch.tensor([0, len(delta)]), delta)
 
     @torch.no_grad()
-    def retrieve(self, batch: QueryBatch, k: int = 10, exclude_history: bool = False) -> Answer:
+    def retrieve(self, query: QueryBatch | str, k: int = 10, exclude_history: bool = False) -> Answer:
+        """The top ``k`` rows for a history query (a ``QueryBatch`` from ``query``) or, for a model whose queries are
+        texts, a text (it has no history to exclude). The answer's time covers encoding the query and the search."""
+        text = isinstance(query, str)
+        self.check_query_kind(text)
+        if text and not query.strip():
+            raise UserError("the query text is empty")
+        if text and not self._text_encoder_loaded:  # the first text query loads the encoder before its timer starts
+            self.model.encode_texts(["warm-up"])
+            self._text_encoder_loaded = True
         started = time.perf_counter()
-        queries = self.model.encode_queries(batch)
-        main_exclusion, delta_exclusion = self._row_exclusion(batch) if exclude_history else (None, None)
+        if text:
+            queries, main_exclusion, delta_exclusion = self.model.encode_texts([query]), None, None
+        else:
+            queries = self.model.encode_queries(query)
+            main_exclusion, delta_exclusion = self._row_exclusion(query) if exclude_history else (None, None)
         scores, rows = self.main.search(queries, k, main_exclusion)
         if self.delta is not None:
             delta_scores, delta_rows = self.delta.search(queries, k, delta_exclusion)
