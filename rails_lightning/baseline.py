@@ -31,7 +31,6 @@ Text retrieval (``text_retrieval_baselines``, for data whose queries are texts, 
 * ``zero_shot_minilm``: the cosine of all-MiniLM-L6-v2's sentence vectors of query and document (the document
   vectors cached on disk as a content tower caches them, so a run whose tower reads them pays nothing more).
 """
-"""
 
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ def test_no_cold_item_is_in_any_training_batch_and_training_keeps_the_rest():
             warm = sequence[~cold[sequence]][-(L + 1) :]
             assert inputs[inputs > 0].tolist() == warm[:-1].tolist() and targets[targets > 0].tolist() == warm[1:].tolist()
             seen += 1
-    assert seen == len(data._train_sequences()) > 0
+    assert seen == len(data._train_dataset()) > 0
     assert data.train_item_counts[cold].sum() == 0 and data.train_item_counts.sum() > 0
 
 

@@ -43,7 +43,7 @@ SIMILARITIES = {
         "class_path": "rails_lightning.similarity.MixtureOfLogits",
         "init_args": {
             "num_query_components": 2, "num_item_components": 2, "component_dim": 64, "component_hidden_dim": 0,
-            "approximate_topk": {"class_path": "rails_lightning.retrieval.mol_topk.CombinedTopK",
+            "approximate_topk": {"class_path": "rails_lightning.similarity.mol.topk.CombinedTopK",
                                  "init_args": {"k_prime": 8, "averaged_k_prime": 20}},
         },
     },

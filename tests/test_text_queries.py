@@ -23,7 +23,7 @@ from rails_lightning.errors import ConfigError  # noqa: E402
 from rails_lightning.models import GRUOverTokens, MeanPooledTokens, PretrainedSentenceQueries, RetrievalModule  # noqa: E402
 from rails_lightning.models.item_towers import ContentTower  # noqa: E402
 from rails_lightning.objectives import SharedNegatives  # noqa: E402
-from rails_lightning.retrieval.mol_topk import CombinedTopK  # noqa: E402
+from rails_lightning.similarity.mol.topk import CombinedTopK  # noqa: E402
 from rails_lightning.similarity import DotProduct, MixtureOfLogits  # noqa: E402
 
 KS = (1, 10, 50)
