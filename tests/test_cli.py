@@ -163,3 +163,24 @@ def test_every_command_help_starts_with_what_it_does_and_an_example(command, cap
     summary = COMMANDS[command].summary
     assert lines[start] == f"{summary[0].upper()}{summary[1:]}."
     assert lines[start + 2] == "Example:" and lines[start + 3].strip() == COMMANDS[command].example
+
+
+@pytest.mark.parametrize("config", [None, "configs/ml-1m/content_tower.yaml"])
+def test_the_resolved_config_serialises_every_piece_and_parses_again(tmp_path, config):
+    """--print_config (what each run saves as config.yaml) writes every chosen piece as class_path + init_args, no
+    'Unable to serialize' in place of a default, and the written config is a valid --config again."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    first = subprocess.run([sys.executable, "-m", "rails_lightning", "fit", *(["--config", config] if config else []), "--print_config"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "Unable to serialize" not in first.stdout + first.stderr
+    assert "class_path: rails_lightning.models.item_towers." in first.stdout
+    written = tmp_path / "resolved.yaml"
+    written.write_text(first.stdout)
+    again = subprocess.run([sys.executable, "-m", "rails_lightning", "fit", "--config", str(written), "--print_config"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr[-2000:]

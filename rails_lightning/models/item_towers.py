@@ -24,7 +24,6 @@ Content towers keep the corpus's features as buffers, filled from the DataModule
 from __future__ import annotations
 
 import hashlib
-from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -115,7 +114,7 @@ class ContentTower(ItemTower):
         numeric_columns: numeric columns; () for none.
         text_featurizer: the frozen featuriser of the text (``class_path`` of a
             ``rails_lightning.data.text_features.TextFeaturizer``: ``HashedWordNgrams``, dependency-free, the
-            default; ``PretrainedSentenceEncoder``, all-MiniLM-L6-v2).
+            default (None: it, with its defaults); ``PretrainedSentenceEncoder``, all-MiniLM-L6-v2).
         text_cache_dir: where the corpus's text vectors are cached (None: recompute every time).
         category_buckets: rows of the categorical embedding table; values are hashed into them.
         max_categories: categorical values kept per item (over all categorical columns, in column order).
@@ -138,7 +137,7 @@ class ContentTower(ItemTower):
         text_columns: Sequence[str] = ("title",),
         categorical_columns: Sequence[str] = (),
         numeric_columns: Sequence[str] = (),
-        text_featurizer: TextFeaturizerFactory = partial(HashedWordNgrams),
+        text_featurizer: TextFeaturizerFactory | None = None,
         text_cache_dir: str | None = DEFAULT_CACHE_DIR,
         category_buckets: int = 4096,
         max_categories: int = 16,
@@ -154,7 +153,9 @@ class ContentTower(ItemTower):
             raise ConfigError("ContentTower(residual=True) adds the text vector to the MLP's output: give text_columns")
         self.text_columns, self.categorical_columns = list(text_columns), list(categorical_columns)
         self.numeric_columns = list(numeric_columns)
-        self.featurizer = build_factory(text_featurizer, TextFeaturizer)() if self.text_columns else None
+        # (None, not a partial, as the default: a resolved config can write None, and no partial of a class.)
+        featurizer = HashedWordNgrams if text_featurizer is None else build_factory(text_featurizer, TextFeaturizer)
+        self.featurizer = featurizer() if self.text_columns else None
         self.text_cache_dir = text_cache_dir
         self.category_buckets, self.max_categories = category_buckets, max_categories
         T = self.featurizer.dim if self.featurizer is not None else 0
