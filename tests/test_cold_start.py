@@ -362,3 +362,11 @@ def test_the_seeds_of_a_cold_split_experiment_are_one_row_of_the_results_table()
 
     assert experiment_config(config(0, 0)) == experiment_config(config(1, 1)) == {"data": {"cold_item_fraction": 0.1}}
     assert experiment_config(config(0, 7)) == {"data": {"cold_item_fraction": 0.1, "cold_item_seed": 7}}
+
+
+def test_a_cold_split_of_text_queries_is_refused():
+    """split=by_query trains on (query, document) pairs that do not go through the warm events: refused, not leaked."""
+    from rails_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cold_item_fraction works with the leave_one_out and temporal splits"):
+        InteractionDataModule(split="by_query", cold_item_fraction=0.1)

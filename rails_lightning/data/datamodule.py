@@ -271,6 +271,8 @@ class InteractionDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"--data.cold_item_fraction must be in [0, 1) and --data.cold_item_strata >= 1, got {cold_item_fraction} and {cold_item_strata}"
             )
+        if cold_item_fraction > 0 and split == "by_query":  # its training pairs are not built from the warm events
+            raise ConfigError("--data.cold_item_fraction works with the leave_one_out and temporal splits, not with split=by_query")
         self.source = source if source is not None else SyntheticSource()
         self.max_seq_len = max_seq_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
