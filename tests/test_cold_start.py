@@ -299,10 +299,12 @@ def test_baselines_cold_metrics_equal_a_brute_force_ranking(tmp_path, stage):
 
 
 # ---------------------------------------------------------------------------------------------------- a real fit
-def test_a_content_tower_fit_reports_cold_metrics_and_baselines(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tower", ["ContentTower", "IdAndContent"])
+def test_a_content_tower_fit_reports_cold_metrics_and_baselines(tmp_path, monkeypatch, tower):
     """A tiny fit through the CLI with a content tower on a cold split: the run reports val/cold/hr@10 and
     val/cold_only/hr@10, records the cold items and their seed (the run's), and the baselines beside it; no cold
-    item had a training event."""
+    item had a training event. With ids beside the content, a cold item's id vector is still exactly zero after
+    training (it is placed by its content alone) while the trained items' moved."""
     from rails_lightning.cli import main
     from rails_lightning.runs import RunRecord
 
@@ -326,7 +328,7 @@ data:
 model:
   item_dim: 16
   item_tower:
-    class_path: rails_lightning.models.item_towers.ContentTower
+    class_path: rails_lightning.models.item_towers.{tower}
     init_args: {{text_columns: [title], categorical_columns: [genres], text_cache_dir: null, hidden_dim: 32}}
   objective:
     class_path: rails_lightning.objectives.SharedNegatives
@@ -350,6 +352,12 @@ trainer:
     # The title and genre place a cold item with its genre: better than chance among the cold items.
     assert record.test["test/cold_only/mrr"] > record.baselines["random"]["test/cold_only/mrr"]
     assert cli.datamodule.train_item_counts[cli.datamodule.cold_items].sum() == 0
+    if tower == "IdAndContent":
+        id_vectors = cli.model.item_tower.ids.embedding.weight.detach()  # (N + 1, D)
+        cold = torch.from_numpy(cli.datamodule.cold_items)
+        assert cold.sum() == 4 and (id_vectors[cold] == 0).all()
+        trained = torch.from_numpy(cli.datamodule.train_item_counts > 0)
+        assert (id_vectors[trained].abs().sum(dim=-1) > 0).all()
 
 
 def test_the_seeds_of_a_cold_split_experiment_are_one_row_of_the_results_table():

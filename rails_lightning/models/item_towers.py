@@ -252,7 +252,9 @@ class ContentTower(ItemTower):
 class IdAndContent(ContentTower):
     """``IdEmbedding`` + ``ContentTower``; while training, the id part of each item occurrence is zeroed
     with probability ``id_dropout`` (not rescaled), so that the content part alone learns to place an item.
-    New items (``encode_content``) get the content part only.
+    The id part starts at zero: an item that training never touches (a cold-start item, which no history,
+    target or negative holds) keeps a zero id vector, so it is placed by its content alone, as a new item
+    (``encode_content``) is, instead of by a random untrained id vector.
 
     Args:
         id_dropout: probability of dropping the id part of an item occurrence while training.
@@ -264,7 +266,7 @@ class IdAndContent(ContentTower):
         if not 0.0 <= id_dropout < 1.0:
             raise ConfigError(f"id_dropout must be in [0, 1), got {id_dropout}")
         self.id_dropout = id_dropout
-        self.ids = IdEmbedding(num_items, dim, num_item_features)
+        self.ids = IdEmbedding(num_items, dim, num_item_features, init_std=0.0)
 
     def load_item_features(self, features: Tensor) -> None:
         self.ids.load_item_features(features)

@@ -80,6 +80,9 @@ def test_content_tower_learns_through_every_part():
 def test_id_and_content_drops_the_id_part_in_training_only():
     tower = _tower(IdAndContent, id_dropout=0.5)
     tower.load_content(_content())
+    assert (tower.ids.embedding.weight == 0).all()  # the id part starts at zero: untrained items are content only
+    with torch.no_grad():
+        tower.ids.embedding.weight[1:].normal_()  # as if trained
     ids = torch.arange(1, N + 1).repeat(64)  # (256,)
     content_only = ContentTower.forward(tower.eval(), ids)
     with torch.no_grad():
