@@ -174,10 +174,15 @@ def _model_of(config: dict[str, Any], run_config: dict[str, Any]) -> str:
 
 
 def trial_name(index: int, config: dict[str, Any], run_config: dict[str, Any]) -> str:
-    """``03-actions_ids-MoL-seed1``: the index, a swept config file's stem, the model, the seed (those swept or known)."""
+    """``03-actions_ids-MoL-seed1``: the index, a swept config file's stem, the class of each other swept piece
+    (``05-IdAndContent-MoL-seed2`` for a swept ``model.item_tower``), the model, the seed (those swept or known)."""
     parts = [f"{index:02d}"]
     if "config" in run_config:  # one variant of an experiment per config file
         parts.append(Path(str(run_config["config"]["value"])).stem)
+    for name, entry in run_config.items():  # a swept class_path says which variant this trial is
+        value = entry.get("value") if isinstance(entry, dict) else None
+        if name not in ("model", "model.similarity") and isinstance(value, dict) and "class_path" in value:
+            parts.append(str(value["class_path"]).rsplit(".", 1)[-1])
     model = _model_of(config, run_config)
     if model != "?":
         parts.append(model)

@@ -414,3 +414,12 @@ def test_trial_names_carry_a_swept_config_files_stem():
     names = [sweep.trial_name(index, config, run_config) for index, run_config in enumerate(sweep.proposals(config))]
     assert names[:4] == ["00-actions_ids-TwoTower-seed0", "01-actions_ids-TwoTower-seed1", "02-actions_ids-TwoTower-seed2", "03-actions_ids-MoL-seed0"]
     assert len(set(names)) == 24 and names[-1] == "23-actions_liked_history-MoL-seed2"
+
+
+def test_trial_names_carry_the_class_of_a_swept_piece():
+    config = sweep.load_sweep_config(REPO / "sweeps" / "cold_start_ml1m.yaml")
+    names = [sweep.trial_name(index, config, run_config) for index, run_config in enumerate(sweep.proposals(config))]
+    assert len(set(names)) == 18
+    assert {name.split("-", 1)[1] for name in names} == {
+        f"{tower}-{model}-seed{seed}" for tower in ("ContentTower", "IdAndContent", "IdEmbedding") for model in ("TwoTower", "MoL") for seed in range(3)
+    }
