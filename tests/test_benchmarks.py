@@ -318,3 +318,26 @@ def test_gpu_check_reads_a_stopped_fit_from_its_last_checkpoint(tmp_path):
     progress = gpu_check.run_progress(0, run_dir)
     assert progress["read_from"] == "checkpoints/last.ckpt" and progress["status"] == "missing" and progress["epochs"] >= 1
     assert progress["first_epoch_s"] > 0 and 0 <= progress["best_val_hr@10"] <= 1 and progress["test_hr@10"] is None
+
+
+@pytest.mark.slow
+def test_time_to_quality_tests_every_epochs_weights_and_plots_them(tmp_path):
+    """Two tiny fits of 3 epochs through the script: a test point per epoch at its fit time, and the point of the
+    validation-selected epoch is the fit's own test figure (the same weights, tested again)."""
+    out = tmp_path / "ttq"
+    _run_script(["benchmarks/time_to_quality.py", "--seeds", "0", "1", "--out", str(out), "--target", "0.05",
+                 "--", *TINY_CLI_ARGS, "--trainer.max_epochs=3"], timeout=600)
+    result = json.loads((out / "time_to_quality.json").read_text())
+    assert set(result["points"]) == {"seed0", "seed1"} and (out / "time_to_quality.png").stat().st_size > 5000
+    for name, points in result["points"].items():
+        assert [p["epoch"] for p in points] == [0, 1, 2]
+        times = [p["fit_seconds"] for p in points]
+        assert times == sorted(times) and times[0] > 0
+        record = json.loads((out / name / "run.json").read_text())
+        best = max(points, key=lambda p: p["val/hr@10"])  # ModelCheckpoint keeps the first best on a tie
+        assert record["checkpoint"].split("/")[-1].startswith(f"epoch{best['epoch']:03d}")
+        assert best["test/hr@10"] == pytest.approx(record["test"]["test/hr@10"])
+        summary = result["runs"][name]
+        reached = next((p for p in points if p["test/hr@10"] >= 0.05), None)
+        assert summary["first_reached_epoch"] == (reached["epoch"] if reached else None)
+    assert "| mean ± std |" in (out / "time_to_quality.md").read_text()
