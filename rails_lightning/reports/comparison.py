@@ -8,10 +8,11 @@ most-popular baseline on the same split.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from rails_lightning.reports.collect import DEFAULT_METRIC, MODEL_LABELS, ReportedRun, group_by_model
 from rails_lightning.reports.table import markdown_table, mean_pm_std, short_number
@@ -44,17 +45,18 @@ def comparison_markdown(results: Sequence[ReportedRun], metric: str = DEFAULT_ME
 
     header = ["model", "runs ok / all", *(f"{k} (mean ± std)" for k in keys)]
     rows = []
-    for model, runs in group_by_model(results).items():
+    for label, runs in _groups(results, param_names):
         ok = [r for r in runs if r.ok]
         cells = [mean_pm_std([r.record.metrics[key] for r in ok if key in r.record.metrics]) for key in keys]
-        rows.append([MODEL_LABELS.get(model, model), f"{len(ok)} / {len(runs)}", *cells])
-    baselines = [r.record.baseline for r in results if r.ok and r.record.baseline]
+        rows.append([label, f"{len(ok)} / {len(runs)}", *cells])
+    # A baseline once per split: runs on the same split (other models or settings, same seed) hold the same one.
+    baselines = _distinct(r.record.baseline for r in results if r.ok and r.record.baseline)
     if baselines:
         cells = [mean_pm_std([b[key] for b in baselines if key in b]) for key in keys]
         rows.append([BASELINE_LABEL, f"{len(baselines)} / {len(baselines)}", *cells])
     names = dict.fromkeys(name for r in results if r.ok for name in r.record.baselines)  # in first-seen order
     for name in names:
-        others = [r.record.baselines[name] for r in results if r.ok and name in r.record.baselines]
+        others = _distinct(r.record.baselines[name] for r in results if r.ok and name in r.record.baselines)
         cells = [mean_pm_std([b[key] for b in others if key in b]) for key in keys]
         rows.append([BASELINE_LABELS.get(name, name), f"{len(others)} / {len(others)}", *cells])
     parts += ["## Per model: mean ± std over runs (seeds)", "", markdown_table(header, rows), ""]
@@ -62,6 +64,29 @@ def comparison_markdown(results: Sequence[ReportedRun], metric: str = DEFAULT_ME
     if failed:
         parts += [f"{len(failed)} run(s) did not finish: " + ", ".join(f"{r.name} ({r.shown_status}; log: {r.record.run_dir}/trial.log)" for r in failed), ""]
     return "\n".join(parts)
+
+
+def _groups(results: Sequence[ReportedRun], param_names: Sequence[str]) -> list[tuple[str, list[ReportedRun]]]:
+    """The rows of the per-model table: one per model and swept setting when some setting was run with several
+    seeds (a grid of towers x seeds: each tower its own row), else one per model (a search whose every trial
+    has its own setting: the model's mean over them)."""
+    by_setting: dict[tuple, list[ReportedRun]] = {}
+    for model, runs in group_by_model(results).items():
+        for run in runs:
+            by_setting.setdefault((model, *(str(short_number(run.params.get(p, ""))) for p in param_names)), []).append(run)
+    if param_names and any(len(runs) > 1 for runs in by_setting.values()):
+        return [
+            (", ".join([MODEL_LABELS.get(key[0], key[0]), *(f"{p}={v}" for p, v in zip(param_names, key[1:]) if v != "")]), runs)
+            for key, runs in by_setting.items()
+        ]
+    return [(MODEL_LABELS.get(model, model), runs) for model, runs in group_by_model(results).items()]
+
+
+def _distinct(values: Iterable[dict]) -> list[dict]:
+    seen: dict[str, dict] = {}
+    for value in values:
+        seen.setdefault(json.dumps(value, sort_keys=True), value)
+    return list(seen.values())
 
 
 def final_table(record: RunRecord) -> str:
