@@ -372,6 +372,34 @@ def test_the_seeds_of_a_cold_split_experiment_are_one_row_of_the_results_table()
     assert experiment_config(config(0, 7)) == {"data": {"cold_item_fraction": 0.1, "cold_item_seed": 7}}
 
 
+def test_a_cold_split_row_says_so_stands_beside_no_published_figure_and_is_labelled_by_its_tower():
+    """Rows of a towers x seeds cold-start grid on ML-1M: the split cell names the held-out share; no published
+    figure (all of them train on every item) is beside them or listed under them; each row is labelled by its
+    tower's class alone (IdAndContent's inherited defaults and the featuriser inside it are not differences)."""
+    from rails_lightning.reports import ReportedRun
+    from rails_lightning.reports.reproduction import results_table
+    from rails_lightning.runs import RunRecord
+
+    def run(tower, init_args, seed):
+        config = {"seed_everything": seed, "data": {"cold_item_fraction": 0.1, "source": {
+            "class_path": "rails_lightning.data.MovieLensSource", "init_args": {"variant": "ml-1m"}}},
+            "model": {"query_encoder": {"class_path": "rails_lightning.models.SASRecEncoder"},
+                      "item_tower": {"class_path": f"rails_lightning.models.item_towers.{tower}", "init_args": init_args}}}
+        record = RunRecord(run_dir=f"/r/{tower}{seed}", model="TwoTower", config=config, val={"val/hr@10": 0.1}, test={"test/hr@10": 0.1 + seed / 100})
+        return ReportedRun(record, f"{tower}-{seed}")
+
+    content = {"text_columns": ["title"], "categorical_columns": ["genres"],
+               "text_featurizer": {"class_path": "rails_lightning.data.text_features.PretrainedSentenceEncoder"}}
+    both = {**content, "id_dropout": 0.5, "hidden_dim": 256, "text_featurizer": {"class_path": "rails_lightning.data.text_features.PretrainedSentenceEncoder"}}
+    runs = [run(tower, args, seed) for tower, args in (("ContentTower", content), ("IdAndContent", both), ("IdEmbedding", {})) for seed in range(2)]
+    table = results_table(runs, all_figures=True)
+    rows = [line for line in table.splitlines() if line.startswith("| ml-1m")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        f"ml-1m SASRec TwoTower (item_tower={tower}())" for tower in ("ContentTower", "IdAndContent", "IdEmbedding")]
+    assert all("10% of items held out of training (cold)" in row and row.rstrip(" |").endswith("—") for row in rows)
+    assert "Published and recomputed figures" not in table
+
+
 def test_a_cold_split_of_text_queries_is_refused():
     """split=by_query trains on (query, document) pairs that do not go through the warm events: refused, not leaked."""
     from rails_lightning.errors import ConfigError

@@ -112,10 +112,21 @@ def _class_defaults(class_path: str) -> dict[str, Any]:
     module_name, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)
-        parameters = inspect.signature(cls.__init__).parameters.values()
-    except (ImportError, AttributeError, ValueError, TypeError):
+    except (ImportError, AttributeError, ValueError):
         return {}
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    defaults: dict[str, Any] = {}
+    # A class whose __init__ passes **kwargs on (IdAndContent -> ContentTower) takes its base's options too.
+    for klass in cls.__mro__ if isinstance(cls, type) else [cls]:
+        try:
+            parameters = inspect.signature(klass.__init__).parameters.values()
+        except (ValueError, TypeError):
+            break
+        for p in parameters:
+            if p.default is not inspect.Parameter.empty:
+                defaults.setdefault(p.name, p.default)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) or klass is object:
+            break
+    return defaults
 
 
 def _without_defaults(value: Any) -> Any:
@@ -186,8 +197,10 @@ class ConfigRow:
 
     def matching_figures(self) -> list[PublishedFigure]:
         """The published figures for this config's dataset, encoder (and its depth) and model, in published.yaml's order;
-        none for a run on another protocol than leave-one-out (every published figure is a leave-one-out one)."""
-        if self.config.get("data", {}).get("split", "leave_one_out") != "leave_one_out":
+        none for a run on another protocol than leave-one-out over every item (every published figure is a leave-one-out
+        one, no item held out of training)."""
+        data = self.config.get("data", {})
+        if data.get("split", "leave_one_out") != "leave_one_out" or data.get("cold_item_fraction"):
             return []
         dataset, encoder, layers = dataset_name(self.config), encoder_name(self.config), _encoder_layers(self.config)
         return [figure for figure in published_figures() if (figure.dataset, figure.encoder, figure.model) == (dataset, encoder, self.model)
@@ -202,12 +215,16 @@ def _differing_settings(differing: list[str], flat: dict[str, Any]) -> list[str]
     """``key=value`` of the differing settings of one config; a piece whose class differs (``model.objective``)
     is one entry, ``objective=Class(its differing options)``, without the options its class does not have."""
     pieces = [k[: -len(".class_path")] for k in differing if k.endswith(".class_path")]
+    # A piece inside a piece whose class differs (the text featuriser of a swapped item tower) is part of that class.
+    pieces = [piece for piece in pieces if not any(piece.startswith(outer + ".init_args.") for outer in pieces)]
     settings = []
     for piece in pieces:
         if flat.get(piece + ".class_path") is None:  # this config has no such piece
             settings.append(f"{piece.rsplit('.', 1)[-1]}=None")
             continue
-        own = [k for k in differing if k.startswith(piece + ".init_args.") and flat.get(k) is not None]
+        # Its own scalar options only: not list elements (``text_columns.0``) nor options of pieces inside it.
+        own = [k for k in differing if k.startswith(piece + ".init_args.") and "." not in k[len(piece + ".init_args."):]
+               and flat.get(k) is not None]
         options = ", ".join(f"{k.rsplit('.', 1)[1]}={short_number(flat[k])}" for k in own)
         settings.append(f"{piece.rsplit('.', 1)[-1]}={str(flat.get(piece + '.class_path')).rsplit('.', 1)[-1]}({options})")
     settings += [f"{k}={short_number(_value_or_default(k, flat))}" for k in differing if not any(k.startswith(piece + ".") for piece in pieces)]
@@ -263,9 +280,10 @@ def _epochs(runs: Sequence[ReportedRun]) -> str:
 def split_label(config: dict[str, Any]) -> str:
     """How a run's config splits the data, for a table cell: each user's events in the data's own (fixed) order."""
     data = config.get("data") or {}
+    cold = f"; {data['cold_item_fraction']:.0%} of items held out of training (cold)" if data.get("cold_item_fraction") else ""
     if data.get("split", "leave_one_out") == "leave_one_out":
-        return "leave-one-out + validation item; the data's fixed order"
-    return f"temporal: last {data.get('test_fraction', 0.1):.0%} of events test, {data.get('val_fraction', 0.1):.0%} before validate"
+        return "leave-one-out + validation item; the data's fixed order" + cold
+    return f"temporal: last {data.get('test_fraction', 0.1):.0%} of events test, {data.get('val_fraction', 0.1):.0%} before validate" + cold
 
 
 def selection_label(config: dict[str, Any]) -> str:
