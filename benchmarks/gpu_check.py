@@ -359,6 +359,8 @@ def _checkpoint_progress(run_dir: Path) -> tuple[list[dict], float | None]:
 
 def _extrapolate(runs: list[dict], full_epochs: int) -> dict:
     """The config's full epochs per seed, at the first epoch's seconds plus the later epochs' median, side by side as measured."""
+    from rails_lightning.reports import format_duration
+
     per_seed = [run["first_epoch_s"] + (full_epochs - 1) * (run["later_epoch_s"] or run["first_epoch_s"])
                 for run in runs if run["first_epoch_s"] is not None]
     if not per_seed:
@@ -368,14 +370,10 @@ def _extrapolate(runs: list[dict], full_epochs: int) -> dict:
         "full_epochs": full_epochs, "seeds_measured": len(per_seed), "fit_s_per_seed": per_seed,
         "side_by_side_s": side_by_side,
         "text": f"{full_epochs} epochs x {len(runs)} seeds side by side on this device, as measured here: about "
-                f"{_duration(side_by_side)} of fitting (each seed's first epoch plus {full_epochs - 1} x the median of its "
+                f"{format_duration(side_by_side)} of fitting (each seed's first epoch plus {full_epochs - 1} x the median of its "
                 f"later epochs, training and per-epoch evaluation, with {len(runs)} runs sharing the device), plus each run's "
                 "start-up and final validation and test",
     }
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
 # ---------------------------------------------------------------------------------------------------- output

@@ -33,6 +33,7 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rails_lightning.reports import format_duration  # noqa: E402
 from rails_lightning.runs import RunRecord  # noqa: E402
 
 KEEP_EVERY_EPOCH = [
@@ -110,20 +111,16 @@ def summarise(runs: dict[str, list[dict]], records: dict[str, RunRecord], target
     return summary
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
 def markdown(summary: dict, target: float) -> str:
     lines = [f"| run | seed | epochs | fit wall time | test HR@10 (validation-selected) | first tested epoch with test HR@10 >= {target} |",
              "|---|---|---|---|---|---|"]
     for name, row in summary.items():
-        reached = "not reached" if row["first_reached_seconds"] is None else f"epoch {row['first_reached_epoch']}, {_duration(row['first_reached_seconds'])}"
-        lines.append(f"| {name} | {row['seed']} | {row['epochs']} | {_duration(row['fit_seconds'])} | {row['selected_test_hr@10']:.4f} | {reached} |")
+        reached = "not reached" if row["first_reached_seconds"] is None else f"epoch {row['first_reached_epoch']}, {format_duration(row['first_reached_seconds'])}"
+        lines.append(f"| {name} | {row['seed']} | {row['epochs']} | {format_duration(row['fit_seconds'])} | {row['selected_test_hr@10']:.4f} | {reached} |")
     selected = [row["selected_test_hr@10"] for row in summary.values()]
     seconds = [row["fit_seconds"] for row in summary.values()]
     if len(selected) > 1:
-        lines.append(f"| mean ± std | | | {_duration(statistics.mean(seconds))} ± {_duration(statistics.stdev(seconds))} | "
+        lines.append(f"| mean ± std | | | {format_duration(statistics.mean(seconds))} ± {format_duration(statistics.stdev(seconds))} | "
                      f"{statistics.mean(selected):.4f} ± {statistics.stdev(selected):.4f} | |")
     return "\n".join(lines) + "\n"
 

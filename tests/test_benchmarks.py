@@ -341,3 +341,11 @@ def test_time_to_quality_tests_every_epochs_weights_and_plots_them(tmp_path):
         reached = next((p for p in points if p["test/hr@10"] >= 0.05), None)
         assert summary["first_reached_epoch"] == (reached["epoch"] if reached else None)
     assert "| mean ± std |" in (out / "time_to_quality.md").read_text()
+    # Again on the finished runs, every 2nd epoch only: epoch 1 (the 2nd), the last, and the selected one.
+    sparse = tmp_path / "sparse"
+    _run_script(["benchmarks/time_to_quality.py", str(out / "seed0"), "--every", "2", "--out", str(sparse)], timeout=600)
+    points = json.loads((sparse / "time_to_quality.json").read_text())["points"]["seed0"]
+    selected = max(result["points"]["seed0"], key=lambda p: p["val/hr@10"])["epoch"]
+    assert [p["epoch"] for p in points] == sorted({1, 2, selected})
+    every_epoch = {p["epoch"]: p["test/hr@10"] for p in result["points"]["seed0"]}
+    assert all(p["test/hr@10"] == pytest.approx(every_epoch[p["epoch"]]) for p in points)  # the same weights, the same test

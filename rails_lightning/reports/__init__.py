@@ -27,11 +27,11 @@ from rails_lightning.reports.leaderboard import leaderboard_rows, write_leaderbo
 from rails_lightning.reports.reproduction import (
     PublishedFigure, group_by_config, published_figures, results_table, write_results_table,
 )
-from rails_lightning.reports.table import format_cell, markdown_table, mean_pm_std
+from rails_lightning.reports.table import format_cell, format_duration, markdown_table, mean_pm_std
 
 __all__ = [
     "DEFAULT_METRIC", "ReportedRun", "collect_runs", "group_by_model", "sweep_results", "build_parser", "main",
     "comparison_markdown", "final_table", "plot_hr_at_k", "write_report", "leaderboard_rows", "write_leaderboard",
     "PublishedFigure", "group_by_config", "published_figures", "results_table", "write_results_table",
-    "format_cell", "markdown_table", "mean_pm_std",
+    "format_cell", "format_duration", "markdown_table", "mean_pm_std",
 ]

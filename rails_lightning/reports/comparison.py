@@ -70,16 +70,15 @@ def _groups(results: Sequence[ReportedRun], param_names: Sequence[str]) -> list[
     """The rows of the per-model table: one per model and swept setting when some setting was run with several
     seeds (a grid of towers x seeds: each tower its own row), else one per model (a search whose every trial
     has its own setting: the model's mean over them)."""
-    by_setting: dict[tuple, list[ReportedRun]] = {}
-    for model, runs in group_by_model(results).items():
+    by_model = group_by_model(results)
+    by_setting: dict[str, list[ReportedRun]] = {}
+    for model, runs in by_model.items():
         for run in runs:
-            by_setting.setdefault((model, *(str(short_number(run.params.get(p, ""))) for p in param_names)), []).append(run)
+            setting = [f"{p}={short_number(run.params[p])}" for p in param_names if run.params.get(p, "") != ""]
+            by_setting.setdefault(", ".join([MODEL_LABELS.get(model, model), *setting]), []).append(run)
     if param_names and any(len(runs) > 1 for runs in by_setting.values()):
-        return [
-            (", ".join([MODEL_LABELS.get(key[0], key[0]), *(f"{p}={v}" for p, v in zip(param_names, key[1:]) if v != "")]), runs)
-            for key, runs in by_setting.items()
-        ]
-    return [(MODEL_LABELS.get(model, model), runs) for model, runs in group_by_model(results).items()]
+        return list(by_setting.items())
+    return [(MODEL_LABELS.get(model, model), runs) for model, runs in by_model.items()]
 
 
 def _distinct(values: Iterable[dict]) -> list[dict]:

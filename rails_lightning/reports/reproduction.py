@@ -28,7 +28,7 @@ import yaml
 
 from rails_lightning.errors import UserError
 from rails_lightning.reports.collect import MODEL_ORDER, ReportedRun
-from rails_lightning.reports.table import markdown_table, mean_pm_std, short_number
+from rails_lightning.reports.table import format_duration, markdown_table, mean_pm_std, short_number
 
 TABLE_TEST_METRICS = {"HR@1": "test/hr@1", "HR@10": "test/hr@10", "HR@50": "test/hr@50", "HR@200": "test/hr@200",
                       "NDCG@10": "test/ndcg@10", "MRR": "test/mrr"}
@@ -268,10 +268,6 @@ def group_by_config(runs: Sequence[ReportedRun]) -> list[ConfigRow]:
                                                   MODEL_ORDER.get(row.model, len(MODEL_ORDER)), row.label))
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
 def _epochs(runs: Sequence[ReportedRun]) -> str:
     epochs = sorted({r.record.epochs for r in runs if r.record.epochs is not None})
     return "?" if not epochs else str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}"
@@ -320,7 +316,7 @@ def results_table(runs: Sequence[ReportedRun], command: str | None = None, metri
                    for key in columns.values()]
         seconds = [float(r.record.fit_seconds) for r in row.runs if r.record.fit_seconds is not None]
         hardware = "; ".join(sorted({r.record.hardware for r in row.runs}))
-        rows.append([row.label, len(row.runs), *metrics, _epochs(row.runs), _duration(statistics.fmean(seconds)) if seconds else "?",
+        rows.append([row.label, len(row.runs), *metrics, _epochs(row.runs), format_duration(statistics.fmean(seconds)) if seconds else "?",
                      hardware, split_label(row.config), selection_label(row.config), _published_cell(row.published())])
     explanation = ("Test metrics of the selected checkpoint, full corpus; mean ± sample std over seeds (±— for one run). "
                    "Fit time: mean wall time of `fit` (training and per-epoch evaluation). Split and selection: ours, read "

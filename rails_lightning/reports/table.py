@@ -22,6 +22,11 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
+def format_duration(seconds: float) -> str:
+    """A wall time for a table or a line of text: ``95 s``, ``12.5 min``, ``2.4 h``."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def short_number(value: Any) -> Any:
     """A swept or differing setting as a label: floats to 3 significant digits (``0.001``, ``3e-05``)."""
     return f"{value:.3g}" if isinstance(value, float) else value
