@@ -16,7 +16,9 @@ What ``wandb sweep`` + ``wandb agent`` do with a server, done locally with W&B's
   (and a bare ``python``) is this Python, so that trials run in the same environment;
 * trials run one after another (or ``--parallel N`` at once) as subprocesses, each with ``--run_dir=<out>/<trial>`` and W&B
   offline (``wandb sync <out>/*/wandb/offline-run-*`` uploads them later, grouped by sweep);
-* a failed trial is reported as failed and the sweep goes on; progress is printed as trials go.
+* a failed trial is reported as failed and the sweep goes on; progress is printed as trials go;
+* a sweep cut off (Ctrl-C, SIGTERM, SIGHUP, a lost machine) goes on with ``--resume OUT``: its finished trials are
+  kept, the others run again from their last checkpoint (``--ckpt_path``), then the remaining proposals run.
 
 At the end (or on Ctrl-C) ``<out>/summary.md`` (the metric per trial, mean ± std per model) and
 ``<out>/hr_at_k.png`` (HR@K against K per model) are written and the table is printed.
@@ -219,6 +221,7 @@ def run_sweep(
     extra_args: Sequence[str] = (),
     timeout: float | None = None,
     parallel: int = 1,
+    resume: str | Path | None = None,
 ) -> tuple[Path, str]:
     """Run a sweep's trials locally, up to ``parallel`` at once; returns the output folder and the markdown summary."""
     if parallel < 1:
@@ -230,43 +233,63 @@ def run_sweep(
         raise SweepError(f"{sweep_file} is not a valid W&B sweep config: " + "; ".join(violations))
     name = str(config.get("name") or Path(sweep_file).stem)
     metric = config.get("metric", {}).get("name", DEFAULT_METRIC)
+    if resume is not None:
+        out = Path(resume).resolve()
+        record, runs, pending = _resumed(out, sweep_file, config)
+        extra_args = record.get("extra_args", [])
+        count = record.get("count") if count is None else count
     limit = _trial_limit(config, count)
     check_metric_is_logged(config, metric, extra_args)
-    out = _new_folder(Path(out_dir) if out_dir else Path(f"sweeps_out/{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if resume is None:
+        out = _new_folder(Path(out_dir) if out_dir else Path(f"sweeps_out/{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        record = {"sweep_file": str(Path(sweep_file).resolve()), "config": config, "out": str(out),
+                  "count": count, "extra_args": list(extra_args), "trials": []}
+        runs, pending = [], []  # runs: W&B's proposals, finished or not (the search sees every trial proposed so far)
     total = limit
     if config["method"] == "grid":  # a grid ends by itself
         grid_size = len(proposals(config))
         total = grid_size if limit is None else min(limit, grid_size)
-    record: dict[str, Any] = {"sweep_file": str(Path(sweep_file).resolve()), "config": config, "out": str(out), "trials": []}
-    runs: list = []  # W&B's proposals, finished or not: the search sees every trial proposed so far
     running: list[_Trial] = []
     threads = _threads_per_trial(parallel)
     gpus = _visible_gpus() if parallel > 1 else []  # with several, trials side by side go to different GPUs
     _say(f"sweep {name} ({config['method']}, metric {metric}), {total} trials"
-         + (f", up to {parallel} at once" if parallel > 1 else "") + f", output: {out}")
+         + (f", up to {parallel} at once" if parallel > 1 else "") + f", output: {out}"
+         + (f" (resumed: {len(runs) - len(pending)} finished, {len(pending)} to run again)" if resume is not None else ""))
     try:
         exhausted = False
         while True:
-            while not exhausted and len(running) < parallel and (limit is None or len(runs) < limit):
-                proposal = propose(config, runs)
-                if proposal is None:
-                    exhausted = True
-                    break
-                proposal.state = sweeps.RunState.running
-                index = len(runs)
-                trial = trial_name(index, config, proposal.config)
-                run_dir = out / trial
-                run_dir.mkdir(parents=True, exist_ok=True)
-                argv = expand_command(config, proposal.config, args_json_file=run_dir / "args.json")
-                argv += [f"--run_dir={run_dir}", *extra_args]
-                entry = {
-                    "name": trial, "params": short_params(proposal.config), "model": _model_of(config, proposal.config),
-                    "config": proposal.config, "argv": argv, "status": "running",
-                }
-                record["trials"].append(entry)
-                runs.append(proposal)
+            while len(running) < parallel and (pending or (not exhausted and (limit is None or len(runs) < limit))):
+                if pending:  # a trial of the cut-off sweep: the same command, from its last checkpoint if it wrote one
+                    index, entry, proposal = pending.pop(0)
+                    trial = entry["name"]
+                    run_dir = out / trial
+                    argv = [a for a in entry["argv"] if not a.startswith("--ckpt_path=")]
+                    last = run_dir / "checkpoints" / "last.ckpt"
+                    if last.is_file():
+                        argv.append(f"--ckpt_path={last}")
+                    entry.update(argv=argv, status="running", resumed=True)
+                    _say(f"trial {index + 1}/{total} {entry['name']} again"
+                         + (f", from {last}" if last.is_file() else ", from the start (no checkpoint)"))
+                else:
+                    proposal = propose(config, runs)
+                    if proposal is None:
+                        exhausted = True
+                        continue
+                    proposal.state = sweeps.RunState.running
+                    index = len(runs)
+                    trial = trial_name(index, config, proposal.config)
+                    run_dir = out / trial
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    argv = expand_command(config, proposal.config, args_json_file=run_dir / "args.json")
+                    argv += [f"--run_dir={run_dir}", *extra_args]
+                    entry = {
+                        "name": trial, "params": short_params(proposal.config), "model": _model_of(config, proposal.config),
+                        "config": proposal.config, "argv": argv, "status": "running",
+                    }
+                    record["trials"].append(entry)
+                    runs.append(proposal)
+                    _say(f"trial {index + 1}/{total} {trial}: {' '.join(argv[1:] if argv[0].endswith('/env') else argv)}")
                 _write(out / "sweep.json", record)
-                _say(f"trial {index + 1}/{total} {trial}: {' '.join(argv[1:] if argv[0].endswith('/env') else argv)}")
                 slot = min(set(range(parallel)) - {t.slot for t in running})
                 gpu = gpus[slot % len(gpus)] if len(gpus) > 1 else None
                 if gpu is not None:
@@ -305,6 +328,32 @@ def run_sweep(
             print("\n" + markdown, flush=True)
             _say(f"summary: {out / 'summary.md'}, plot: {out / 'hr_at_k.png'}")
     return out, markdown
+
+
+def _resumed(out: Path, sweep_file: str | Path, config: dict[str, Any]) -> tuple[dict[str, Any], list, list]:
+    """The record of the cut-off sweep in ``out``, W&B's view of its trials (finished ones with their metrics,
+    the rest as running, so that no grid point is proposed twice) and the trials to run again."""
+    sweeps = _sweeps()
+    path = out / "sweep.json"
+    if not path.is_file():
+        raise SweepError(f"{out}: no sweep.json there; --resume takes the output folder of an earlier sweep")
+    record = json.loads(path.read_text())
+    if record.get("config") != config:
+        raise SweepError(f"{out} holds a sweep of {record.get('sweep_file')}, and {sweep_file} is not that sweep file "
+                         "(or it has changed since): its trials would not be comparable; start a new sweep")
+    runs, pending = [], []
+    for index, entry in enumerate(record["trials"]):
+        metrics = _summary_metrics(out / entry["name"])
+        if metrics:
+            state = sweeps.RunState.finished
+            entry["status"] = "finished"
+        else:
+            state = sweeps.RunState.running
+        run = sweeps.SweepRun(name=entry["name"], config=entry["config"], state=state, summary_metrics=metrics)
+        runs.append(run)
+        if not metrics:
+            pending.append((index, entry, run))
+    return record, runs, pending
 
 
 def _new_folder(path: Path) -> Path:
@@ -354,7 +403,7 @@ class _Trial:
         """Trial ``index`` started in ``slot`` (0 .. parallel - 1: which of the trials running at once it is)."""
         import subprocess
 
-        log = open(run_dir / "trial.log", "w")
+        log = open(run_dir / "trial.log", "a" if entry.get("resumed") else "w")  # a resumed trial's log goes on
         entry["started_at"] = round(time.time(), 3)  # Unix time: which trials ran side by side
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         return cls(index, slot, proposal, entry, run_dir, process, log)
@@ -406,6 +455,19 @@ def _threads_per_trial(parallel: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // parallel)
 
 
+def _interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP (a closed terminal, a job scheduler, a machine going down) end the sweep as Ctrl-C does:
+    its trials are stopped and recorded as interrupted, the summary is written, and ``--resume`` goes on from there."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, interrupt)
+
+
 def _write(path: Path, record: dict[str, Any]) -> None:
     path.write_text(json.dumps(record, indent=2, default=str))
 
@@ -433,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPU; bayes proposes the next trials from those finished so far. With several GPUs visible, the "
                         "trials running at once go to different ones (CUDA_VISIBLE_DEVICES, round robin); without "
                         "OMP_NUM_THREADS set, each trial gets cpu_count // N threads")
+    parser.add_argument("--resume", default=None, metavar="OUT",
+                        help="go on with the cut-off sweep in OUT (the same sweep file): its finished trials are kept, "
+                        "each unfinished one runs again from its last checkpoint (checkpoints/last.ckpt, the same "
+                        "batches and negatives as without the cut), then the remaining proposals run; its fit arguments "
+                        "(after --) are those it was started with")
     parser.add_argument("--dry_run", action="store_true", help="print the trial commands W&B proposes and stop")
     return parser
 
@@ -453,7 +520,11 @@ def main(argv: Sequence[str]) -> int:
             argv_ = expand_command(config, run_config) + [f"--run_dir=<out>/{trial_name(index, config, run_config)}", *extra]
             print(" ".join(argv_))
         return 0
-    out, _ = run_sweep(args.sweep_file, args.count, args.out, extra, args.timeout, args.parallel)
+    if args.resume is not None and (args.out is not None or extra):
+        raise SweepError("--resume goes on in its own folder with the fit arguments the sweep was started with: "
+                         "leave out --out and the arguments after --")
+    _interrupt_on_termination()
+    out, _ = run_sweep(args.sweep_file, args.count, args.out, extra, args.timeout, args.parallel, resume=args.resume)
     record = json.loads((out / "sweep.json").read_text())
     if not any(trial["status"] == "finished" for trial in record["trials"]):
         raise SweepError(f"no trial of {args.sweep_file} succeeded; each trial's log is in {out}/<trial>/trial.log")

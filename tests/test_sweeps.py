@@ -409,6 +409,66 @@ def test_interrupting_a_parallel_sweep_stops_every_trial(tmp_path):
     assert still_running == "", still_running
 
 
+def test_a_terminated_sweep_resumes_its_unfinished_trial_from_its_checkpoint_and_runs_the_rest(tmp_path):
+    """SIGTERM (a job scheduler, a machine going down) while the first of two trials runs: it is stopped and recorded
+    as interrupted. ``--resume OUT`` runs it again from its last checkpoint (not from the start), then the second
+    grid point, with the fit arguments the sweep was started with; resuming a finished sweep runs nothing."""
+    import signal
+    import time
+
+    out = tmp_path / "cut"
+    sweep_process = subprocess.Popen(
+        [sys.executable, "-m", "rails_lightning", "sweep", "sweeps/mol_vs_dot.yaml", "--count", "2",
+         "--out", str(out), "--", *TINY, "--trainer.max_epochs=4"],
+        cwd=REPO, env=_env(WANDB_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 300
+    first_last = None
+    while time.monotonic() < deadline and first_last is None:  # the first trial has written its epoch-0 checkpoint
+        trials = json.loads((out / "sweep.json").read_text())["trials"] if (out / "sweep.json").is_file() else []
+        if trials and (out / trials[0]["name"] / "checkpoints" / "last.ckpt").is_file():
+            first_last = out / trials[0]["name"] / "checkpoints" / "last.ckpt"
+        time.sleep(0.1)
+    sweep_process.send_signal(signal.SIGTERM)
+    output, _ = sweep_process.communicate(timeout=120)
+    (first,) = json.loads((out / "sweep.json").read_text())["trials"]
+    assert first["status"] == "interrupted", output[-2000:]
+    assert RunRecord.read(out / first["name"]).epochs != 4  # cut off before its end
+
+    resumed = subprocess.run([sys.executable, "-m", "rails_lightning", "sweep", "sweeps/mol_vs_dot.yaml", "--resume", str(out)],
+                             cwd=REPO, env=_env(WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed: 0 finished, 1 to run again" in resumed.stdout
+    trials = json.loads((out / "sweep.json").read_text())["trials"]
+    assert [trial["status"] for trial in trials] == ["finished", "finished"]
+    assert trials[0]["name"] == first["name"] and trials[1]["name"] != first["name"]
+    assert f"--ckpt_path={first_last}" in trials[0]["argv"] and not any(a.startswith("--ckpt_path") for a in trials[1]["argv"])
+    assert "--trainer.max_epochs=4" in trials[1]["argv"]  # the fit arguments it was started with
+    log = (out / first["name"] / "trial.log").read_text()
+    assert "Restoring states from the checkpoint" in log  # went on from its checkpoint, its first part kept in the log
+    for trial in trials:
+        assert RunRecord.read(out / trial["name"]).epochs == 4
+
+    again = subprocess.run([sys.executable, "-m", "rails_lightning", "sweep", "sweeps/mol_vs_dot.yaml", "--resume", str(out)],
+                           cwd=REPO, env=_env(WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resumed: 2 finished, 0 to run again" in again.stdout, again.stdout[-2000:]
+    assert [t["started_at"] for t in json.loads((out / "sweep.json").read_text())["trials"]] == [t["started_at"] for t in trials]
+
+
+def test_resume_refuses_another_sweep_file_a_folder_without_a_sweep_and_new_fit_arguments(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "grid"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"sweep_file": "sweeps/mol_vs_dot.yaml", "trials": [],
+                                                "config": sweep.load_sweep_config("sweeps/mol_vs_dot.yaml")}))
+    with pytest.raises(SweepError, match="is not that sweep file"):
+        sweep.run_sweep("sweeps/two_tower_search.yaml", resume=out)
+    with pytest.raises(SweepError, match="no sweep.json there"):
+        sweep.run_sweep("sweeps/mol_vs_dot.yaml", resume=tmp_path)
+    with pytest.raises(SweepError, match="leave out --out and the arguments after --"):
+        sweep.main(["sweeps/mol_vs_dot.yaml", "--resume", str(out), "--", "--trainer.max_epochs=2"])
+
+
 def test_trial_names_carry_a_swept_config_files_stem():
     config = sweep.load_sweep_config(REPO / "sweeps" / "actions_ablation_ml1m.yaml")
     names = [sweep.trial_name(index, config, run_config) for index, run_config in enumerate(sweep.proposals(config))]
