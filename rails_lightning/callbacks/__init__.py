@@ -1,4 +1,5 @@
 from rails_lightning.callbacks.corpus_evaluation import CorpusEvaluation
+from rails_lightning.callbacks.epoch_lines import EpochLines
 from rails_lightning.callbacks.wandb_logging import WandbBestCheckpoint, WandbHitRateTable
 
-__all__ = ["CorpusEvaluation", "WandbHitRateTable", "WandbBestCheckpoint"]
+__all__ = ["CorpusEvaluation", "EpochLines", "WandbHitRateTable", "WandbBestCheckpoint"]
