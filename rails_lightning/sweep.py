@@ -268,7 +268,7 @@ def run_sweep(
                     if last.is_file():
                         argv.append(f"--ckpt_path={last}")
                     entry.update(argv=argv, status="running", resumed=True)
-                    _say(f"trial {index + 1}/{total} {entry['name']} again"
+                    _say(f"trial {index + 1}/{total} {trial} again"
                          + (f", from {last}" if last.is_file() else ", from the start (no checkpoint)"))
                 else:
                     proposal = propose(config, runs)
@@ -344,15 +344,12 @@ def _resumed(out: Path, sweep_file: str | Path, config: dict[str, Any]) -> tuple
     runs, pending = [], []
     for index, entry in enumerate(record["trials"]):
         metrics = _summary_metrics(out / entry["name"])
+        state = sweeps.RunState.finished if metrics else sweeps.RunState.running
+        runs.append(sweeps.SweepRun(name=entry["name"], config=entry["config"], state=state, summary_metrics=metrics))
         if metrics:
-            state = sweeps.RunState.finished
             entry["status"] = "finished"
         else:
-            state = sweeps.RunState.running
-        run = sweeps.SweepRun(name=entry["name"], config=entry["config"], state=state, summary_metrics=metrics)
-        runs.append(run)
-        if not metrics:
-            pending.append((index, entry, run))
+            pending.append((index, entry, runs[-1]))
     return record, runs, pending
 
 

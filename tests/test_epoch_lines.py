@@ -37,12 +37,3 @@ def test_a_fit_written_to_a_file_prints_a_line_per_epoch_with_the_run_records_fi
 def test_it_prints_where_no_progress_bar_shows(when, tty, prints, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
     assert EpochLines(when=when)._enabled() is prints
-
-
-def test_the_best_so_far_travels_with_a_checkpoint():
-    lines = EpochLines()
-    lines._best = (0.25, 7)
-    resumed = EpochLines()
-    resumed.load_state_dict(lines.state_dict())
-    assert resumed._best == (0.25, 7)
-    assert EpochLines().state_dict() == {"best": None}
