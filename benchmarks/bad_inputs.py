@@ -115,7 +115,7 @@ def cases(work: Path, url: str) -> list[tuple]:
     for name, ks in (("ks_large.yaml", "[10, 10000]"), ("ks_20.yaml", "[10, 20]")):
         (work / name).write_text(
             "trainer:\n  callbacks:\n    - class_path: rails_lightning.callbacks.CorpusEvaluation\n"
-            f"      init_args: {{ks: {ks}}}\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+            f"      init_args: {{ks: {ks}}}\n    - class_path: rails_lightning.callbacks.ModelCheckpoint\n"
             "      init_args: {monitor: val/hr@10, mode: max, save_last: true}\n"
         )
     text_ids = [(f"U{u}", f"B0{i:07d}X", t) for u, i, t in good]

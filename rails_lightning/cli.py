@@ -228,7 +228,7 @@ class RailsCLI(LightningCLI):
         if "://" in str(ckpt_path):
             ckpt_path = config.ckpt_path = str(download_checkpoint(str(ckpt_path)))
         if not Path(ckpt_path).is_file():
-            raise CheckpointError(f"{ckpt_path}: checkpoint not found (--ckpt_path takes a .ckpt file, e.g. RUN_DIR/checkpoints/last.ckpt)")
+            raise CheckpointError(f"{ckpt_path}: checkpoint not found (--ckpt_path takes a .ckpt file, e.g. RUN_DIR/checkpoints/best.ckpt)")
         try:
             checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as error:

@@ -25,15 +25,15 @@ COMMANDS = {
     ),
     "validate": Command(
         "evaluate a checkpoint on the validation split (full corpus), writing RUN_DIR/validate.json",
-        f"{PROG} validate --ckpt_path RUN_DIR/checkpoints/last.ckpt --run_dir RUN_DIR",
+        f"{PROG} validate --ckpt_path RUN_DIR/checkpoints/best.ckpt --run_dir RUN_DIR",
     ),
     "test": Command(
         "evaluate a checkpoint on the test split (full corpus), writing RUN_DIR/test.json",
-        f"{PROG} test --ckpt_path RUN_DIR/checkpoints/last.ckpt --run_dir RUN_DIR",
+        f"{PROG} test --ckpt_path RUN_DIR/checkpoints/best.ckpt --run_dir RUN_DIR",
     ),
     "predict": Command(
         "encode the test queries of a checkpoint's model (query vectors, for your own analysis)",
-        f"{PROG} predict --ckpt_path RUN_DIR/checkpoints/last.ckpt",
+        f"{PROG} predict --ckpt_path RUN_DIR/checkpoints/best.ckpt",
     ),
     "sweep": Command(
         "run a W&B sweep file here, without a W&B server, and compare its trials",
@@ -45,7 +45,7 @@ COMMANDS = {
     ),
     "index": Command(
         "export a trained model's item corpus as a serving index (embeddings, FAISS, ids, histories)",
-        f"{PROG} index --ckpt_path RUN_DIR/checkpoints/last.ckpt --out my_index",
+        f"{PROG} index --ckpt_path RUN_DIR/checkpoints/best.ckpt --out my_index",
     ),
     "retrieve": Command(
         "show what an exported model retrieves for a user, a list of items or a query text",

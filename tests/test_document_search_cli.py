@@ -57,7 +57,7 @@ def _config(beir, cache, similarity: str) -> dict:
             "max_epochs": 3, "logger": False, "enable_progress_bar": False,
             "callbacks": [
                 {"class_path": "rails_lightning.callbacks.CorpusEvaluation", "init_args": {"ks": [1, 10, 50], "mrr_cutoff": 10}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                {"class_path": "rails_lightning.callbacks.ModelCheckpoint",
                  "init_args": {"monitor": "val/ndcg@10", "mode": "max", "save_last": True}},
             ],
         },

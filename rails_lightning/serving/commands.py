@@ -1,6 +1,6 @@
 """``python -m rails_lightning index`` and ``python -m rails_lightning retrieve``.
 
-    python -m rails_lightning index --ckpt_path RUN/checkpoints/last.ckpt --out INDEX_DIR [--index HNSW32] [--items @ids.txt]
+    python -m rails_lightning index --ckpt_path RUN/checkpoints/best.ckpt --out INDEX_DIR [--index HNSW32] [--items @ids.txt]
     python -m rails_lightning index --add --ckpt_path NEWER.ckpt --items 2001,2002 --out INDEX_DIR   # a delta, no rebuild
     python -m rails_lightning index --compact --out INDEX_DIR                                          # fold the delta in
     python -m rails_lightning retrieve --index INDEX_DIR --user 42 [-k 10] [--exclude-history] [--json]
