@@ -4,9 +4,11 @@ improving (a resumed fit repeats nothing), ``best.ckpt`` is the validation-selec
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
 from conftest import cpu_trainer, make_tiny_data, make_tiny_model
 from rails_lightning.callbacks import CorpusEvaluation, ModelCheckpoint
@@ -24,10 +26,10 @@ def _epoch_of(path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
 
 
-def _fit(root, epochs, ckpt_path=None):
+def _fit(root, epochs, ckpt_path=None, checkpoint_class=ModelCheckpoint):
     # Monitoring the global step for its minimum makes epoch 0 the best for good: validation "stops improving" at
     # once, whatever the model learns.
-    checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", monitor="step", mode="min", save_last=True,
+    checkpoint = checkpoint_class(dirpath=root / "checkpoints", monitor="step", mode="min", save_last=True,
                                  filename="epoch{epoch:03d}", auto_insert_metric_name=False)
     ran = EpochsRun()
     torch.manual_seed(0)
@@ -53,6 +55,16 @@ def test_a_fit_resumed_from_last_goes_on_from_its_latest_epoch(tmp_path):
     assert _epoch_of(tmp_path / "checkpoints" / "last.ckpt") == 4
     assert _epoch_of(tmp_path / "checkpoints" / "best.ckpt") == 0
     assert os.path.samefile(tmp_path / "checkpoints" / "best.ckpt", checkpoint.best_model_path)
+
+
+def test_a_run_checkpointed_by_lightnings_callback_resumes_with_its_best_kept(tmp_path):
+    """Run folders from before this callback: its state is stored under Lightning's key, so it is restored."""
+    _fit(tmp_path, epochs=2, checkpoint_class=LightningModelCheckpoint)
+    checkpoint, epochs_run = _fit(tmp_path, epochs=3, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert epochs_run == [1, 2]  # Lightning's last.ckpt held the best epoch, 0
+    assert Path(checkpoint.best_model_path).name == "epoch000.ckpt"  # restored: a fresh callback would pick epoch 1
+    assert _epoch_of(tmp_path / "checkpoints" / "best.ckpt") == 0
+    assert _epoch_of(tmp_path / "checkpoints" / "last.ckpt") == 2
 
 
 def test_best_is_a_copy_where_the_filesystem_has_no_links_and_follows_a_new_best(tmp_path, monkeypatch):
