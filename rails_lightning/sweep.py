@@ -17,6 +17,8 @@ What ``wandb sweep`` + ``wandb agent`` do with a server, done locally with W&B's
 * trials run one after another (or ``--parallel N`` at once) as subprocesses, each with ``--run_dir=<out>/<trial>`` and W&B
   offline (``wandb sync <out>/*/wandb/offline-run-*`` uploads them later, grouped by sweep);
 * a failed trial is reported as failed and the sweep goes on; progress is printed as trials go;
+* a proposal that repeats an earlier trial's settings (bayes and random do, over a few discrete values) is
+  passed over and the engine asked again: the same settings and seed would train the same model again;
 * a sweep cut off (Ctrl-C, SIGTERM, SIGHUP, a lost machine) goes on with ``--resume OUT``: its finished trials are
   kept, the others run again from their last checkpoint (``--ckpt_path``), then the remaining proposals run.
 
@@ -93,13 +95,31 @@ def propose(config: dict[str, Any], runs: list) -> Any:
         return sweeps.next_run(config, runs, validate=True)
 
 
+# How many times the runner asks W&B's engine again when it proposes settings an earlier trial ran. Bayes and random
+# search over a few discrete values propose such repeats (bayes: most often the best point so far); with the
+# seed among the settings a repeat would retrain the same model to the same result, so it is not run.
+REPEAT_ASKS = 25
+
+
+def propose_new(config: dict[str, Any], runs: list) -> tuple[Any, int]:
+    """W&B's next proposal whose settings no trial in ``runs`` has, and how many repeats were passed over; the
+    proposal is None when the engine has nothing new: a grid exhausted, or only repeats in ``REPEAT_ASKS`` asks."""
+    tried = [run.config for run in runs]
+    for repeats in range(REPEAT_ASKS):
+        proposal = propose(config, runs)
+        if proposal is None or proposal.config not in tried:
+            return proposal, repeats
+    return None, REPEAT_ASKS
+
+
 def proposals(config: dict[str, Any], count: int | None = None) -> list[dict[str, Any]]:
-    """The run configs (``{param: {"value": v}}``) W&B proposes without results: every grid point, or ``count``."""
+    """The run configs (``{param: {"value": v}}``) W&B proposes without results: every grid point, or ``count``
+    different ones (fewer when the space has fewer)."""
     sweeps = _sweeps()
     limit = _trial_limit(config, count)
     runs: list = []
     while limit is None or len(runs) < limit:
-        run = propose(config, runs)
+        run, _ = propose_new(config, runs)
         if run is None:
             break
         run.state = sweeps.RunState.running
@@ -271,10 +291,18 @@ def run_sweep(
                     _say(f"trial {index + 1}/{total} {trial} again"
                          + (f", from {last}" if last.is_file() else ", from the start (no checkpoint)"))
                 else:
-                    proposal = propose(config, runs)
+                    proposal, repeats = propose_new(config, runs)
+                    record["repeats_passed_over"] = record.get("repeats_passed_over", 0) + repeats
                     if proposal is None:
+                        if repeats:
+                            _say(f"the search proposed only settings already run ({repeats} times in a row): "
+                                 "nothing new to try, the sweep ends here")
+                            _write(out / "sweep.json", record)
                         exhausted = True
                         continue
+                    if repeats:
+                        _say(f"passed over {repeats} proposal(s) repeating an earlier trial's settings "
+                             "(same settings, same seed: the same result)")
                     proposal.state = sweeps.RunState.running
                     index = len(runs)
                     trial = trial_name(index, config, proposal.config)

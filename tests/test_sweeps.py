@@ -338,6 +338,45 @@ def test_best_checkpoint_artifact_only_when_online(tmp_path):
     assert run.logged == []
 
 
+def _two_point_bayes(path):
+    """A bayes sweep over two temperatures of the embedded default: two different settings in all."""
+    config = {"name": "two_points", "method": "bayes", "metric": {"name": "val/hr@10", "goal": "maximize"},
+              "command": ["${env}", "${interpreter}", "-m", "rails_lightning", "fit", "${args}"],
+              "parameters": {"model.temperature": {"values": [0.05, 0.1]}}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_proposals_that_repeat_a_trial_are_passed_over(tmp_path):
+    """Bayes over two values proposes the best point again and again; the runner asks on until a new one comes, and
+    reports nothing new once both have run."""
+    import sweeps
+
+    config = sweep.load_sweep_config(_two_point_bayes(tmp_path / "two.yaml"))
+    first = sweep.propose(config, [])
+    first.state, first.summary_metrics = sweeps.RunState.finished, {"val/hr@10": 0.9}
+    second, _ = sweep.propose_new(config, [first])
+    assert second is not None and second.config != first.config
+    second.state, second.summary_metrics = sweeps.RunState.finished, {"val/hr@10": 0.1}
+    assert sweep.propose_new(config, [first, second]) == (None, sweep.REPEAT_ASKS)
+    assert sorted(c["model.temperature"]["value"] for c in sweep.proposals(config, count=5)) == [0.05, 0.1]
+
+
+def test_a_bayes_sweep_runs_each_setting_once_and_ends_when_nothing_is_new(tmp_path, monkeypatch, capsys):
+    """``--count 4`` over two settings: two trials, then the sweep ends, saying why."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(REPO)
+    out, markdown = sweep.run_sweep(_two_point_bayes(tmp_path / "two.yaml"), count=4, out_dir=tmp_path / "out",
+                                    extra_args=[*TINY, "--trainer.max_epochs=1"])
+    record = json.loads((out / "sweep.json").read_text())
+    temperatures = [trial["config"]["model.temperature"]["value"] for trial in record["trials"]]
+    assert sorted(temperatures) == [0.05, 0.1]
+    assert [trial["status"] for trial in record["trials"]] == ["finished"] * 2
+    assert record["repeats_passed_over"] >= sweep.REPEAT_ASKS
+    assert "nothing new to try, the sweep ends here" in capsys.readouterr().out
+    assert "2 trials" in markdown
+
+
 def test_parallel_trials_run_side_by_side_and_each_gets_its_share_of_threads(tmp_path, monkeypatch, capsys):
     """``--parallel 2``: two trials at once (their runs overlap in time), both recorded and summarised, on different
     GPUs of those listed (here two that do not exist: the trials see none and run on the CPU); with no
