@@ -363,8 +363,8 @@ class RetrievalModule(pl.LightningModule):
             shared = _map_fields(queries, lambda field: field[None])  # one group of M queries
             scores, auxiliary = self.similarity.score(shared, self.encode_items(negatives.shared[None]), auxiliary=True)  # (1, M, R_S)
             logits.append(scores[0])
-            negative_ids.append(negatives.shared.expand(M, -1))
-            log_q.append(negatives.shared_log_q.expand(M, -1))
+            negative_ids.append(negatives.shared)  # (R_S,): broadcast over the M queries, not copied M times
+            log_q.append(negatives.shared_log_q)
         if negatives.per_query is not None:
             scores, part_auxiliary = self.similarity.score(single, self.encode_repeated_items(negatives.per_query), auxiliary=auxiliary is None)  # (M, 1, R_Q)
             auxiliary = part_auxiliary if auxiliary is None else auxiliary
@@ -378,9 +378,13 @@ class RetrievalModule(pl.LightningModule):
             rows = has_target.nonzero()[:, 0]  # (M,) the sequence of each query, in the mask's order
             negative_ids.append(negatives.per_sequence[rows])
             log_q.append(negatives.per_sequence_log_q[rows])
-        loss = sampled_softmax_loss(
-            positive_logits, torch.cat(logits, 1) * inv_temperature, positive_ids, torch.cat(negative_ids, 1), torch.cat(log_q, 1)
-        )
+        if len(logits) == 1:  # one kind: ids and logQ as drawn; (M, R) copies of shared ones would cost M x R x 12 bytes
+            negative_logits, all_negative_ids, all_log_q = logits[0], negative_ids[0], log_q[0]
+        else:  # (M, R_S + R_Q + R_B)
+            negative_logits = torch.cat(logits, 1)
+            all_negative_ids = torch.cat([ids.expand(M, -1) for ids in negative_ids], 1)
+            all_log_q = torch.cat([counts.expand(M, -1) for counts in log_q], 1)
+        loss = sampled_softmax_loss(positive_logits, negative_logits * inv_temperature, positive_ids, all_negative_ids, all_log_q)
         batch_size = batch.input_ids.shape[0]
         self.log("train/softmax_loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in auxiliary.losses.items():
