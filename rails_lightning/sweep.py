@@ -258,6 +258,7 @@ def run_sweep(
         record, runs, pending = _resumed(out, sweep_file, config)
         extra_args = record.get("extra_args", [])
         count = record.get("count") if count is None else count
+        record["count"] = count  # a --count given to the resume holds for later resumes too
     limit = _trial_limit(config, count)
     check_metric_is_logged(config, metric, extra_args)
     if resume is None:

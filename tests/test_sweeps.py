@@ -375,6 +375,9 @@ def test_a_bayes_sweep_runs_each_setting_once_and_ends_when_nothing_is_new(tmp_p
     assert record["repeats_passed_over"] >= sweep.REPEAT_ASKS
     assert "nothing new to try, the sweep ends here" in capsys.readouterr().out
     assert "2 trials" in markdown
+    sweep.run_sweep(_two_point_bayes(tmp_path / "two.yaml"), count=5, resume=out)  # a new --count: nothing new to run
+    record = json.loads((out / "sweep.json").read_text())
+    assert len(record["trials"]) == 2 and record["count"] == 5  # and a later resume without --count keeps 5
 
 
 def test_parallel_trials_run_side_by_side_and_each_gets_its_share_of_threads(tmp_path, monkeypatch, capsys):
